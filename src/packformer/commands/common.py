@@ -1,0 +1,52 @@
+"""Options shared by the subcommands that load a model."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_model_options(p: argparse.ArgumentParser, positional: bool = False) -> None:
+    if positional:
+        p.add_argument("model", nargs="?", default=None,
+                       help="model folder, torchtext .pt file or 'random:<preset>' (default: built-in all-MiniLM-L6-v2)")
+    else:
+        p.add_argument("--model", "-m", default=None,
+                       help="model folder, torchtext .pt file or 'random:<preset>' (default: built-in all-MiniLM-L6-v2)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
+    p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: fp32 on CPU, fp16 on CUDA)")
+    p.add_argument("--max-batch-tokens", type=int, default=None, help="token budget of one packed batch")
+
+
+def load_model(args):
+    import packformer
+
+    return packformer.load(args.model, device=args.device, dtype=args.dtype, max_batch_tokens=args.max_batch_tokens)
+
+
+def add_text_inputs(p: argparse.ArgumentParser) -> None:
+    p.add_argument("texts", nargs="*", help="texts to process")
+    p.add_argument("--input", "-i", default=None, help="a file with one text per line, or - for stdin")
+    p.add_argument("--no-truncate", action="store_true", help="fail on over-long texts instead of truncating")
+
+
+def read_texts(args) -> list[str]:
+    if args.input and args.texts:
+        raise ValueError("give texts as arguments or with --input, not both")
+    if args.input:
+        f = sys.stdin if args.input == "-" else open(args.input, encoding="utf-8")
+        with f if f is not sys.stdin else _nullctx(f):
+            return [line.rstrip("\n") for line in f]
+    if not args.texts:
+        raise ValueError("no texts: pass them as arguments or with --input FILE|-")
+    return list(args.texts)
+
+
+class _nullctx:
+    def __init__(self, f):
+        self.f = f
+
+    def __enter__(self):
+        return self.f
+
+    def __exit__(self, *a):
+        return False

@@ -1,0 +1,77 @@
+"""Pooling and classification heads on packed hidden states [T, H]; they run in fp32."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+POOLING_MODES = ("cls", "mean", "max")
+
+
+def segment_ids(cu_seqlens: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """[B+1] cu_seqlens -> [T] index of the sequence each token belongs to."""
+    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    return torch.repeat_interleave(torch.arange(lens.numel(), device=cu_seqlens.device), lens,
+                                   output_size=num_tokens)
+
+
+def cls_tokens(hidden: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """First token of each sequence: [T, H] -> [B, H]."""
+    return hidden.index_select(0, cu_seqlens[:-1].long())
+
+
+def pool(hidden: torch.Tensor, cu_seqlens: torch.Tensor, mode: str) -> torch.Tensor:
+    """[T, H] packed -> [B, H] in fp32; mean and max over each sequence's real tokens."""
+    hidden = hidden.float()
+    if mode == "cls":
+        return cls_tokens(hidden, cu_seqlens)
+    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    if mode == "mean":
+        seg = segment_ids(cu_seqlens, hidden.shape[0])
+        sums = hidden.new_zeros(lens.numel(), hidden.shape[1]).index_add_(0, seg, hidden)
+        return sums / lens.clamp(min=1).unsqueeze(1).to(hidden.dtype)
+    if mode == "max":
+        return torch.segment_reduce(hidden, "max", lengths=lens, axis=0, unsafe=True)
+    raise ValueError(f"unknown pooling mode {mode!r}; expected one of {POOLING_MODES}")
+
+
+class Pooler(nn.Module):
+    def __init__(self, mode: str = "mean", normalize: bool = False):
+        super().__init__()
+        if mode not in POOLING_MODES:
+            raise ValueError(f"unknown pooling mode {mode!r}; expected one of {POOLING_MODES}")
+        self.mode, self.normalize = mode, normalize
+
+    def forward(self, hidden: torch.Tensor, cu_seqlens: torch.Tensor, normalize: bool | None = None) -> torch.Tensor:
+        out = pool(hidden, cu_seqlens, self.mode)                                   # [B, H]
+        if self.normalize if normalize is None else normalize:
+            out = F.normalize(out, p=2.0, dim=1)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode}, normalize={self.normalize}"
+
+
+class ClassificationHead(nn.Module):
+    """first token -> dense -> act -> out.
+
+    The three head families share this shape: BERT (pooler.dense + tanh, then classifier),
+    RoBERTa/XLM-R in transformers (dense + tanh + out_proj) and torchtext's
+    RobertaClassificationHead (dense + ReLU + out_proj).
+    """
+
+    def __init__(self, hidden: int, num_labels: int, act: str = "tanh"):
+        super().__init__()
+        if act not in ("tanh", "relu"):
+            raise ValueError(f"head activation must be tanh or relu, got {act!r}")
+        self.act = act
+        self.dense = nn.Linear(hidden, hidden)
+        self.out = nn.Linear(hidden, num_labels)
+
+    def forward(self, hidden: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+        x = self.dense(cls_tokens(hidden.float(), cu_seqlens))                      # [B, H]
+        x = torch.tanh(x) if self.act == "tanh" else torch.relu(x)
+        return self.out(x)                                                          # [B, C]
+
+    def extra_repr(self) -> str:
+        return f"act={self.act}"

@@ -1,0 +1,5 @@
+"""One module per checkpoint format; each returns ModelParts."""
+from .keymap import CheckpointError
+from .parts import ModelParts
+
+__all__ = ["CheckpointError", "ModelParts"]

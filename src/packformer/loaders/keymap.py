@@ -1,0 +1,122 @@
+"""Declarative checkpoint-key maps: checkpoint names -> packformer parameter names.
+
+A rule maps one packformer parameter to one or more checkpoint keys (several keys are concatenated
+along dim 0, as q/k/v become one fused qkv). `{i}` stands for the layer index. Loading checks both
+directions and names every missing and every unused key, and every shape that does not fit.
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping
+
+import torch
+
+
+class CheckpointError(ValueError):
+    """A checkpoint does not fit the model: the message lists what was expected and what was found."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    target: str                      # packformer parameter, may contain {i}
+    sources: tuple[str, ...]         # checkpoint keys, concatenated along dim 0 when several
+
+    @classmethod
+    def of(cls, target: str, *sources: str) -> "Rule":
+        return cls(target, tuple(sources))
+
+
+@dataclass
+class KeyMap:
+    rules: list[Rule]
+    ignore: list[str] = field(default_factory=list)   # glob patterns of checkpoint keys known to be unused
+    optional: list[str] = field(default_factory=list)  # targets that may be absent (then the model keeps its init)
+
+    def expand(self, num_layers: int) -> list[Rule]:
+        out = []
+        for r in self.rules:
+            if "{i}" in r.target or any("{i}" in s for s in r.sources):
+                out += [Rule(r.target.format(i=i), tuple(s.format(i=i) for s in r.sources)) for i in range(num_layers)]
+            else:
+                out.append(r)
+        return out
+
+    def convert(self, state: Mapping[str, torch.Tensor], model: torch.nn.Module, num_layers: int,
+                what: str = "checkpoint") -> dict[str, torch.Tensor]:
+        """checkpoint state dict -> packformer state dict, checked against `model`'s parameters."""
+        expected = dict(model.state_dict())
+        out: dict[str, torch.Tensor] = {}
+        used: set[str] = set()
+        missing: list[str] = []
+        bad_shapes: list[str] = []
+        for rule in self.expand(num_layers):
+            absent = [s for s in rule.sources if s not in state]
+            if absent:
+                if rule.target not in self.optional:
+                    missing += absent
+                continue
+            tensors = [state[s] for s in rule.sources]
+            used.update(rule.sources)
+            value = tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=0)
+            if rule.target not in expected:
+                missing.append(f"(no model parameter {rule.target})")
+                continue
+            want = tuple(expected[rule.target].shape)
+            if tuple(value.shape) != want:
+                got = " + ".join(str(tuple(t.shape)) for t in tensors)
+                bad_shapes.append(f"{' + '.join(rule.sources)}: expected {want}, found {got}")
+                continue
+            out[rule.target] = value
+        unused = sorted(k for k in state if k not in used and not any(fnmatch.fnmatchcase(k, p) for p in self.ignore))
+        unfilled = sorted(k for k in expected if k not in out and k not in self.optional)
+        problems = []
+        if missing:
+            problems.append(f"missing keys ({len(missing)}): {', '.join(missing)}")
+        if unused:
+            problems.append(f"unused keys ({len(unused)}): {', '.join(unused)}")
+        if bad_shapes:
+            problems.append(f"shape mismatches ({len(bad_shapes)}): {'; '.join(bad_shapes)}")
+        if not problems and unfilled:
+            problems.append(f"parameters not filled ({len(unfilled)}): {', '.join(unfilled)}")
+        if problems:
+            raise CheckpointError(f"{what} does not fit the model:\n  " + "\n  ".join(problems))
+        return out
+
+    def invert(self, params: Mapping[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
+        """packformer state dict -> checkpoint state dict (for round-trip tests and export)."""
+        out: dict[str, torch.Tensor] = {}
+        for rule in self.expand(num_layers):
+            if rule.target not in params:
+                continue
+            parts = params[rule.target].chunk(len(rule.sources), dim=0)
+            out.update(zip(rule.sources, parts))
+        return out
+
+
+def strip_prefix(state: Mapping[str, torch.Tensor], anchor: str) -> tuple[dict[str, torch.Tensor], str]:
+    """Find the prefix in front of `anchor` (e.g. 'bert.' before 'embeddings.word_embeddings.weight')
+    and drop it from every key that has it. Returns the new dict and the prefix."""
+    prefix = ""
+    for k in state:
+        if k.endswith(anchor):
+            prefix = k[: -len(anchor)]
+            break
+    if not prefix:
+        return dict(state), ""
+    return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state.items()}, prefix
+
+
+def rename_legacy_layernorm(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Old TF-converted checkpoints call LayerNorm parameters gamma/beta."""
+    def fix(k: str) -> str:
+        if k.endswith("LayerNorm.gamma"):
+            return k[: -len("gamma")] + "weight"
+        if k.endswith("LayerNorm.beta"):
+            return k[: -len("beta")] + "bias"
+        return k
+    return {fix(k): v for k, v in state.items()}
+
+
+def first_present(state: Mapping[str, torch.Tensor], candidates: Iterable[str]) -> str | None:
+    return next((c for c in candidates if c in state), None)

