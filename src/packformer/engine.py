@@ -21,7 +21,8 @@ from .tokenize import check_texts
 
 class Model(nn.Module):
     def __init__(self, parts: ModelParts, device: str | torch.device | None = "cpu",
-                 dtype: str | torch.dtype | None = None, max_batch_tokens: int | None = None):
+                 dtype: str | torch.dtype | None = None, max_batch_tokens: int | None = None,
+                 fast: bool | None = None):
         super().__init__()
         self.device_ = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device_)
@@ -36,7 +37,9 @@ class Model(nn.Module):
         self.max_batch_tokens = max_batch_tokens or DEFAULT_MAX_BATCH_TOKENS[self.device_.type]
         # The function that runs the encoder on a packed batch already on the device. Fast paths
         # (packformer.fast.cuda / packformer.fast.cpu) replace it; the reference `self.encoder` stays.
-        self.runner = self.encoder
+        self.fast = fast is not False
+        from .fast import select_runner
+        self.runner = select_runner(self, fast)
         if self.max_batch_tokens < self.max_seq_length:
             raise ValueError(f"max_batch_tokens ({self.max_batch_tokens}) must hold at least one sequence of the "
                              f"model's maximum length ({self.max_seq_length})")

@@ -79,9 +79,9 @@ def load_parts(path_or_name: str | Path | None = None, **kwargs) -> ModelParts:
 
 
 def load(path_or_name: str | Path | None = None, device: str | torch.device | None = "cpu",
-         dtype: str | torch.dtype | None = None, max_batch_tokens: int | None = None, **kwargs) -> Model:
+         dtype: str | torch.dtype | None = None, max_batch_tokens: int | None = None, fast: bool | None = None, **kwargs) -> Model:
     """Load a model: None -> the built-in all-MiniLM-L6-v2; a Hugging Face or sentence-transformers
     folder; a torchtext XLM-R .pt file (kwargs: spm=..., num_classes=..., preset=...); 'random:<preset>'.
-    dtype None means fp32 on CPU and fp16 on CUDA."""
+    dtype None means fp32 on CPU and fp16 on CUDA; fast=False runs the readable reference encoder."""
     parts = load_parts(path_or_name, **kwargs)
-    return Model(parts, device=device, dtype=dtype, max_batch_tokens=max_batch_tokens)
+    return Model(parts, device=device, dtype=dtype, max_batch_tokens=max_batch_tokens, fast=fast)
