@@ -1,0 +1,64 @@
+"""The packformer command: encode/classify/info, files and stdin, one-line errors."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from packformer.cli import main
+
+
+def test_console_script_encodes_the_readme_example():
+    r = subprocess.run([sys.executable, "-m", "packformer", "encode", "Hello world", "How are you!"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [row["text"] for row in rows] == ["Hello world", "How are you!"]
+    assert len(rows[0]["embedding"]) == 384
+
+
+def test_encode_to_npy_and_jsonl_from_a_file(tmp_path, minilm, capsys):
+    src = tmp_path / "in.txt"
+    src.write_text("alpha\nbeta gamma\n\n")
+    assert main(["encode", "--input", str(src), "--output", str(tmp_path / "o.npy")]) == 0
+    arr = np.load(tmp_path / "o.npy")
+    assert arr.shape == (3, 384)
+    assert np.abs(arr - minilm.encode(["alpha", "beta gamma", ""])).max() <= 1e-6
+    assert main(["encode", "--input", str(src), "--output", str(tmp_path / "o.jsonl")]) == 0
+    lines = (tmp_path / "o.jsonl").read_text().splitlines()
+    assert len(lines) == 3 and json.loads(lines[1])["text"] == "beta gamma"
+
+
+def test_info_json(capsys):
+    assert main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["dim"] == 384 and info["pooling"] == "mean" and info["normalize"] is True
+
+
+def test_user_errors_are_one_line_and_exit_1(capsys):
+    assert main(["encode", "--model", "/no/such/model", "x"]) == 1
+    err = capsys.readouterr().err
+    assert "model path not found" in err and "Traceback" not in err
+    assert main(["encode"]) == 1
+    assert "no texts" in capsys.readouterr().err
+    assert main(["encode", "--no-truncate", "word " * 300]) == 1
+    assert "more than the model's maximum" in capsys.readouterr().err
+
+
+def test_classify_prints_labels(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    import torch
+    from packformer.loading import builtin_model_dir
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=64, num_labels=2, id2label={0: "no", 1: "yes"},
+                                  label2id={"no": 0, "yes": 1})
+    transformers.BertForSequenceClassification(cfg).save_pretrained(tmp_path)
+    for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json"):
+        (tmp_path / f).write_bytes((builtin_model_dir() / f).read_bytes())
+    assert main(["classify", "--model", str(tmp_path), "good", "bad"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["text"] for r in rows] == ["good", "bad"]
+    assert all(r["label"] in ("no", "yes") and abs(sum(r["scores"].values()) - 1) < 1e-5 for r in rows)
