@@ -195,6 +195,14 @@ def test_current_names_are_those_of_torch_nn_transformer_encoder(hf, head, ids):
                                    atol=1e-4, rtol=0)
 
 
+def test_encoder_only_state_dict_without_the_encoder_prefix(tmp_path, hf, ids):
+    """RobertaEncoder.state_dict() (model.encoder saved alone) names keys from `transformer.`."""
+    state = {k.removeprefix("encoder."): v for k, v in to_torchtext(hf, "legacy").items()}
+    model = packformer.load(save(tmp_path, state), num_heads=4)
+    torch.testing.assert_close(model(padded(ids)), hf_hidden(hf, padded(ids)) * (padded(ids) != 1).unsqueeze(-1),
+                               atol=1e-4, rtol=0)
+
+
 def test_heads_inferred_from_hidden_size(tmp_path):
     """Without num_heads or a preset, heads = hidden // 64 (XLM-R's head_dim)."""
     hf = make_hf(seed=3, hidden_size=128, num_attention_heads=2, intermediate_size=64)
