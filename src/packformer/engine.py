@@ -76,8 +76,10 @@ class Model(nn.Module):
     # ---- tokenization -----------------------------------------------------------------------
     def _require_tokenizer(self):
         if self.tokenizer is None:
-            raise RuntimeError(f"model {self.source} has no tokenizer; pass token ids, or load a folder with "
-                               "tokenizer.json / vocab.txt / sentencepiece.bpe.model")
+            hint = ("pass spm='sentencepiece.bpe.model' to load() (--spm on the command line)"
+                    if self.format == "torchtext" else
+                    "load a folder with tokenizer.json / vocab.txt / sentencepiece.bpe.model")
+            raise RuntimeError(f"model {self.source} has no tokenizer: pass token ids, or {hint}")
         return self.tokenizer
 
     def token_ids(self, texts: Sequence[str], truncate: bool = True) -> list[list[int]]:
@@ -151,9 +153,9 @@ class Model(nn.Module):
         sequences per batch on top of the token budget.
         """
         single = isinstance(texts, str)
-        ids = self.token_ids(check_texts(texts), truncate)
-        out = self._run_chunked(ids, lambda b: self.embed_batch(b, normalize_embeddings), self.dim,
-                                batch_size, show_progress_bar)
+        from .pipeline import run_texts   # tokenization of the next chunk overlaps the model's work
+        out = run_texts(self, check_texts(texts), lambda b: self.embed_batch(b, normalize_embeddings), self.dim,
+                        batch_size=batch_size, truncate=truncate, show_progress_bar=show_progress_bar)
         if single:
             out = out[0]
         return out if (convert_to_tensor or not convert_to_numpy) else out.numpy()
@@ -163,8 +165,9 @@ class Model(nn.Module):
         """Texts -> logits [N, num_labels] (numpy, fp32) in input order."""
         if self.head is None:
             raise RuntimeError(f"model {self.source} has no classification head; use encode()")
-        ids = self.token_ids(check_texts(texts), truncate)
-        return self._run_chunked(ids, self.classify_batch, self.num_labels, batch_size, show_progress_bar).numpy()
+        from .pipeline import run_texts
+        return run_texts(self, check_texts(texts), self.classify_batch, self.num_labels, batch_size=batch_size,
+                         truncate=truncate, show_progress_bar=show_progress_bar).numpy()
 
     @torch.inference_mode()
     def forward(self, token_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:

@@ -15,12 +15,19 @@ def add_model_options(p: argparse.ArgumentParser, positional: bool = False) -> N
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
     p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: fp32 on CPU, fp16 on CUDA)")
     p.add_argument("--max-batch-tokens", type=int, default=None, help="token budget of one packed batch")
+    p.add_argument("--spm", default=None, help="sentencepiece model for a torchtext .pt checkpoint")
+    p.add_argument("--num-heads", type=int, default=None, help="attention heads of a torchtext .pt checkpoint "
+                   "(default: from its size: 12 for base, 16 for large)")
 
 
 def load_model(args):
     import packformer
 
-    return packformer.load(args.model, device=args.device, dtype=args.dtype, max_batch_tokens=args.max_batch_tokens)
+    extra = {k: v for k, v in (("spm", args.spm), ("num_heads", args.num_heads)) if v is not None}
+    if extra and not str(args.model or "").endswith((".pt", ".pth")):
+        raise ValueError("--spm and --num-heads apply to torchtext .pt checkpoints only")
+    return packformer.load(args.model, device=args.device, dtype=args.dtype, max_batch_tokens=args.max_batch_tokens,
+                           **extra)
 
 
 def add_text_inputs(p: argparse.ArgumentParser) -> None:
