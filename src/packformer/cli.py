@@ -7,7 +7,7 @@ import importlib
 import sys
 
 # Order is the order of `packformer --help`.
-COMMANDS = ["encode", "classify", "info"]
+COMMANDS = ["encode", "classify", "info", "serve"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,7 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"packformer {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        mod = importlib.import_module(f"packformer.commands.{name}")
+        mod = importlib.import_module(f"packformer.commands.{name.replace('-', '_')}")
         sp = mod.add_parser(sub)
         sp.set_defaults(_run=mod.run)
     return p

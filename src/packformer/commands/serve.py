@@ -1,0 +1,74 @@
+"""`packformer serve`: an HTTP server with token-budget dynamic batching, TEI- and OpenAI-compatible.
+
+SIGTERM stops accepting connections, lets the requests in flight finish (uvicorn's graceful shutdown),
+drains the model worker and exits 0.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+
+from .common import add_model_options, load_model
+
+DEFAULT_MAX_BATCH_TOKENS = 16384
+
+
+def add_parser(sub):
+    p = sub.add_parser("serve", help="serve a model over HTTP (TEI / OpenAI embeddings API)",
+                       description="Serve a model over HTTP with dynamic batching under a token budget. Routes: "
+                                   "POST /embed, /v1/embeddings, /embeddings, /predict, /tokenize; "
+                                   "GET /health, /info, /metrics, /docs.")
+    add_model_options(p, positional=True)
+    p.set_defaults(max_batch_tokens=DEFAULT_MAX_BATCH_TOKENS)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8080, help="port (default: 8080)")
+    p.add_argument("--max-batch-requests", type=int, default=None, help="max inputs in one batch (default: no cap)")
+    p.add_argument("--max-concurrent-requests", type=int, default=512,
+                   help="requests in flight before answering 429 (default: 512)")
+    p.add_argument("--max-client-batch-size", type=int, default=32,
+                   help="max inputs in one request, beyond it 422 (default: 32)")
+    p.add_argument("--payload-limit", type=int, default=2_000_000, help="max request body in bytes (default: 2 MB)")
+    p.add_argument("--api-key", default=os.environ.get("PACKFORMER_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (default: $PACKFORMER_API_KEY, else no key)")
+    p.add_argument("--auto-truncate", action="store_true",
+                   help="cut over-long inputs instead of answering 413, unless a request says otherwise")
+    p.add_argument("--model-name", default=None, help="name reported by /info and in OpenAI responses")
+    p.add_argument("--graceful-timeout", type=float, default=30.0,
+                   help="seconds to let requests in flight finish on SIGTERM (default: 30)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--access-log", action="store_true", help="log every request (off by default: it costs CPU)")
+    return p
+
+
+def settings_from_args(args):
+    from ..server import ServerSettings
+
+    return ServerSettings(
+        max_batch_tokens=args.max_batch_tokens, max_batch_requests=args.max_batch_requests,
+        max_concurrent_requests=args.max_concurrent_requests, max_client_batch_size=args.max_client_batch_size,
+        api_key=args.api_key or None, auto_truncate=args.auto_truncate, payload_limit=args.payload_limit,
+        model_name=args.model_name, drain_timeout_s=args.graceful_timeout)
+
+
+def run(args) -> int:
+    import uvicorn
+
+    from ..server import create_app
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
+    settings = settings_from_args(args)
+    model = load_model(args)
+    app = create_app(model, settings)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            access_log=args.access_log, timeout_graceful_shutdown=args.graceful_timeout,
+                            lifespan="on")
+    server = uvicorn.Server(config)
+    print(f"packformer serve: {app.state.service.model_name} on http://{args.host}:{args.port} "
+          f"(warming up; GET /health says 200 when ready)", file=sys.stderr, flush=True)
+    # uvicorn re-raises the signal it shut down on once it has restored the previous handler; with this
+    # handler in place, a SIGTERM ends in a graceful shutdown and exit status 0 instead of death by signal.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    server.run()
+    return 0 if server.started else 1

@@ -1,0 +1,54 @@
+"""`create_app(model, settings)`: a FastAPI app serving one loaded model.
+
+Loading the model, the worker and the app are separate steps so the app can be wrapped elsewhere
+(e.g. by a Ray Serve deployment): the app's lifespan starts the worker (which warms the model while
+/health answers 503) and, at shutdown, drains it. `app.state.service` exposes the serving core.
+"""
+from __future__ import annotations
+
+import asyncio
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
+
+from fastapi import FastAPI
+
+from .errors import install_error_handlers
+from .metrics import Metrics
+from .middleware import APIKeyMiddleware, BodyLimitMiddleware, MetricsMiddleware
+from .routes import ROUTES, router
+from .service import InferenceService
+from .settings import ServerSettings
+
+if TYPE_CHECKING:
+    from ..engine import Model
+
+
+def create_app(model: "Model", settings: ServerSettings | None = None) -> FastAPI:
+    from .. import __version__
+
+    settings = settings or ServerSettings()
+    metrics = Metrics()
+    service = InferenceService(model, settings, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        service.start()
+        try:
+            yield
+        finally:
+            # uvicorn has already let the requests in flight finish; drain off the loop thread anyway
+            await asyncio.to_thread(service.stop)
+
+    app = FastAPI(title="packformer", version=__version__, lifespan=lifespan,
+                  description=f"Padding-free encoder inference serving {service.model_name}.")
+    app.state.service = service
+    app.state.metrics = metrics
+    app.state.settings = settings
+    install_error_handlers(app)
+    app.include_router(router)
+    # add_middleware wraps: the last added is outermost. Order of a request: metrics -> key -> size.
+    app.add_middleware(BodyLimitMiddleware, limit=settings.payload_limit)
+    if settings.api_key is not None:
+        app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
+    app.add_middleware(MetricsMiddleware, metrics=metrics, routes=ROUTES)
+    return app

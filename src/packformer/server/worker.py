@@ -1,0 +1,179 @@
+"""The model worker: one thread that owns the model, fed by the scheduler.
+
+Why a thread: torch releases the GIL inside its kernels, so the event loop keeps accepting and
+tokenizing requests while a batch runs, and everything that queued meanwhile becomes the next batch.
+The worker warms the model before it reports ready. A failing batch fails only its own requests; the
+worker then probes the model with a tiny batch and, if that fails too, declares itself dead (every
+waiting request fails, /health turns 503) rather than serving from a broken device.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING
+
+from ..batch import pack
+from ..scheduler import Batch, Scheduler
+
+if TYPE_CHECKING:
+    from ..engine import Model
+    from .metrics import Metrics
+
+log = logging.getLogger("packformer.server")
+
+EMBED, CLASSIFY = "embed", "classify"
+
+
+class WorkerDied(RuntimeError):
+    """The model no longer answers; the server must be restarted."""
+
+
+class BatchFailed(RuntimeError):
+    """The batch holding a request raised; other batches are unaffected."""
+
+
+def embed_key(normalize: bool | None) -> tuple:
+    return (EMBED, normalize)
+
+
+CLASSIFY_KEY = (CLASSIFY, None)
+
+
+class Worker:
+    def __init__(self, model: "Model", scheduler: Scheduler, metrics: "Metrics | None" = None,
+                 warmup_tokens: int | None = None):
+        """`warmup_tokens`: size of the largest warm-up batch (default: the scheduler's token budget, so a
+        full batch is known to fit in memory before the server reports ready)."""
+        self.model = model
+        self.scheduler = scheduler
+        self.metrics = metrics
+        self.warmup_tokens = warmup_tokens if warmup_tokens is not None else scheduler.max_batch_tokens
+        # [CLS] [SEP]: the smallest real input (a tokenizer without special tokens gets one real token)
+        self.probe_ids: list[int] = model.token_ids([""])[0] or model.token_ids(["a"])[0]
+        self.error: str | None = None
+        self.last_success = 0.0                                  # monotonic time of the last good batch
+        self._ready = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("worker already started")
+        self._thread = threading.Thread(target=self._main, name="packformer-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self, drain: bool = True, timeout: float = 30.0) -> None:
+        """Stop accepting work; with drain, finish what is queued (up to `timeout` s), then end the thread.
+        Requests still queued after that fail with WorkerDied."""
+        stopping = WorkerDied("the server is shutting down")
+        if drain:
+            self.scheduler.close(stopping)
+        else:
+            self.scheduler.fail_all(stopping)
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.error("worker did not drain within %.0f s; failing the requests still queued", timeout)
+                self.scheduler.fail_all(stopping)
+                self._thread.join(min(timeout, 5.0))
+        self._ready.clear()
+        self._set_ready_metric()
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        return self._ready.wait(timeout)
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set() and self.error is None
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self.error is None
+
+    @property
+    def state(self) -> str:
+        if self.error is not None:
+            return "dead"
+        if self._thread is None:
+            return "not started"
+        if not self._thread.is_alive():
+            return "stopped"
+        return "ready" if self._ready.is_set() else "starting"
+
+    # ---- the thread ---------------------------------------------------------------------------
+    def _main(self) -> None:
+        try:
+            t0 = time.perf_counter()
+            self._warm_up()
+            log.info("model warm in %.1f s", time.perf_counter() - t0)
+        except Exception as e:
+            self._die(f"warm-up failed: {type(e).__name__}: {e}")
+            return
+        self.last_success = time.monotonic()
+        self._ready.set()
+        self._set_ready_metric()
+        try:
+            while (batch := self.scheduler.next_batch()) is not None:
+                self._run_and_report(batch)
+                if self.error is not None:
+                    return
+        except BaseException as e:          # a bug in the loop itself: never leave waiters hanging
+            self._die(f"worker loop crashed: {type(e).__name__}: {e}")
+
+    def _warm_up(self) -> None:
+        m = self.model
+        n = m.max_seq_length
+        long_seq = self.probe_ids[:1] + [self.probe_ids[-1]] * (n - 1)
+        batches = [[self.probe_ids], [long_seq] * max(1, self.warmup_tokens // n)]
+        keys = [embed_key(None)] + ([CLASSIFY_KEY] if m.head is not None else [])
+        for key in keys:
+            for seqs in batches:
+                self.run(key, seqs)
+
+    def run(self, key: tuple, seqs: list) -> "object":
+        """One packed batch through the model -> numpy [B, D] (embeddings) or [B, C] (logits), fp32."""
+        kind, arg = key
+        batch = pack(seqs, self.model.config.position_offset)
+        if kind == EMBED:
+            out = self.model.embed_batch(batch, arg)
+        elif kind == CLASSIFY:
+            out = self.model.classify_batch(batch)
+        else:
+            raise ValueError(f"unknown batch kind {kind!r}")
+        return out.float().cpu().numpy()
+
+    def _run_and_report(self, batch: Batch) -> None:
+        t0 = time.perf_counter()
+        try:
+            out = self.run(batch.key, batch.seqs)
+        except Exception as e:
+            log.exception("batch of %d sequences (%d tokens) failed", batch.num_seqs, batch.num_tokens)
+            if self.metrics is not None:
+                self.metrics.batch_failures.inc()
+            self.scheduler.fail(batch, BatchFailed(f"the batch holding this request failed: "
+                                                   f"{type(e).__name__}: {e}"))
+            self._probe_or_die(e)
+            return
+        self.scheduler.complete(batch, list(out))
+        self.last_success = time.monotonic()
+        if self.metrics is not None:
+            self.metrics.observe_batch(batch.num_seqs, batch.num_tokens, time.perf_counter() - t0,
+                                       batch.queue_times)
+
+    def _probe_or_die(self, cause: Exception) -> None:
+        try:
+            self.run(embed_key(None), [self.probe_ids])
+        except Exception as e:
+            self._die(f"the model no longer answers (a batch failed with {type(cause).__name__}: {cause}; "
+                      f"the probe after it with {type(e).__name__}: {e})")
+
+    def _die(self, reason: str) -> None:
+        log.error("worker died: %s", reason)
+        self.error = reason
+        self.scheduler.fail_all(WorkerDied(f"the model worker died: {reason}"))
+        self._set_ready_metric()
+
+    def _set_ready_metric(self) -> None:
+        if self.metrics is not None:
+            self.metrics.ready.set(1.0 if self.ready else 0.0)
