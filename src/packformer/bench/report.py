@@ -1,0 +1,157 @@
+"""Where results go: a terminal table (rich when installed, plain text otherwise), JSON, and a
+matplotlib PNG. Also the description of the machine that every recorded result carries."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+
+def machine_info(device: torch.device | str = "cpu") -> dict:
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info: dict[str, Any] = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                            "python": platform.python_version(), "torch": torch.__version__,
+                            "platform": platform.platform()}
+    for mod in ("transformers", "sentence_transformers", "onnxruntime"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except Exception:
+            info[mod] = None
+    if torch.device(device).type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def device_label(result: dict) -> str:
+    """A short name for the device a result ran on, for file names and titles."""
+    m = result["machine"]
+    if result["device"].startswith("cuda"):
+        return m.get("gpu", "cuda")
+    return f"{m['cpu']} ({m['torch_threads']} threads)"
+
+
+def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], file=None) -> None:
+    """Print a table; numbers right-aligned. Uses rich when it is installed and the output is a terminal."""
+    file = file or sys.stdout
+    cells = [[_fmt(v) for v in r] for r in rows]
+    try:
+        if not file.isatty():
+            raise ImportError
+        from rich.console import Console
+        from rich.table import Table
+
+        t = Table(title=title)
+        for i, c in enumerate(columns):
+            t.add_column(c, justify="left" if i == 0 else "right")
+        for r in cells:
+            t.add_row(*r)
+        Console(file=file).print(t)
+        return
+    except ImportError:
+        pass
+    widths = [max(len(c), *(len(r[i]) for r in cells)) if cells else len(c) for i, c in enumerate(columns)]
+    print(title, file=file)
+    print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(columns, widths))), file=file)
+    print("  ".join("-" * w for w in widths), file=file)
+    for r in cells:
+        print("  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths))), file=file)
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, bool):
+        return "yes" if v else "NO"
+    if isinstance(v, float):
+        if v == 0:
+            return "0"
+        if abs(v) < 1e-3:
+            return f"{v:.1e}"
+        if abs(v) >= 1000:
+            return f"{v:,.0f}"
+        return f"{v:.3g}" if abs(v) < 10 else f"{v:.1f}"
+    return str(v)
+
+
+def write_json(obj: dict, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=1) + "\n")
+    return path
+
+
+BENCH_COLUMNS = ["peer", "dtype", "ms (median)", "runs", "tokens/s", "packformer speedup", "x floor real",
+                 "x floor padded", "max |diff|", "min cos", "agrees", "peak MB"]
+
+
+def print_bench(result: dict, file=None) -> None:
+    for w in result["workloads"]:
+        title = (f"{w['name']}: {w['num_seqs']} seqs, {w['real_tokens']} real / {w['padded_tokens']} padded tokens "
+                 f"({100 * w['pad_fraction']:.0f}% padding) - {result['model']['source']} on {device_label(result)}, "
+                 f"{result['dtype']}")
+        rows = []
+        fl = w.get("floor") or {}
+        for kind in ("real", "padded"):
+            if kind in fl:
+                ms = fl[kind]["timing"]["median_ms"]
+                rows.append([f"floor ({kind})", result["dtype"], ms, fl[kind]["timing"]["runs"],
+                             round(w["real_tokens"] / (ms * 1e-3)), None, None, None, None, None, None,
+                             fl[kind]["timing"].get("peak_mem_mb")])
+        for name, p in w["peers"].items():
+            if p["status"] != "ok":
+                rows.append([name, p["status"], None, None, None, None, None, None, None, None, None, None])
+                continue
+            t, a = p["timing"], p["agreement"]
+            rows.append([name, p["dtype"], t["median_ms"], t["runs"], p["tokens_per_s"], p.get("speedup_of_packformer"),
+                         p.get("x_floor_real"), p.get("x_floor_padded"), a["max_abs_diff"], a["min_cosine"],
+                         a["agrees"], t.get("peak_mem_mb")])
+        table(title, BENCH_COLUMNS, rows, file=file)
+        for name, p in w["peers"].items():
+            if p["status"] != "ok":
+                print(f"  {name}: {p['status']}: {p.get('reason') or p.get('error')}", file=file)
+        print(file=file)
+
+
+def bench_chart(result: dict, path: str | Path) -> Path:
+    """One panel per workload: median ms per peer (log scale), the floors as dashed lines."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    wls = result["workloads"]
+    fig, axes = plt.subplots(1, len(wls), figsize=(max(6, 4.5 * len(wls)), 4.8), squeeze=False)
+    for ax, w in zip(axes[0], wls):
+        ok = [(n, p["timing"]["median_ms"]) for n, p in w["peers"].items() if p["status"] == "ok"]
+        names = [n for n, _ in ok]
+        colors = ["tab:green" if n.startswith("packformer") else "tab:gray" for n in names]
+        ax.bar(range(len(ok)), [ms for _, ms in ok], color=colors)
+        ax.set_xticks(range(len(ok)), names, rotation=45, ha="right", fontsize=8)
+        for kind, style in (("real", "--"), ("padded", ":")):
+            f = (w.get("floor") or {}).get(kind)
+            if f:
+                ax.axhline(f["timing"]["median_ms"], color="tab:red", linestyle=style, linewidth=1,
+                           label=f"GEMM floor ({kind} tokens)")
+        ax.set_yscale("log")
+        ax.set_ylabel("ms per batch (median, log)")
+        ax.set_title(f"{w['name']} ({100 * w['pad_fraction']:.0f}% padding)", fontsize=10)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{result['model']['source']} - {device_label(result)} - {result['dtype']}", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
