@@ -1,0 +1,348 @@
+"""Bulk embedding of a dataset on Ray: `embed_dataset(input, output, model)` -> (output path, summary).
+
+How a job runs. The driver splits the input into shards (packformer.ray.shards) and drops those whose
+output file already exists whole (resume). The rest become a Ray Data dataset of shard descriptions,
+mapped by `ShardEmbedder`, an actor class: Ray Data keeps `replicas` of them (each loads the model once,
+on its own GPU when `gpus_per_replica` is set) and feeds them one shard per call. A replica reads its
+shard, packs the texts under the token budget, embeds them and writes the shard's Parquet file
+atomically, returning only a few counters. Writes are idempotent, so Ray may retry a shard freely: an
+actor that dies is restarted and its shard re-run (`max_restarts`, `max_task_retries`), and an
+exception of the kinds in RETRY_ON is retried the same way; bad input (InputError) fails the job at once.
+At the end every shard's file is checked against its planned row count: nothing is lost silently.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+RAY_MISSING = 'packformer.ray needs Ray Data and pyarrow: pip install -e ".[ray]"  (or: pip install "ray[data,serve]" pyarrow)'
+
+# Application errors a replica may raise that are worth running the shard again (a flaky device, a
+# full disk, an allocation failure). Bad input is an InputError (a ValueError): retrying cannot help.
+RETRY_ON: tuple[type[BaseException], ...] = (RuntimeError, OSError, MemoryError)
+
+
+def require_ray() -> None:
+    try:
+        import pyarrow  # noqa: F401
+        import ray  # noqa: F401
+        import ray.data  # noqa: F401
+    except ImportError as e:
+        raise ImportError(f"{RAY_MISSING} ({e})") from e
+
+
+# ---- what a job is ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Job:
+    """Everything a replica needs, shipped to it once at construction."""
+
+    model: Any                   # path / name / 'random:<preset>' / None (built-in), or a zero-arg factory
+    input: str
+    output: str
+    text_column: str = "text"
+    id_column: str = "id"
+    device: str = "cpu"
+    dtype: str | None = None
+    batch_tokens: int | None = None
+    normalize: bool | None = None
+    truncate: bool = True
+    threads: int = 1
+
+    def load_model(self):
+        import packformer
+
+        if callable(self.model):
+            return self.model()
+        return packformer.load(self.model, device=self.device, dtype=self.dtype, max_batch_tokens=self.batch_tokens)
+
+    def settings(self, rows_per_shard: int) -> dict[str, Any]:
+        """What decides the output's content: a resumed run must match it (the batch budget does not
+        change results, the replica count neither)."""
+        model = self.model if not callable(self.model) else f"callable:{getattr(self.model, '__qualname__', type(self.model).__qualname__)}"
+        return {"model": None if model is None else str(model), "input": self.input, "text_column": self.text_column,
+                "id_column": self.id_column, "dtype": self.dtype, "device_type": self.device,
+                "normalize": self.normalize, "truncate": self.truncate, "rows_per_shard": rows_per_shard}
+
+
+@dataclass
+class EmbedSummary:
+    """What a run did. `rows`/`tokens` count the rows embedded by this run; skipped shards were already
+    written by an earlier run."""
+
+    output: str
+    total_rows: int
+    rows: int
+    tokens: int
+    wall_s: float
+    shards: int
+    skipped_shards: int
+    skipped_rows: int
+    replicas: int
+    embed_s: float = 0.0         # summed over replicas: time inside read + encode + write
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.rows / self.wall_s if self.wall_s > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "tokens_per_s": self.tokens_per_s, "rows_per_s": self.rows_per_s}
+
+    def __str__(self) -> str:
+        skipped = f", {self.skipped_rows} rows in {self.skipped_shards} shards already done" if self.skipped_shards else ""
+        return (f"embedded {self.rows} rows ({self.tokens} tokens) in {self.shards} shards on {self.replicas} "
+                f"replica(s) in {self.wall_s:.1f} s: {self.rows_per_s:,.1f} rows/s, {self.tokens_per_s:,.0f} tokens/s"
+                f"{skipped}; {self.total_rows} rows in {self.output}")
+
+
+# ---- the replica --------------------------------------------------------------------------------
+def embed_texts(model, texts: Sequence[str], normalize: bool | None, truncate: bool) -> tuple[np.ndarray, int]:
+    """Texts -> (embeddings [N, D] fp32 in input order, real token count). The same steps as
+    Model.encode (length-sorted chunks under the token budget, one packed batch each), tokenizing once
+    so that the tokens can be counted."""
+    from packformer.batch import pack
+    from packformer.runtime import plan_chunks
+
+    ids = model.token_ids(list(texts), truncate)
+    out = np.empty((len(ids), model.dim), dtype=np.float32)                  # [N, D]
+    for chunk in plan_chunks([len(s) for s in ids], model.max_batch_tokens):
+        batch = pack([ids[i] for i in chunk], model.config.position_offset)
+        out[chunk] = model.embed_batch(batch, normalize).float().cpu().numpy()
+    return out, sum(len(s) for s in ids)
+
+
+class ShardEmbedder:
+    """Ray Data actor: loads the model once, then turns shard descriptions into written shard files."""
+
+    def __init__(self, job: Job):
+        # Replicas share the machine's cores: each uses only the cores Ray gave it.
+        os.environ["RAYON_NUM_THREADS"] = str(job.threads)      # the tokenizers' thread pool
+        import torch
+
+        torch.set_num_threads(job.threads)
+        from .shards import resolve
+
+        self.job = job
+        self.model = job.load_model()
+        self.in_fs, _ = resolve(job.input)
+        self.out_fs, self.out_dir = resolve(job.output)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = [self.run_shard(s) for s in batch["shard"]]
+        return {k: np.asarray([r[k] for r in rows]) for k in ("name", "rows", "tokens", "seconds")}
+
+    def run_shard(self, shard_json: str) -> dict[str, Any]:
+        from .shards import Shard, output_table, read_shard, write_atomic
+
+        t0 = time.perf_counter()
+        shard = Shard.from_json(str(shard_json))
+        ids, texts = read_shard(self.in_fs, shard, self.job.text_column, self.job.id_column)
+        emb, tokens = embed_texts(self.model, texts, self.job.normalize, self.job.truncate)   # [N, D]
+        meta = {"model": self.model.source, "source": shard.key, "rows": f"{shard.start}:{shard.stop}",
+                "normalize": self.job.normalize, "dtype": str(self.model.dtype).replace("torch.", "")}
+        table = output_table(ids, self.job.id_column, emb, meta)
+        write_atomic(self.out_fs, self.out_dir, shard.output_name, table, uuid.uuid4().hex)
+        return {"name": shard.output_name, "rows": len(texts), "tokens": tokens, "seconds": time.perf_counter() - t0}
+
+
+# ---- the driver ---------------------------------------------------------------------------------
+def plan(job: Job, fmt: str | None, rows_per_shard: int):
+    from .shards import list_inputs, plan_file
+
+    fs, files = list_inputs(job.input, fmt)
+    shards = [s for path, key, f in files
+              for s in plan_file(fs, path, key, f, rows_per_shard, (job.text_column, job.id_column))]
+    return shards
+
+
+def prepare_output(job: Job, shards, rows_per_shard: int, overwrite: bool):
+    """Create the output folder and its manifest; -> (pending shards, shards already written whole).
+    Refuses, with the difference named, to resume into a folder written with other settings or holding
+    part files of no shard of this input."""
+    import pyarrow.fs as pafs
+
+    from .shards import MANIFEST, PART_PREFIX, TMP_DIR, complete_rows, resolve
+
+    fs, out = resolve(job.output)
+    info = fs.get_file_info(out)
+    if info.type == pafs.FileType.File:
+        raise ValueError(f"output {job.output!r} is a file; give a folder")
+    fs.create_dir(out, recursive=True)
+    listing = fs.get_file_info(pafs.FileSelector(out))
+    parts = {Path(f.path).name for f in listing if f.type == pafs.FileType.File
+             and Path(f.path).name.startswith(PART_PREFIX) and f.path.endswith(".parquet")}
+    manifest_path = f"{out}/{MANIFEST}"
+    has_manifest = fs.get_file_info(manifest_path).type == pafs.FileType.File
+    settings = job.settings(rows_per_shard)
+    if overwrite:
+        for name in parts:
+            fs.delete_file(f"{out}/{name}")
+        parts = set()
+    elif has_manifest:
+        with fs.open_input_stream(manifest_path) as f:
+            old = json.loads(f.read().decode("utf-8")).get("settings", {})
+        diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+        if diff:
+            what = "; ".join(f"{k}: {a!r} then, {b!r} now" for k, (a, b) in diff.items())
+            raise ValueError(f"output {job.output!r} was written with other settings ({what}); "
+                             "re-run with the same ones to resume, or pass --overwrite")
+    elif parts:
+        raise ValueError(f"output {job.output!r} holds {len(parts)} part files but no {MANIFEST}: not written by "
+                         "packformer embed-dataset; choose another folder or pass --overwrite")
+    expected = {s.output_name for s in shards}
+    stray = sorted(parts - expected)
+    if stray:
+        raise ValueError(f"output {job.output!r} holds {len(stray)} part files of no shard of this input "
+                         f"(first: {stray[0]}); choose another folder or pass --overwrite")
+    if fs.get_file_info(f"{out}/{TMP_DIR}").type == pafs.FileType.Directory:
+        fs.delete_dir(f"{out}/{TMP_DIR}")       # halves of files from an interrupted run
+    with fs.open_output_stream(manifest_path) as f:
+        f.write(json.dumps({"writer": "packformer embed-dataset", "settings": settings}, indent=1).encode())
+    done = [s for s in shards if s.output_name in parts and complete_rows(fs, f"{out}/{s.output_name}") == s.num_rows]
+    done_names = {s.output_name for s in done}
+    return [s for s in shards if s.output_name not in done_names], done
+
+
+def verify_output(job: Job, shards) -> None:
+    """Every shard's file exists with its planned row count, or RuntimeError naming the first that does not."""
+    from .shards import complete_rows, resolve
+
+    fs, out = resolve(job.output)
+    for s in shards:
+        n = complete_rows(fs, f"{out}/{s.output_name}")
+        if n != s.num_rows:
+            raise RuntimeError(f"shard {s.output_name} ({s.path} rows {s.start}..{s.stop - 1}) has "
+                               f"{'no file' if n is None else f'{n} rows'}, expected {s.num_rows}")
+
+
+@contextmanager
+def ray_session(address: str | None) -> Iterator[bool]:
+    """Join the cluster at `address`, or start a local Ray sized to this machine; reuse a Ray already
+    initialized in this process (and leave it running). Yields whether it started one."""
+    import ray
+
+    if ray.is_initialized():
+        yield False
+        return
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        ray.init(num_cpus=cpus, include_dashboard=False)
+    try:
+        yield True
+    finally:
+        ray.shutdown()
+
+
+def replica_cpus(replicas: int, requested: float | None) -> float:
+    """CPUs per replica: as asked, else an equal share of the cluster's CPUs (at least 1), so that
+    replicas never oversubscribe the cores."""
+    import ray
+
+    if requested is not None:
+        return requested
+    total = ray.cluster_resources().get("CPU", 1.0)
+    per_node = max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=total)
+    return float(max(1, min(int(total // replicas), int(per_node))))
+
+
+def unwrap_input_error(exc: BaseException) -> BaseException | None:
+    """The InputError behind a Ray task failure, if that is what it was."""
+    from .shards import InputError
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, InputError):
+            return InputError(str(exc).splitlines()[-1] if "\n" in str(exc) else str(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def embed_dataset(input: str | os.PathLike, output: str | os.PathLike, model: Any = None, *,
+                  text_column: str = "text", id_column: str = "id", format: str | None = None,
+                  replicas: int = 1, gpus_per_replica: float = 0, cpus_per_replica: float | None = None,
+                  batch_tokens: int | None = None, dtype: str | None = None, normalize: bool | None = None,
+                  truncate: bool = True, rows_per_shard: int = 10_000, ray_address: str | None = None,
+                  overwrite: bool = False, max_retries: int = 3, progress: bool = True) -> tuple[str, EmbedSummary]:
+    """Embed column `text_column` of a Parquet or JSONL file or folder into Parquet files under `output`
+    (columns: `id_column` as in the input, and `embedding`, a fixed-size list of float32), on `replicas`
+    Ray actors each holding the model (`gpus_per_replica` GPUs each: 0 runs on CPU). Re-running over the
+    same output resumes: shards already written are skipped unless `overwrite`. `model` is a path, a
+    name, 'random:<preset>', None (the built-in all-MiniLM-L6-v2), or a zero-argument callable returning
+    a packformer Model. Returns (output folder, EmbedSummary)."""
+    require_ray()
+    if replicas < 1:
+        raise ValueError(f"replicas must be at least 1, got {replicas}")
+    if gpus_per_replica < 0:
+        raise ValueError(f"gpus_per_replica must be 0 or more, got {gpus_per_replica}")
+    if max_retries < 0:
+        raise ValueError(f"max_retries must be 0 or more, got {max_retries}")
+    if isinstance(model, (str, Path)) and not str(model).startswith("random:") and Path(model).exists():
+        model = str(Path(model).resolve())       # replicas may run in another working directory
+    elif isinstance(model, Path):
+        raise FileNotFoundError(f"model path not found: {model}")
+    input, output = os.fspath(input), os.fspath(output)
+    job = Job(model=model, input=input if "://" in input else os.path.abspath(input),
+              output=output if "://" in output else os.path.abspath(output), text_column=text_column,
+              id_column=id_column, device="cuda" if gpus_per_replica > 0 else "cpu", dtype=dtype,
+              batch_tokens=batch_tokens, normalize=normalize, truncate=truncate)
+    t0 = time.perf_counter()
+    shards = plan(job, format, rows_per_shard)
+    pending, done = prepare_output(job, shards, rows_per_shard, overwrite)
+    summary = EmbedSummary(output=job.output, total_rows=sum(s.num_rows for s in shards), rows=0, tokens=0,
+                           wall_s=0.0, shards=len(pending), skipped_shards=len(done),
+                           skipped_rows=sum(s.num_rows for s in done), replicas=replicas)
+    if pending:
+        results = _run(job, pending, replicas, gpus_per_replica, cpus_per_replica, ray_address, max_retries, progress)
+        got = {str(n) for n in results["name"]}
+        missing = [s.output_name for s in pending if s.output_name not in got]
+        if missing:
+            raise RuntimeError(f"{len(missing)} shards returned no result (first: {missing[0]})")
+        summary.rows = int(np.sum(results["rows"]))
+        summary.tokens = int(np.sum(results["tokens"]))
+        summary.embed_s = float(np.sum(results["seconds"]))
+    verify_output(job, shards)
+    summary.wall_s = time.perf_counter() - t0
+    return job.output, summary
+
+
+def _run(job: Job, pending, replicas: int, gpus_per_replica: float, cpus_per_replica: float | None,
+         ray_address: str | None, max_retries: int, progress: bool) -> dict[str, np.ndarray]:
+    import ray
+    import ray.data
+
+    with ray_session(ray_address):
+        cpus = replica_cpus(replicas, cpus_per_replica)
+        job = dataclasses.replace(job, threads=max(1, int(cpus)))
+        ctx = ray.data.DataContext.get_current()
+        saved = (ctx.actor_task_retry_on_errors, ctx.enable_progress_bars)
+        ctx.actor_task_retry_on_errors = list(RETRY_ON)
+        ctx.enable_progress_bars = progress
+        try:
+            ds = ray.data.from_items([{"shard": s.to_json()} for s in pending], override_num_blocks=len(pending))
+            ds = ds.map_batches(ShardEmbedder, fn_constructor_kwargs={"job": job}, batch_size=1,
+                                compute=ray.data.ActorPoolStrategy(size=replicas), num_cpus=cpus,
+                                num_gpus=gpus_per_replica or None, max_restarts=-1, max_task_retries=max_retries)
+            rows = ds.take_all()
+        except Exception as e:
+            bad = unwrap_input_error(e)
+            if bad is not None:
+                raise bad from None
+            raise
+        finally:
+            ctx.actor_task_retry_on_errors, ctx.enable_progress_bars = saved
+    return {k: np.asarray([r[k] for r in rows]) for k in ("name", "rows", "tokens", "seconds")}
