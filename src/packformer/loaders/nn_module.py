@@ -34,7 +34,7 @@ from ..batch import pad_input
 from ..config import EncoderConfig
 from ..model import EncoderLayer
 from ..ops.attention import AttentionMeta
-from .keymap import KeyMap, Rule
+from .keymap import CheckpointError, KeyMap, Rule
 
 _L = "layers.{i}."
 LAYER_RULES = [
@@ -76,12 +76,12 @@ def _activation_name(fn) -> str | None:
 
 def _is_plain(obj, cls: type) -> bool:
     """`obj` is a `cls` whose forward is `cls.forward` (a subclass that overrides it may compute anything)."""
-    return isinstance(obj, cls) and type(obj).forward is cls.forward
+    return isinstance(obj, cls) and type(obj).forward is cls.forward and "forward" not in vars(obj)
 
 
 def why_not_packed(module: nn.TransformerEncoder) -> str | None:
     """Why this encoder's structure cannot run packed, or None when it can."""
-    if type(module).forward is not nn.TransformerEncoder.forward:
+    if not _is_plain(module, nn.TransformerEncoder):
         return f"{type(module).__name__} overrides forward()"
     if len(module.layers) == 0:
         return "it has no layers"
@@ -89,8 +89,8 @@ def why_not_packed(module: nn.TransformerEncoder) -> str | None:
     batch_first = getattr(getattr(module.layers[0], "self_attn", None), "batch_first", None)
     for i, layer in enumerate(module.layers):
         where = f"layers[{i}]"
-        if type(layer) is not nn.TransformerEncoderLayer:
-            return f"{where} is a {type(layer).__name__}, not an nn.TransformerEncoderLayer"
+        if type(layer) is not nn.TransformerEncoderLayer or "forward" in vars(layer):
+            return f"{where} is a {type(layer).__name__} with its own forward, not an nn.TransformerEncoderLayer"
         attn = layer.self_attn
         if not _is_plain(attn, nn.MultiheadAttention):
             return f"{where}.self_attn is a {type(attn).__name__}"
@@ -159,7 +159,11 @@ def keymap(source: nn.Module, stack: PackedStack) -> KeyMap:
     for rule in km.expand(len(stack.layers)):
         (src,) = rule.sources
         owner, leaf = src.rsplit(".", 1)
-        if hasattr(source.get_submodule(owner), leaf) and getattr(source.get_submodule(owner), leaf) is None:
+        try:
+            module = source.get_submodule(owner)
+        except AttributeError:      # not there at all: convert() reports the key as missing
+            continue
+        if leaf in module._parameters and module._parameters[leaf] is None:
             optional.append(rule.target)
     return KeyMap(rules, optional=optional)
 
@@ -261,7 +265,7 @@ class PackedTransformerEncoder(nn.Module):
     def _fallback(self, reason: str, src, mask, kpm, is_causal) -> torch.Tensor:
         if reason not in self._warned:
             self._warned.add(reason)
-            _warn(reason, stacklevel=4)
+            _warn(reason, stacklevel=6)
         return self.original(src, mask=mask, src_key_padding_mask=kpm, is_causal=is_causal)
 
     # -- forward -----------------------------------------------------------------------------------
@@ -301,7 +305,7 @@ class PackedTransformerEncoder(nn.Module):
         if b:
             cu[1:] = torch.cumsum(torch.tensor(lens, dtype=torch.int32), 0)
         meta = AttentionMeta.build(cu.to(src.device), max(lens, default=0), lens)
-        y = self.stack(x, meta)                                                   # [T, H]
+        y = self.stack(x, meta) if x.shape[0] else x                              # [T, H]
         if indices is None:
             return y.view(b, s, self.d_model)
         return pad_input(y, indices, b, s) if batch_first else pad_input(y, indices, s, b)
@@ -310,7 +314,8 @@ class PackedTransformerEncoder(nn.Module):
 def optimize(module: nn.TransformerEncoder) -> nn.Module:
     """A packed drop-in for `module` (eval-mode outputs equal at real positions, zeros at padding).
 
-    When the module's structure cannot run packed, `module` itself is returned, with a warning
+    When the module's structure cannot run packed (see `why_not_packed`, or parameters that the key
+    map does not account for, named key by key), `module` itself is returned with a one-line warning
     naming why. Raises TypeError for something that is not an nn.TransformerEncoder.
     """
     if isinstance(module, PackedTransformerEncoder):
@@ -318,7 +323,10 @@ def optimize(module: nn.TransformerEncoder) -> nn.Module:
     if not isinstance(module, nn.TransformerEncoder):
         raise TypeError(f"packformer.optimize expects a torch.nn.TransformerEncoder, got {type(module).__name__}")
     reason = why_not_packed(module)
-    if reason:
-        _warn(reason, stacklevel=3)
-        return module
-    return PackedTransformerEncoder(module, packed_stack(module))
+    if reason is None:
+        try:
+            return PackedTransformerEncoder(module, packed_stack(module))
+        except CheckpointError as e:   # e.g. an extra parameter we do not know what to do with
+            reason = "its parameters do not fit the packed layers: " + "; ".join(str(e).splitlines()[1:]).strip()
+    _warn(reason, stacklevel=4)
+    return module
