@@ -1,6 +1,141 @@
-"""CUDA fast path (issue 5). Until it lands, the reference encoder runs."""
+"""CUDA fast path: the same encoder as model.py, run with fused kernels, varlen flash attention and
+CUDA graphs per token-count bucket (graphs.py). Applied outside the readable model: it reads the
+model's own (already fp16/bf16) parameters and never changes them.
+
+Per post-norm layer:  x [T, H]
+  qkv = x W_qkv^T + b                 cuBLAS (bias in its epilogue)       [T, 3H]
+  a   = varlen_attn(q, k, v)          flash attention on packed tokens    [T, nh, hd]
+  x   = LN(x + a W_o^T + b_o)         `addmm_` (residual in the GEMM) + fused bias+LayerNorm kernel
+  h   = act(x W_1^T + b_1)            Triton GEMM with bias+activation epilogue (or cuBLAS + bias_act)
+  x   = LN(x + h W_2^T + b_2)         as for the out-projection
+Pre-norm stacks (nn.TransformerEncoder norm_first=True) use the same kernels in the other order.
+"""
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass, field
 
-def build_runner(model):
-    return model.encoder
+import torch
+import torch.nn.functional as F
+
+from ..batch import PackedBatch
+from ..model import Encoder
+from ..ops.attention import AttentionMeta, varlen_attention
+from ..ops.embedding import embed_layernorm
+from ..ops.gelu import bias_act
+from ..ops.layernorm import add_layernorm
+from ..ops.linear_act import linear_act
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FastOptions:
+    """Which fused variant runs each step; defaults are the fastest measured on an H100 (NOTES-gpu.md)."""
+
+    ffn1: str = "triton"        # "triton": GEMM with bias+act epilogue | "cublas": F.linear + bias_act kernel
+    residual: str = "addmm"     # "addmm": residual added by the GEMM (beta=1) | "kernel": added by the LN kernel
+    graphs: bool = True         # CUDA graphs per token bucket for batches up to graph_max_tokens
+    graph_max_tokens: int = 8192
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.ffn1 not in ("triton", "cublas"):
+            raise ValueError(f"ffn1 must be 'triton' or 'cublas', got {self.ffn1!r}")
+        if self.residual not in ("addmm", "kernel"):
+            raise ValueError(f"residual must be 'addmm' or 'kernel', got {self.residual!r}")
+
+
+class FastEncoder:
+    """Callable `(PackedBatch on device, AttentionMeta, out=None) -> [T, H]` over `encoder`'s weights."""
+
+    def __init__(self, encoder: Encoder, options: FastOptions | None = None):
+        self.encoder = encoder
+        self.cfg = encoder.config
+        self.opt = options or FastOptions()
+        p = next(encoder.parameters())
+        if p.device.type != "cuda" or p.dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(f"the CUDA fast path runs fp16/bf16 weights on a GPU, got {p.dtype} on {p.device}")
+        self.dtype, self.device = p.dtype, p.device
+
+    def __call__(self, batch: PackedBatch, meta: AttentionMeta, out: torch.Tensor | None = None) -> torch.Tensor:
+        cfg, emb = self.cfg, self.encoder.embeddings
+        t = batch.num_tokens
+        if t == 0:
+            return torch.empty(0, cfg.hidden_size, dtype=self.dtype, device=self.device)
+        norm = emb.norm
+        x = embed_layernorm(batch.input_ids, batch.positions, batch.token_type_ids, emb.word.weight,
+                            emb.position.weight, emb.token_type.weight if emb.token_type is not None else None,
+                            norm.weight if norm is not None else None, norm.bias if norm is not None else None,
+                            norm.eps if norm is not None else 0.0)                          # [T, H]
+        layers = self.encoder.layers
+        if cfg.norm_first:
+            return self._pre_norm(x, meta, out)
+        for i, layer in enumerate(layers):
+            last = out if i == len(layers) - 1 else None
+            x = self._sublayer(x, self._attention(layer, x, meta), layer.out, layer.norm1, None)
+            x = self._sublayer(x, self._ffn_hidden(layer, x), layer.ffn2, layer.norm2, last)
+        return x
+
+    # ---- steps --------------------------------------------------------------------------------
+    def _attention(self, layer, x: torch.Tensor, meta: AttentionMeta) -> torch.Tensor:
+        t = x.shape[0]
+        qkv = F.linear(x, layer.qkv.weight, layer.qkv.bias)                              # [T, 3H]
+        q, k, v = qkv.view(t, 3, layer.num_heads, layer.head_dim).unbind(1)                 # 3 x [T, nh, hd]
+        return varlen_attention(q, k, v, meta).reshape(t, -1)                               # [T, H]
+
+    def _ffn_hidden(self, layer, x: torch.Tensor) -> torch.Tensor:
+        if self.opt.ffn1 == "triton":
+            return linear_act(x, layer.ffn1.weight, layer.ffn1.bias, layer.act)             # [T, F]
+        return bias_act(F.linear(x, layer.ffn1.weight), layer.ffn1.bias, layer.act, out=None)
+
+    def _sublayer(self, x: torch.Tensor, a: torch.Tensor, lin, norm, out) -> torch.Tensor:
+        """Post-norm: LN(x + a W^T + b). x is our own activation, so it may be overwritten."""
+        if self.opt.residual == "addmm":
+            s = x.addmm_(a, lin.weight.t())                                                 # x += a W^T
+            return add_layernorm(s, norm.weight, norm.bias, norm.eps, x_bias=lin.bias, out=out)
+        o = torch.mm(a, lin.weight.t())
+        return add_layernorm(o, norm.weight, norm.bias, norm.eps, residual=x, x_bias=lin.bias, out=out)
+
+    def _pre_norm(self, x: torch.Tensor, meta: AttentionMeta, out) -> torch.Tensor:
+        """x <- x + attn(LN1 x); x <- x + ffn(LN2 x); with each add fused into the next LayerNorm."""
+        layers, final = self.encoder.layers, self.encoder.final_norm
+        h = add_layernorm(x, layers[0].norm1.weight, layers[0].norm1.bias, layers[0].norm1.eps)
+        for i, layer in enumerate(layers):
+            x, h = self._pre_sublayer(x, self._attention(layer, h, meta), layer.out, layer.norm2, None)
+            nxt = layers[i + 1].norm1 if i + 1 < len(layers) else final
+            f = self._ffn_hidden(layer, h)
+            if nxt is None:   # last layer, no final norm: the plain residual sum is the output
+                o = torch.addmm(layer.ffn2.bias, f, layer.ffn2.weight.t())
+                return torch.add(x, o, out=out) if out is not None else x.add_(o)
+            last = out if nxt is final else None
+            x, h = self._pre_sublayer(x, f, layer.ffn2, nxt, last)
+        return h
+
+    def _pre_sublayer(self, x, a, lin, norm, out):
+        """(x + a W^T + b, LN(x + a W^T + b)); the sum overwrites x (our own residual stream)."""
+        if self.opt.residual == "addmm":
+            s = x.addmm_(a, lin.weight.t())
+            y, s = add_layernorm(s, norm.weight, norm.bias, norm.eps, x_bias=lin.bias, return_sum=True,
+                                 out=out, sum_out=s)
+            return s, y
+        o = torch.mm(a, lin.weight.t())
+        y, s = add_layernorm(o, norm.weight, norm.bias, norm.eps, residual=x, x_bias=lin.bias, return_sum=True,
+                             out=out, sum_out=x)
+        return s, y
+
+
+def build_runner(model, options: FastOptions | None = None):
+    """The fastest runner for `model` on CUDA: FastEncoder (+ graphs) for fp16/bf16; the reference
+    encoder for fp32 (flash attention needs half precision; fp32 on a GPU is a correctness mode)."""
+    if model.dtype not in (torch.float16, torch.bfloat16):
+        log.info("CUDA fast path needs fp16/bf16 (got %s): running the reference encoder", model.dtype)
+        return model.encoder
+    opt = options or FastOptions()
+    fast = FastEncoder(model.encoder, opt)
+    if not opt.graphs:
+        return fast
+    from .graphs import GraphRunner
+
+    return GraphRunner(fast, max_tokens=opt.graph_max_tokens,
+                       max_seqlen=model.config.max_tokens_per_sequence, hidden=model.config.hidden_size)

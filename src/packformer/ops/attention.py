@@ -13,10 +13,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-try:  # torch >= 2.9 ships a varlen flash-attention entry point
+try:  # torch >= 2.9 ships a varlen flash-attention entry point; `scale=` since 2.10
+    import inspect
+
     from torch.nn.attention.varlen import varlen_attn as _torch_varlen_attn
+    _VARLEN_HAS_SCALE = "scale" in inspect.signature(_torch_varlen_attn).parameters
 except Exception:  # pragma: no cover - depends on the torch build
     _torch_varlen_attn = None
+    _VARLEN_HAS_SCALE = False
 
 
 @dataclass
@@ -98,9 +102,13 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: At
     if q.device.type == "cpu":
         return _cpu_grouped_sdpa(q, k, v, meta, scale)
     if q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16):
-        if _torch_varlen_attn is not None:
+        # flash attention straight on the packed [T, H, D] views (last dim contiguous, rows strided):
+        # no copy, no padding, no [B, L, L] mask; nothing here reads device memory on the host, so it
+        # can be captured in a CUDA graph.
+        if _torch_varlen_attn is not None and (_VARLEN_HAS_SCALE or scale == 1.0 / math.sqrt(q.shape[-1])):
             cu = meta.cu_seqlens
-            return _torch_varlen_attn(q, k, v, cu, cu, meta.max_seqlen, meta.max_seqlen, scale=scale)
+            kw = {"scale": scale} if _VARLEN_HAS_SCALE else {}
+            return _torch_varlen_attn(q, k, v, cu, cu, meta.max_seqlen, meta.max_seqlen, **kw)
         return _cuda_nested_sdpa(q, k, v, meta, scale)
     # fp32 on CUDA (flash kernels need half precision) or another device: the exact grouped path
     # still works; it only needs the host-side lengths that `meta` already carries.

@@ -1,0 +1,166 @@
+"""CUDA graphs per token-count bucket: small and medium batches replay a captured forward instead of
+launching ~100 kernels from Python one by one.
+
+A graph has static shapes, so a batch of T tokens in B sequences runs in the graph of the smallest
+bucket N >= T (buckets 64 apart up to 512, then about 8 per doubling: under 11% padding) with room for
+S >= B sequences (a power of two). The N - T padding tokens form a dummy segment, cut into pieces of
+at most 128 tokens, that attends only to itself: real tokens never see it, and it costs little attention.
+Unused sequence slots are empty segments (cu_seqlens repeats N). Everything else in the encoder is
+row-wise, so the real rows are exactly what an eager run computes.
+
+Graphs are captured lazily, on a key's second use (a one-off shape is not worth a capture), into one
+shared memory pool; inputs and the output live in static buffers sized for the largest bucket, so each
+extra graph costs almost no memory. A batch larger than `max_tokens`, or past `max_graphs` keys, runs
+eagerly. Replays happen on the caller's current stream, one at a time (a lock), and the output is
+cloned out of the static buffer so a later replay cannot overwrite what a caller holds.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..batch import PackedBatch
+from ..ops.attention import AttentionMeta
+
+log = logging.getLogger(__name__)
+
+DUMMY_CHUNK = 128      # longest piece of the dummy segment (one flash-attention query block)
+
+
+def token_buckets(max_tokens: int, step: int = 64, fine_until: int = 512, per_doubling: int = 8) -> list[int]:
+    """Bucket sizes: multiples of `step` up to `fine_until`, then `per_doubling` geometric steps per
+    doubling (rounded up to `step`), ending at the first bucket >= max_tokens."""
+    out = list(range(step, min(fine_until, max_tokens) + step, step))
+    while out[-1] < max_tokens:
+        out.append(max(out[-1] + step, int(round(out[-1] * 2 ** (1 / per_doubling) / step)) * step))
+    return out
+
+
+def seq_bucket(num_seqs: int) -> int:
+    return 1 << max(2, (max(num_seqs, 1) - 1).bit_length())
+
+
+def padded_cu_seqlens(seqlens: list[int], n_tokens: int, n_slots: int, chunk: int = DUMMY_CHUNK) -> np.ndarray:
+    """[n_slots + 1] int32 cu_seqlens: the real sequences, then [T, n_tokens) cut into dummy segments of
+    at most `chunk` tokens, then empty segments. Raises ValueError if it does not fit."""
+    t = int(sum(seqlens))
+    pad = n_tokens - t
+    n_dummy = -(-pad // chunk) if pad > 0 else 0
+    if pad < 0 or len(seqlens) + n_dummy > n_slots:
+        raise ValueError(f"{len(seqlens)} sequences of {t} tokens do not fit a graph of {n_tokens} tokens "
+                         f"and {n_slots} segments")
+    cu = np.full(n_slots + 1, n_tokens, dtype=np.int32)
+    cu[0] = 0
+    np.cumsum(np.asarray(seqlens, dtype=np.int64), out=cu[1:len(seqlens) + 1], dtype=np.int32)
+    for j in range(n_dummy):
+        cu[len(seqlens) + 1 + j] = min(n_tokens, t + (j + 1) * chunk)
+    return cu
+
+
+@dataclass
+class _Captured:
+    graph: torch.cuda.CUDAGraph
+    cu: torch.Tensor           # [slots + 1] int32, static
+    n: int
+    slots: int
+
+
+class GraphRunner:
+    """Wraps an eager runner `forward(batch, meta, out=None) -> [T, H]` with graph replay."""
+
+    def __init__(self, forward, max_tokens: int, max_seqlen: int, hidden: int, capture_after: int = 2,
+                 max_graphs: int = 64):
+        self.forward = forward
+        self.device, self.dtype = forward.device, forward.dtype
+        self.buckets = token_buckets(max_tokens)
+        self.max_seqlen = int(max_seqlen)
+        self.hidden = hidden
+        self.capture_after = capture_after
+        self.max_graphs = max_graphs
+        self.graphs: dict[tuple, _Captured] = {}
+        self.seen: Counter = Counter()
+        self.stats: Counter = Counter()          # "replay", "eager", "capture"
+        self._pool = None
+        self._lock = threading.Lock()
+        self._bufs: dict[str, torch.Tensor] | None = None
+
+    # ---- choosing ------------------------------------------------------------------------------
+    def key_for(self, num_tokens: int, seqlens: list[int], max_seqlen: int, has_token_types: bool) -> tuple | None:
+        """(N, slots, has_tt) of the graph that would run this batch, or None for eager."""
+        if num_tokens == 0 or num_tokens > self.buckets[-1] or max_seqlen > self.max_seqlen:
+            return None
+        i = int(np.searchsorted(self.buckets, num_tokens))
+        n, prev = self.buckets[i], (self.buckets[i - 1] if i else 0)
+        slots = seq_bucket(len(seqlens)) + -(-(n - prev) // DUMMY_CHUNK)
+        return n, slots, has_token_types
+
+    # ---- running -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def __call__(self, batch: PackedBatch, meta: AttentionMeta) -> torch.Tensor:
+        key = self.key_for(batch.num_tokens, meta.seqlens, meta.max_seqlen, batch.token_type_ids is not None)
+        with self._lock:
+            g = self.graphs.get(key) if key is not None else None
+            if g is None and key is not None:
+                self.seen[key] += 1
+                if self.seen[key] >= self.capture_after and len(self.graphs) < self.max_graphs:
+                    g = self._capture(key)
+            if g is None:
+                self.stats["eager"] += 1
+                return self.forward(batch, meta)
+            t = batch.num_tokens
+            b = self._buffers()
+            b["ids"][:t].copy_(batch.input_ids, non_blocking=True)
+            b["pos"][:t].copy_(batch.positions, non_blocking=True)
+            if batch.token_type_ids is not None:
+                b["tt"][:t].copy_(batch.token_type_ids, non_blocking=True)
+            cu = torch.from_numpy(padded_cu_seqlens(meta.seqlens, g.n, g.slots)).pin_memory()
+            g.cu.copy_(cu, non_blocking=True)
+            g.graph.replay()
+            self.stats["replay"] += 1
+            return b["out"][:t].clone()
+
+    def _buffers(self) -> dict[str, torch.Tensor]:
+        if self._bufs is None:
+            n = self.buckets[-1]
+            kw = dict(device=self.device, dtype=torch.long)
+            self._bufs = {"ids": torch.zeros(n, **kw), "pos": torch.zeros(n, **kw), "tt": torch.zeros(n, **kw),
+                          "out": torch.zeros(n, self.hidden, device=self.device, dtype=self.dtype)}
+        return self._bufs
+
+    def _capture(self, key: tuple) -> _Captured:
+        n, slots, has_tt = key
+        b = self._buffers()
+        # during the warm-up every segment is empty (attention touches nothing); replays refill `cu`
+        cu = torch.zeros(slots + 1, dtype=torch.int32, device=self.device)
+        static = PackedBatch(input_ids=b["ids"][:n], positions=b["pos"][:n], cu_seqlens=cu,
+                             max_seqlen=min(self.max_seqlen, n), token_type_ids=b["tt"][:n] if has_tt else None)
+        meta = AttentionMeta(cu_seqlens=cu, max_seqlen=static.max_seqlen, seqlens=[])
+        out = b["out"][:n]
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):            # warm-up: compiles kernels, creates library handles
+            self.forward(static, meta, out=out)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            self.forward(static, meta, out=out)
+        if self._pool is None:
+            self._pool = graph.pool()
+        cap = _Captured(graph=graph, cu=cu, n=n, slots=slots)
+        self.graphs[key] = cap
+        self.stats["capture"] += 1
+        log.debug("captured CUDA graph for %d tokens, %d segments", n, slots)
+        return cap
+
+    def warmup(self, shapes: list[tuple[int, int]], has_token_types: bool = False) -> None:
+        """Capture graphs ahead of time for (num_tokens, num_seqs) shapes (e.g. a server's typical batches)."""
+        with torch.inference_mode(), self._lock:
+            for t, b in shapes:
+                key = self.key_for(t, [1] * b, 1, has_token_types)
+                if key is not None and key not in self.graphs and len(self.graphs) < self.max_graphs:
+                    self._capture(key)

@@ -1,0 +1,82 @@
+"""Fused bias + activation (GELU erf, GELU tanh or ReLU) over packed rows [T, F] after FFN1.
+
+Unfused, FFN1's bias add and the activation each read and write the [T, F] intermediate, the largest
+tensor of the layer. The kernel does both in one pass, in fp32, rounding once.
+
+- `bias_act_ref`: plain torch in fp32 (the specification).
+- `_bias_act_kernel`: Triton, a [1, BLOCK] tile of one row per program.
+- `bias_act`: the launcher (checks shapes/dtypes; the kernel where it can run, else the reference).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._triton import check, kernel_ok, tl, triton
+
+ACTS = {"gelu": 0, "gelu_tanh": 1, "relu": 2}
+
+
+def act_ref(x: torch.Tensor, act: str) -> torch.Tensor:
+    if act == "gelu":
+        return F.gelu(x)
+    if act == "gelu_tanh":
+        return F.gelu(x, approximate="tanh")
+    if act == "relu":
+        return F.relu(x)
+    raise ValueError(f"unknown activation {act!r}; expected one of {tuple(ACTS)}")
+
+
+def bias_act_ref(x: torch.Tensor, bias: torch.Tensor | None, act: str) -> torch.Tensor:
+    """act(x + bias) computed in fp32 (fp64 for fp64 input), returned in x's dtype."""
+    acc = torch.promote_types(x.dtype, torch.float32)     # fp32, or fp64 for fp64 checks
+    y = x.to(acc)
+    if bias is not None:
+        y = y + bias.to(acc)
+    return act_ref(y, act).to(x.dtype)
+
+
+if triton is not None:
+    @triton.jit
+    def _act(x, ACT: tl.constexpr):
+        if ACT == 0:
+            return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+        elif ACT == 1:
+            z = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+            return 0.5 * x * (1.0 + (2.0 * tl.sigmoid(2.0 * z) - 1.0))   # tanh(z) = 2 sigmoid(2z) - 1
+        else:
+            return tl.maximum(x, 0.0)
+
+    @triton.jit
+    def _bias_act_kernel(X, BIAS, Y, stride_x, stride_y, N, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+                         BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < N
+        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            x += tl.load(BIAS + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(Y + row * stride_y + cols, _act(x, ACT).to(Y.dtype.element_ty), mask=mask)
+
+
+def bias_act(x: torch.Tensor, bias: torch.Tensor | None, act: str = "gelu", out: torch.Tensor | None = None) -> torch.Tensor:
+    """act(x + bias): [T, F] -> [T, F] in x's dtype. `out` may alias `x` (in place)."""
+    check(act in ACTS, f"unknown activation {act!r}; expected one of {tuple(ACTS)}")
+    check(x.dim() == 2 and x.stride(1) == 1, f"x must be [T, F] with contiguous rows, got shape {tuple(x.shape)}")
+    check(x.dtype in (torch.float16, torch.bfloat16, torch.float32), f"unsupported dtype {x.dtype}")
+    if bias is not None:
+        check(bias.shape == (x.shape[1],) and bias.is_contiguous(),
+              f"bias must be a contiguous [{x.shape[1]}] vector, got {tuple(bias.shape)}")
+    if out is not None:
+        check(out.shape == x.shape and out.stride(1) == 1 and out.dtype == x.dtype,
+              f"out must be {tuple(x.shape)} {x.dtype} with contiguous rows")
+    if not kernel_ok(x):
+        y = bias_act_ref(x, bias, act)
+        return y if out is None else out.copy_(y)
+    y = torch.empty_like(x) if out is None else out
+    t, n = x.shape
+    if t:
+        block = 1024
+        _bias_act_kernel[(t, triton.cdiv(n, block))](x, bias if bias is not None else x, y, x.stride(0), y.stride(0), n,
+                                                   HAS_BIAS=bias is not None, ACT=ACTS[act], BLOCK=block, num_warps=4)
+    return y

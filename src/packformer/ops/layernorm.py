@@ -1,0 +1,99 @@
+"""Fused (bias +) (residual +) LayerNorm over packed rows [T, H]: one pass instead of three.
+
+After the attention out-projection and after FFN2 a post-norm layer computes
+`LN(gemm_out + bias + residual)`; unfused that is an add, another add and a LayerNorm, each reading and
+writing [T, H]. The kernel reads each input once, sums in fp32, and writes the normed row (and, for
+pre-norm stacks, the sum itself, which is the next residual).
+
+- `add_layernorm_ref`: plain torch in fp32 (the specification).
+- `_add_layernorm_kernel`: Triton, one row per program.
+- `add_layernorm`: the launcher; checks shapes/dtypes, runs the kernel where it can, else the reference.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._triton import check, kernel_ok, next_pow2, tl, triton
+
+
+def add_layernorm_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                      residual: torch.Tensor | None = None, x_bias: torch.Tensor | None = None,
+                      return_sum: bool = False):
+    """LN(x + x_bias + residual) over the last dim, computed in fp32, returned in x's dtype.
+    With return_sum, also returns the pre-norm sum (x's dtype)."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+    s = x.to(acc)
+    if x_bias is not None:
+        s = s + x_bias.to(acc)
+    if residual is not None:
+        s = s + residual.to(acc)
+    y = F.layer_norm(s, (x.shape[-1],), weight.to(acc), bias.to(acc), eps).to(x.dtype)
+    return (y, s.to(x.dtype)) if return_sum else y
+
+
+if triton is not None:
+    @triton.jit
+    def _add_layernorm_kernel(X, XB, R, W, B, Y, S, stride_x, stride_r, stride_y, stride_s, N, eps,
+                              HAS_XB: tl.constexpr, HAS_RES: tl.constexpr, STORE_SUM: tl.constexpr,
+                              BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < N
+        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_XB:
+            x += tl.load(XB + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_RES:
+            x += tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+        if STORE_SUM:
+            tl.store(S + row * stride_s + cols, x.to(S.dtype.element_ty), mask=mask)
+        mean = tl.sum(x, axis=0) / N
+        d = tl.where(mask, x - mean, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / N + eps)
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(Y + row * stride_y + cols, (d * rstd * w + b).to(Y.dtype.element_ty), mask=mask)
+
+
+def _check_args(x, weight, bias, residual, x_bias, out, sum_out):
+    check(x.dim() == 2, f"x must be [T, H], got shape {tuple(x.shape)}")
+    h = x.shape[1]
+    check(x.stride(1) == 1, "x rows must be contiguous (stride 1 along H)")
+    for name, t in (("weight", weight), ("bias", bias), ("x_bias", x_bias)):
+        if t is not None:
+            check(t.shape == (h,) and t.is_contiguous(), f"{name} must be a contiguous [{h}] vector, got {tuple(t.shape)}")
+    for name, t in (("residual", residual), ("out", out), ("sum_out", sum_out)):
+        if t is not None:
+            check(t.shape == x.shape and t.stride(1) == 1, f"{name} must be [T, H] = {tuple(x.shape)} with contiguous rows, "
+                                                            f"got {tuple(t.shape)}")
+            check(t.dtype == x.dtype, f"{name} dtype {t.dtype} differs from x dtype {x.dtype}")
+            check(t.device == x.device, f"{name} is on {t.device}, x on {x.device}")
+    check(x.dtype in (torch.float16, torch.bfloat16, torch.float32), f"unsupported dtype {x.dtype}")
+
+
+def add_layernorm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                  residual: torch.Tensor | None = None, x_bias: torch.Tensor | None = None,
+                  return_sum: bool = False, out: torch.Tensor | None = None, sum_out: torch.Tensor | None = None):
+    """LN(x + x_bias + residual): [T, H] -> [T, H] in x's dtype (see `add_layernorm_ref`).
+
+    `out` / `sum_out` may be given (CUDA graphs write into static buffers); `sum_out` may alias `x`."""
+    _check_args(x, weight, bias, residual, x_bias, out, sum_out)
+    if not kernel_ok(x, weight, bias):
+        res = add_layernorm_ref(x, weight, bias, eps, residual, x_bias, return_sum)
+        y, s = res if return_sum else (res, None)
+        if out is not None:
+            y = out.copy_(y)
+        if return_sum and sum_out is not None:
+            s = sum_out.copy_(s)
+        return (y, s) if return_sum else y
+    t, h = x.shape
+    y = torch.empty_like(x) if out is None else out
+    s = (torch.empty_like(x) if sum_out is None else sum_out) if return_sum else y
+    if t:
+        block = next_pow2(h)
+        _add_layernorm_kernel[(t,)](
+            x, x_bias if x_bias is not None else x, residual if residual is not None else x, weight, bias, y, s,
+            x.stride(0), residual.stride(0) if residual is not None else 0, y.stride(0), s.stride(0), h, eps,
+            HAS_XB=x_bias is not None, HAS_RES=residual is not None, STORE_SUM=return_sum, BLOCK=block,
+            num_warps=min(8, max(1, block // 256)))
+    return (y, s) if return_sum else y

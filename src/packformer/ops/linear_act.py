@@ -1,0 +1,120 @@
+"""FFN1 with its bias and activation in the GEMM epilogue: act(x @ W^T + b), [T, K] -> [T, N].
+
+The [T, N] intermediate (N = 4H) is the largest tensor of a layer; applying bias and GELU while the
+tile is still in registers saves a full read and write of it (cuBLAS's own GELU epilogue is the tanh
+approximation, which BERT's erf GELU is not). Whether this Triton GEMM is as fast as cuBLAS plus a
+separate `bias_act` pass is for the GPU benchmark to decide (benchmarks/NOTES-gpu.md).
+
+- `linear_act_ref`: plain torch in fp32 (the specification).
+- `_linear_act_kernel`: Triton tiled GEMM (grouped tile order), fp32 accumulator, fused epilogue.
+- `linear_act`: the launcher (checks shapes/dtypes; tile config by problem size).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ._triton import check, kernel_ok, tl, triton
+from .gelu import ACTS, act_ref
+
+
+def linear_act_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: str) -> torch.Tensor:
+    """act(x @ weight^T + bias) in fp32, returned in x's dtype. weight is nn.Linear's [N, K]."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+    y = x.to(acc) @ weight.to(acc).t()
+    if bias is not None:
+        y = y + bias.to(acc)
+    return act_ref(y, act).to(x.dtype)
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    block_m: int = 128
+    block_n: int = 128
+    block_k: int = 64
+    group_m: int = 8
+    num_warps: int = 8
+    num_stages: int = 3
+
+
+# Chosen on an H100 by benchmarks/gpu_fastpath.py (see NOTES-gpu.md); small problems want small tiles
+# so that enough programs exist to fill 132 multiprocessors.
+SMALL = TileConfig(64, 128, 64, 8, 4, 4)
+LARGE = TileConfig(128, 256, 64, 8, 8, 3)
+
+
+def default_config(m: int, n: int) -> TileConfig:
+    tiles_large = triton.cdiv(m, LARGE.block_m) * triton.cdiv(n, LARGE.block_n) if triton else 0
+    return LARGE if tiles_large >= 264 else SMALL
+
+
+if triton is not None:
+    from .gelu import _act
+
+    @triton.jit
+    def _linear_act_kernel(A, W, BIAS, C, M, N, K, stride_am, stride_wn, stride_cm,
+                           HAS_BIAS: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr):
+        pid = tl.program_id(0)
+        num_m = tl.cdiv(M, BLOCK_M)
+        num_n = tl.cdiv(N, BLOCK_N)
+        # grouped order: GROUP_M row-tiles share each weight column-tile while it is in L2
+        width = GROUP_M * num_n
+        group = pid // width
+        first_m = group * GROUP_M
+        size_m = min(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % width) % size_m
+        pid_n = (pid % width) // size_m
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        ram = tl.max_contiguous(tl.multiple_of(rm % M, BLOCK_M), BLOCK_M)   # wrapped rows: loads stay in bounds
+        rbn = tl.max_contiguous(tl.multiple_of(rn % N, BLOCK_N), BLOCK_N)
+        a_ptrs = A + ram[:, None].to(tl.int64) * stride_am + rk[None, :]
+        w_ptrs = W + rbn[None, :].to(tl.int64) * stride_wn + rk[:, None]           # W^T tile [BLOCK_K, BLOCK_N]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            if EVEN_K:
+                a = tl.load(a_ptrs)
+                w = tl.load(w_ptrs)
+            else:
+                a = tl.load(a_ptrs, mask=rk[None, :] < K - k * BLOCK_K, other=0.0)
+                w = tl.load(w_ptrs, mask=rk[:, None] < K - k * BLOCK_K, other=0.0)
+            acc = tl.dot(a, w, acc)
+            a_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+        if HAS_BIAS:
+            acc += tl.load(BIAS + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        acc = _act(acc, ACT)
+        c_ptrs = C + rm[:, None].to(tl.int64) * stride_cm + rn[None, :]
+        tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: str = "gelu",
+               out: torch.Tensor | None = None, config: TileConfig | None = None) -> torch.Tensor:
+    """act(x @ weight^T + bias): x [T, K], weight [N, K] (nn.Linear layout) -> [T, N] in x's dtype."""
+    check(act in ACTS, f"unknown activation {act!r}; expected one of {tuple(ACTS)}")
+    check(x.dim() == 2 and weight.dim() == 2 and x.shape[1] == weight.shape[1],
+          f"x [T, K] and weight [N, K] do not fit: {tuple(x.shape)} and {tuple(weight.shape)}")
+    check(x.stride(1) == 1 and weight.stride(1) == 1, "x and weight need contiguous rows")
+    check(x.dtype == weight.dtype and x.dtype in (torch.float16, torch.bfloat16),
+          f"linear_act runs fp16/bf16 with matching dtypes, got x {x.dtype}, weight {weight.dtype}")
+    m, k = x.shape
+    n = weight.shape[0]
+    if bias is not None:
+        check(bias.shape == (n,) and bias.is_contiguous(), f"bias must be a contiguous [{n}] vector")
+    if out is not None:
+        check(out.shape == (m, n) and out.stride(1) == 1 and out.dtype == x.dtype, f"out must be [{m}, {n}] {x.dtype}")
+    if not kernel_ok(x, weight):
+        y = linear_act_ref(x, weight, bias, act)
+        return y if out is None else out.copy_(y)
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device) if out is None else out
+    if m:
+        cfg = config or default_config(m, n)
+        grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
+        _linear_act_kernel[grid](x, weight, bias if bias is not None else x, y, m, n, k, x.stride(0), weight.stride(0),
+                                 y.stride(0), HAS_BIAS=bias is not None, ACT=ACTS[act], BLOCK_M=cfg.block_m,
+                                 BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+                                 EVEN_K=k % cfg.block_k == 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return y

@@ -1,0 +1,33 @@
+"""Graph buckets and the padded cu_seqlens layout (pure host logic; the replays are tested in test_cuda.py)."""
+import numpy as np
+import pytest
+
+from packformer.fast.graphs import DUMMY_CHUNK, padded_cu_seqlens, seq_bucket, token_buckets
+
+
+def test_buckets_are_64_apart_then_at_most_12_5_percent_apart_and_cover_the_maximum():
+    b = token_buckets(8192)
+    assert b[:8] == [64, 128, 192, 256, 320, 384, 448, 512]
+    assert b[-1] >= 8192 and all(x % 64 == 0 for x in b) and b == sorted(set(b))
+    assert max(hi / lo for lo, hi in zip(b[7:], b[8:])) <= 1.125
+
+
+def test_seq_buckets_are_powers_of_two_of_at_least_four():
+    assert [seq_bucket(n) for n in (0, 1, 4, 5, 32, 33)] == [4, 4, 4, 8, 32, 64]
+
+
+def test_padded_cu_seqlens_puts_real_then_dummy_pieces_then_empty_segments():
+    cu = padded_cu_seqlens([3, 5], 300, 8)
+    assert cu.dtype == np.int32 and cu.tolist() == [0, 3, 8, 8 + DUMMY_CHUNK, 8 + 2 * DUMMY_CHUNK, 300, 300, 300, 300]
+    assert np.all(np.diff(cu) <= DUMMY_CHUNK) or np.diff(cu)[:2].tolist() == [3, 5]
+
+
+def test_padded_cu_seqlens_exact_fit_has_no_dummy():
+    assert padded_cu_seqlens([64], 64, 4).tolist() == [0, 64, 64, 64, 64]
+
+
+def test_padded_cu_seqlens_refuses_what_does_not_fit():
+    with pytest.raises(ValueError, match="do not fit"):
+        padded_cu_seqlens([100], 64, 4)
+    with pytest.raises(ValueError, match="do not fit"):
+        padded_cu_seqlens([1] * 5, 64, 4)

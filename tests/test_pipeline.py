@@ -1,0 +1,114 @@
+"""The encode()/classify() pipeline: chunked tokenization in a background thread, results in input order."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from packformer.config import EncoderConfig
+from packformer.engine import Model
+from packformer.heads import ClassificationHead, Pooler
+from packformer.loaders.parts import ModelParts
+from packformer.model import Encoder
+from packformer.pipeline import PipelineConfig, run_texts, text_ranges, tokenize_range
+
+
+def _tokenizer(cfg):
+    from packformer.loaders.hf import load_tokenizer
+    d = os.environ.get("PACKFORMER_MINILM_DIR")
+    if d is None:
+        from packformer.loading import builtin_model_dir
+        d = builtin_model_dir()
+    from pathlib import Path
+    return load_tokenizer(Path(d), cfg)
+
+
+def tiny_model(device="cpu", dtype=None, num_labels=0, max_seq_length=64):
+    cfg = EncoderConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, num_labels=num_labels)
+    torch.manual_seed(0)
+    enc = Encoder(cfg)
+    head = ClassificationHead(32, num_labels) if num_labels else None
+    parts = ModelParts(config=cfg, encoder=enc, head=head, pooler=Pooler("mean", normalize=True),
+                       tokenizer=_tokenizer(cfg), max_seq_length=max_seq_length, source="tiny", format="random")
+    return Model(parts, device=device, dtype=dtype, max_batch_tokens=256)
+
+
+TEXTS = [("packed " * (i % 23 + 1) + f"text number {i}").strip() for i in range(57)]
+SMALL = PipelineConfig(first_chunk=5, chunk=11, prefetch=2, inflight=2)
+
+
+def one_by_one(model, texts):
+    return torch.cat([model.embed_batch(model.tokenize([t])) for t in texts])
+
+
+def test_text_ranges_cover_the_input_once_in_order():
+    r = list(text_ranges(57, 5, 11))
+    assert r[0] == (0, 5) and r[-1][1] == 57 and all(a[1] == b[0] for a, b in zip(r, r[1:]))
+    assert [e - s for s, e in r] == [5, 11, 11, 11, 11, 8]
+    assert list(text_ranges(0, 5, 11)) == []
+
+
+def test_results_are_in_input_order_and_equal_to_one_text_at_a_time():
+    m = tiny_model()
+    got = run_texts(m, TEXTS, lambda b: m.embed_batch(b), m.dim, config=SMALL)
+    assert torch.allclose(got, one_by_one(m, TEXTS), atol=1e-5)
+
+
+def test_batch_size_and_token_budget_do_not_change_results():
+    m = tiny_model()
+    a = run_texts(m, TEXTS, lambda b: m.embed_batch(b), m.dim, batch_size=3, config=SMALL)
+    b = run_texts(m, TEXTS, lambda b: m.embed_batch(b), m.dim, config=PipelineConfig(first_chunk=100))
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_encode_uses_the_pipeline_and_keeps_its_contract():
+    m = tiny_model()
+    out = m.encode(TEXTS)
+    assert isinstance(out, np.ndarray) and out.shape == (57, 32)
+    assert np.allclose(out, one_by_one(m, TEXTS).numpy(), atol=1e-5)
+    assert m.encode([]).shape == (0, 32)
+    assert m.encode("one text").shape == (32,)
+
+
+def test_truncation_error_names_the_index_in_the_whole_input():
+    m = tiny_model(max_seq_length=16)
+    texts = ["short"] * 30 + ["long " * 40] + ["short"] * 5
+    with pytest.raises(ValueError, match=r"texts\[30\] has 42 tokens, more than the model's maximum of 16"):
+        run_texts(m, texts, lambda b: m.embed_batch(b), m.dim, truncate=False, config=SMALL)
+    out = run_texts(m, texts, lambda b: m.embed_batch(b), m.dim, truncate=True, config=SMALL)
+    assert out.shape == (36, 32)
+
+
+def test_tokenize_range_truncates_keeping_special_tokens():
+    m = tiny_model(max_seq_length=8)
+    ids = tokenize_range(m.tokenizer, ["a b c d e f g h i j"], 0, 8, True)[0]
+    assert len(ids) == 8 and ids[0] == 101 and ids[-1] == 102
+
+
+def test_classify_is_in_input_order():
+    m = tiny_model(num_labels=3)
+    got = m.classify(TEXTS)
+    want = torch.cat([m.classify_batch(m.tokenize([t])) for t in TEXTS]).numpy()
+    assert got.shape == (57, 3) and np.allclose(got, want, atol=1e-5)
+
+
+def test_a_model_without_tokenizer_says_so_even_for_empty_input():
+    m = tiny_model()
+    m.tokenizer = None
+    with pytest.raises(RuntimeError, match="no tokenizer"):
+        m.encode([])
+
+
+def test_bad_config_is_rejected():
+    with pytest.raises(ValueError, match=">= 1"):
+        PipelineConfig(chunk=0)
+
+
+@pytest.mark.gpu
+def test_on_cuda_results_match_cpu_and_come_back_in_order():
+    cpu = tiny_model()
+    gpu = tiny_model(device="cuda", dtype=torch.float16)
+    got = run_texts(gpu, TEXTS, lambda b: gpu.embed_batch(b), gpu.dim, config=SMALL)
+    assert got.device.type == "cpu" and got.dtype == torch.float32
+    want = one_by_one(cpu, TEXTS)
+    assert torch.nn.functional.cosine_similarity(got, want, dim=1).min() >= 0.9995
