@@ -7,7 +7,7 @@ import importlib
 import sys
 
 # Order is the order of `packformer --help`.
-COMMANDS = ["encode", "classify", "info", "serve"]
+COMMANDS = ["encode", "classify", "info", "serve", "bench-serve"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,175 @@
+"""`packformer bench-serve`: throughput (tokens/s) and p50/p99 latency of `packformer serve` at several
+client concurrencies, next to the same texts through offline `encode()` and through a plain FastAPI app
+calling `SentenceTransformer.encode` per request. Everything runs on localhost, bounded in requests and
+time; the load generator shares the machine with the server (say so when you report figures)."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+from .common import add_model_options
+
+
+def add_parser(sub):
+    p = sub.add_parser("bench-serve", help="benchmark packformer serve against offline encode and a plain server",
+                       description=__doc__)
+    add_model_options(p, positional=True)
+    p.add_argument("--url", default=None, help="benchmark this running server instead of starting one")
+    p.add_argument("--api-key", default=os.environ.get("PACKFORMER_API_KEY"), help="API key of --url's server")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64], help="client counts (default: 1 8 64)")
+    p.add_argument("--requests", type=int, default=600, help="requests per concurrency level (default: 600)")
+    p.add_argument("--duration", type=float, default=60.0, help="max seconds per concurrency level (default: 60)")
+    p.add_argument("--texts-per-request", type=int, default=1, help="texts in one request (default: 1)")
+    p.add_argument("--num-texts", type=int, default=None,
+                   help="distinct texts, cycled by the requests (default: requests x texts-per-request)")
+    p.add_argument("--seed", type=int, default=7, help="seed of the WORKLOADS.md text generator (default: 7)")
+    p.add_argument("--no-baseline", action="store_true", help="skip the FastAPI + SentenceTransformer server")
+    p.add_argument("--no-offline", action="store_true", help="skip offline encode() throughput")
+    p.add_argument("--server-arg", action="append", default=[],
+                   help="extra argument for the started server (repeatable), e.g. --server-arg=--max-batch-requests=64")
+    p.add_argument("--output", "-o", default="bench-serve.json", help="JSON results file (default: bench-serve.json)")
+    p.add_argument("--note", default="", help="free text stored with the results (e.g. 'shared machine')")
+    return p
+
+
+def machine() -> dict:
+    import torch
+
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    d = {"hostname": platform.node(), "cpu": cpu, "cpu_count": os.cpu_count(), "python": platform.python_version(),
+         "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "platform": platform.platform()}
+    try:
+        d["load_average_at_start"] = os.getloadavg()
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        d["gpu"] = torch.cuda.get_device_name(0)
+    return d
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def run(args) -> int:
+    import packformer
+    from ..server.launch import ServerProcess
+    from ..server.loadgen import run_level, workload_texts
+
+    tpr = args.texts_per_request
+    n_texts = args.num_texts or args.requests * tpr
+    texts = workload_texts(n_texts, args.seed)
+    model = packformer.load(args.model, device=args.device, dtype=args.dtype)
+    lengths = [len(s) for s in model.token_ids(texts)]
+    payloads = [{"inputs": texts[i: i + tpr]} for i in range(0, len(texts), tpr)]
+    tokens = [sum(lengths[i: i + tpr]) for i in range(0, len(texts), tpr)]
+    total_tokens = sum(lengths)
+    print(f"bench-serve: {len(texts)} texts of the WORKLOADS generator (seed {args.seed}), {total_tokens} tokens, "
+          f"{len(payloads)} distinct requests of {tpr} text(s); {args.requests} requests per level, "
+          f"at most {args.duration:g} s each", file=sys.stderr)
+    results: dict = {"machine": machine(), "note": args.note, "model": str(model.source),
+                     "device": str(model.device), "dtype": str(model.dtype).replace("torch.", ""),
+                     "texts": {"count": len(texts), "tokens": total_tokens, "seed": args.seed,
+                               "texts_per_request": tpr},
+                     "requests_per_level": args.requests, "duration_cap_s": args.duration, "levels": args.concurrency}
+
+    if not args.no_offline:
+        model.encode(texts[:64])
+        s = _timed(lambda: model.encode(texts))
+        results["offline_encode"] = {"seconds": round(s, 3), "tokens_per_s": round(total_tokens / s, 1)}
+        print(f"  offline packformer encode(): {total_tokens / s:,.0f} tokens/s", file=sys.stderr)
+    del model                               # free the CPU and memory for the servers
+
+    def levels(url: str, headers: dict | None, name: str) -> dict:
+        out = {}
+        for c in args.concurrency:
+            run_level(url, payloads, tokens, c, min(2 * c, 16), 30.0, headers=headers)      # connections, warm
+            r = run_level(url, payloads, tokens, c, args.requests, args.duration, headers=headers)
+            out[str(c)] = r.summary()
+            print(f"  {name} c={c}: {r.tokens_per_s:,.0f} tokens/s, p50 {r.percentile_ms(50):.1f} ms, "
+                  f"p99 {r.percentile_ms(99):.1f} ms, {r.ok}/{r.sent} ok {r.errors or ''}", file=sys.stderr)
+        return out
+
+    model_args = [args.model] if args.model else []
+    if args.url:
+        headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else None
+        results["serve"] = levels(args.url.rstrip("/") + "/embed", headers, "packformer serve")
+        results["serve_url"] = args.url
+    else:
+        server_args = [*model_args, "--device", args.device, "--log-level", "warning", *args.server_arg]
+        if args.dtype:
+            server_args += ["--dtype", args.dtype]
+        if args.max_batch_tokens:
+            server_args += ["--max-batch-tokens", str(args.max_batch_tokens)]
+        results["serve_args"] = server_args
+        with ServerProcess(server_args) as srv:
+            results["serve"] = levels(srv.url + "/embed", None, "packformer serve")
+
+    if not args.no_baseline:
+        from ..loading import _DEFAULT_ALIASES, builtin_model_dir
+        folder = str(builtin_model_dir()) if args.model in _DEFAULT_ALIASES else args.model
+        if folder.startswith("random:"):
+            print("  baseline skipped: it needs a model folder, not a random preset", file=sys.stderr)
+        else:
+            with ServerProcess([folder, "--device", args.device],
+                               command=[sys.executable, "-m", "packformer.server.baseline"]) as srv:
+                results["baseline"] = levels(srv.url + "/embed", None, "FastAPI+SentenceTransformer")
+            from sentence_transformers import SentenceTransformer
+            st = SentenceTransformer(folder, device=args.device)
+            st.encode(texts[:64])
+            s = _timed(lambda: st.encode(texts))
+            results["offline_sentence_transformers"] = {"seconds": round(s, 3),
+                                                        "tokens_per_s": round(total_tokens / s, 1)}
+
+    results["ratios"] = ratios(results)
+    print(table(results))
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {args.output}", file=sys.stderr)
+    return 0
+
+
+def ratios(results: dict) -> dict:
+    out = {}
+    off = results.get("offline_encode", {}).get("tokens_per_s")
+    for c, r in results.get("serve", {}).items():
+        d = {}
+        if off:
+            d["serve_vs_offline_encode"] = round(r["tokens_per_s"] / off, 3)
+        base = results.get("baseline", {}).get(c)
+        if base and base["tokens_per_s"] > 0:
+            d["serve_vs_baseline"] = round(r["tokens_per_s"] / base["tokens_per_s"], 2)
+        out[c] = d
+    return out
+
+
+def table(results: dict) -> str:
+    rows = ["| concurrency | serve tokens/s | p50 ms | p99 ms | baseline tokens/s | baseline p50 / p99 ms "
+            "| serve / baseline | serve / offline encode |",
+            "|---|---|---|---|---|---|---|---|"]
+    for c, r in results.get("serve", {}).items():
+        b = results.get("baseline", {}).get(c)
+        q = results["ratios"].get(c, {})
+        rows.append(f"| {c} | {r['tokens_per_s']:,.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
+                    + (f"{b['tokens_per_s']:,.0f} | {b['p50_ms']:.1f} / {b['p99_ms']:.1f} | " if b else "– | – | ")
+                    + f"{q.get('serve_vs_baseline', '–')} | {q.get('serve_vs_offline_encode', '–')} |")
+    off = results.get("offline_encode", {}).get("tokens_per_s")
+    st = results.get("offline_sentence_transformers", {}).get("tokens_per_s")
+    if off:
+        rows.append(f"\noffline packformer encode(): {off:,.0f} tokens/s")
+    if st:
+        rows.append(f"offline SentenceTransformer.encode(): {st:,.0f} tokens/s")
+    return "\n".join(rows)
