@@ -366,10 +366,8 @@ DEFAULT_PEERS = {
 }
 
 
-def resolve_peers(names: list[str] | str | None, device: torch.device) -> list[str]:
-    """Peer names (aliases allowed, comma-separated string or list) -> canonical names, packformer first."""
-    if names is None:
-        names = DEFAULT_PEERS[device.type]
+def canonical_peers(names: list[str] | str) -> list[str]:
+    """Peer names (aliases allowed; a list or a comma-separated string) -> canonical names, in order."""
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",") if n.strip()]
     out = []
@@ -379,6 +377,12 @@ def resolve_peers(names: list[str] | str | None, device: torch.device) -> list[s
             raise ValueError(f"unknown peer {n!r}; known: {', '.join(PEERS)} (aliases: {', '.join(ALIASES)})")
         if n not in out:
             out.append(n)
+    return out
+
+
+def resolve_peers(names: list[str] | str | None, device: torch.device) -> list[str]:
+    """The peers of a bench run: the given ones (None = the device's defaults), packformer always first."""
+    out = canonical_peers(DEFAULT_PEERS[device.type] if names is None else names)
     return ["packformer"] + [n for n in out if n != "packformer"]
 
 

@@ -126,28 +126,36 @@ def print_bench(result: dict, file=None) -> None:
 
 
 def bench_chart(result: dict, path: str | Path) -> Path:
-    """One panel per workload: median ms per peer (log scale), the floors as dashed lines."""
+    """One panel per workload: median ms per peer as horizontal bars (packformer green), each labelled with
+    its time and packformer's speedup over it; the GEMM floors as red lines."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     wls = result["workloads"]
-    fig, axes = plt.subplots(1, len(wls), figsize=(max(6, 4.5 * len(wls)), 4.8), squeeze=False)
-    for ax, w in zip(axes[0], wls):
-        ok = [(n, p["timing"]["median_ms"]) for n, p in w["peers"].items() if p["status"] == "ok"]
-        names = [n for n, _ in ok]
-        colors = ["tab:green" if n.startswith("packformer") else "tab:gray" for n in names]
-        ax.bar(range(len(ok)), [ms for _, ms in ok], color=colors)
-        ax.set_xticks(range(len(ok)), names, rotation=45, ha="right", fontsize=8)
+    fig, axes = plt.subplots(len(wls), 1, figsize=(8, 1.2 + 0.42 * max(len(w["peers"]) for w in wls) * len(wls)),
+                             squeeze=False)
+    for ax, w in zip(axes[:, 0], wls):
+        ok = [(n, p) for n, p in w["peers"].items() if p["status"] == "ok"]
+        ms = [p["timing"]["median_ms"] for _, p in ok]
+        colors = ["tab:green" if n.startswith("packformer") else "tab:gray" for n, _ in ok]
+        ax.barh(range(len(ok)), ms, color=colors)
+        ax.set_yticks(range(len(ok)), [n for n, _ in ok], fontsize=8)
+        ax.invert_yaxis()
+        for i, (n, p) in enumerate(ok):
+            sp = p.get("speedup_of_packformer")
+            label = f" {ms[i]:,.1f} ms" + (f"  ({sp:.2f}x)" if sp and n != "packformer" else "")
+            ax.text(ms[i], i, label, va="center", fontsize=7)
         for kind, style in (("real", "--"), ("padded", ":")):
             f = (w.get("floor") or {}).get(kind)
             if f:
-                ax.axhline(f["timing"]["median_ms"], color="tab:red", linestyle=style, linewidth=1,
-                           label=f"GEMM floor ({kind} tokens)")
-        ax.set_yscale("log")
-        ax.set_ylabel("ms per batch (median, log)")
-        ax.set_title(f"{w['name']} ({100 * w['pad_fraction']:.0f}% padding)", fontsize=10)
-        ax.legend(fontsize=7)
+                ax.axvline(f["timing"]["median_ms"], color="tab:red", linestyle=style, linewidth=1,
+                           label=f"GEMM floor, {kind} tokens")
+        ax.set_xlim(0, max(ms, default=1) * 1.35)
+        ax.set_xlabel("ms per batch (median); (Nx) = packformer's speedup over the peer", fontsize=8)
+        ax.set_title(f"{w['name']}: {w['num_seqs']} seqs, {w['real_tokens']} tokens, "
+                     f"{100 * w['pad_fraction']:.0f}% padding when padded", fontsize=9)
+        ax.legend(fontsize=7, loc="lower right")
     fig.suptitle(f"{result['model']['source']} - {device_label(result)} - {result['dtype']}", fontsize=10)
     fig.tight_layout()
     path = Path(path)

@@ -1,0 +1,90 @@
+"""`packformer bench`: packformer against the tools a user would run instead, on the standard batches
+of WORKLOADS.md or your own texts, with the GEMM floor; table, JSON and PNG."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+
+def add_bench_model_options(p) -> None:
+    """MODEL + device/dtype (+ torchtext options): what bench and profile share."""
+    p.add_argument("model", nargs="?", default=None,
+                   help="model folder, torchtext .pt, or 'random:<preset>' (e.g. random:bert-base, random:xlmr-large); "
+                        "default: built-in all-MiniLM-L6-v2")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default: cpu)")
+    p.add_argument("--dtype", default=None, help="float32, float16, bfloat16 (default: fp32 on CPU, fp16 on CUDA)")
+    p.add_argument("--spm", default=None, help="sentencepiece model for a torchtext .pt checkpoint")
+    p.add_argument("--num-heads", type=int, default=None, help="attention heads of a torchtext .pt checkpoint")
+
+
+def source_for(args):
+    """args -> what run_bench / run_profile take as `model` (ModelParts when torchtext options are given)."""
+    extra = {k: v for k, v in (("spm", args.spm), ("num_heads", args.num_heads)) if v is not None}
+    if not extra:
+        return args.model
+    if not str(args.model or "").endswith((".pt", ".pth")):
+        raise ValueError("--spm and --num-heads apply to torchtext .pt checkpoints only")
+    from ..loading import load_parts
+    return load_parts(args.model, **extra)
+
+
+def slug(source: str) -> str:
+    """A file-name-safe short name of a model source."""
+    name = source.split(":", 1)[1] if source.startswith("random:") else Path(source.rstrip("/")).name
+    if name == "model" and "minilm" in source.lower():
+        name = "all-MiniLM-L6-v2"
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "model"
+
+
+def add_parser(sub):
+    from ..bench.peers import ALIASES, PEERS
+    from ..bench.workloads import ID_WORKLOADS, TEXT_WORKLOADS
+
+    p = sub.add_parser("bench", help="benchmark against transformers, Better Transformer, ONNX Runtime ...",
+                       description="Time packformer and its peers on the same weights and the same batches; report "
+                                   "medians, tokens/s, ratios to each peer and to the GEMM floor, output agreement.")
+    add_bench_model_options(p)
+    p.add_argument("--workloads", default="serve_b32",
+                   help=f"comma-separated: {', '.join(ID_WORKLOADS)}, {', '.join(TEXT_WORKLOADS)} (default: serve_b32)")
+    p.add_argument("--peers", default=None,
+                   help=f"comma-separated: {', '.join(PEERS)} (aliases: {', '.join(ALIASES)}); default: the "
+                        "device's usual set. packformer always runs")
+    p.add_argument("--texts", default=None, help="a file of texts, one per line: an extra end-to-end workload")
+    p.add_argument("--batch-size", type=int, default=32, help="sequences per padded batch on text workloads (default 32)")
+    p.add_argument("--iterations", type=int, default=10, help="timed calls per peer and workload (default 10)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 1 on CPU, 3 on CUDA)")
+    p.add_argument("--max-seconds", type=float, default=60.0,
+                   help="stop a peer's timed calls early (after 3) once they took this long (default 60; 0 = never)")
+    p.add_argument("--no-floor", action="store_true", help="skip the GEMM floor")
+    p.add_argument("--out", default=None, help="folder for bench-<model>-<device>.json and .png")
+    p.add_argument("--json", action="store_true", help="print the JSON result instead of tables")
+    return p
+
+
+def run(args) -> int:
+    from ..bench.report import bench_chart, print_bench, write_json
+    from ..bench.run import run_bench
+
+    quiet = args.json
+    result = run_bench(source_for(args), workloads=args.workloads, peers=args.peers, device=args.device,
+                       dtype=args.dtype, texts=args.texts, iterations=args.iterations, warmup=args.warmup,
+                       max_seconds=args.max_seconds or None, batch_size=args.batch_size, floor=not args.no_floor,
+                       log=None if quiet else print)
+    if quiet:
+        print(json.dumps(result, indent=1))
+    else:
+        print()
+        print_bench(result)
+    if args.out:
+        stem = f"bench-{slug(result['model']['source'])}-{result['device'].replace(':', '')}"
+        j = write_json(result, Path(args.out) / f"{stem}.json")
+        png = bench_chart(result, Path(args.out) / f"{stem}.png")
+        if not quiet:
+            print(f"wrote {j} and {png}")
+    pf = [w["peers"].get("packformer", {}) for w in result["workloads"]]
+    bad = [w["name"] for w, p in zip(result["workloads"], pf) if p.get("status") != "ok" or not p["agreement"]["agrees"]]
+    if bad:
+        print(f"packformer failed or disagreed with the reference on: {', '.join(bad)}")
+        return 1
+    return 0

@@ -1,0 +1,45 @@
+"""`packformer profile`: torch profiler tables for one batch (top operators by self time), per peer,
+and a Chrome trace on request."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .bench import add_bench_model_options, source_for
+
+
+def add_parser(sub):
+    from ..bench.workloads import ID_WORKLOADS
+
+    p = sub.add_parser("profile", help="torch profiler tables for one batch",
+                       description="Profile one standard batch through packformer (and any peer): top operators "
+                                   "by self time; a Chrome trace with --trace.")
+    add_bench_model_options(p)
+    p.add_argument("--workload", default="serve_b32", help=f"one of {', '.join(ID_WORKLOADS)} (default serve_b32)")
+    p.add_argument("--peers", default="packformer",
+                   help="comma-separated peers to profile (default packformer; e.g. packformer,packformer_ref,bt_nested)")
+    p.add_argument("--iterations", type=int, default=3, help="profiled calls (default 3)")
+    p.add_argument("--warmup", type=int, default=1, help="unprofiled calls first (default 1)")
+    p.add_argument("--top", type=int, default=25, help="operators per table (default 25)")
+    p.add_argument("--trace", default=None, help="write a Chrome trace here (several peers: trace.<peer>.json)")
+    p.add_argument("--out", default=None, help="folder for profile-<workload>-<device>.json")
+    p.add_argument("--json", action="store_true", help="print the JSON result instead of tables")
+    return p
+
+
+def run(args) -> int:
+    from ..bench.profile import run_profile
+    from ..bench.report import write_json
+
+    if args.iterations < 1:
+        raise ValueError(f"--iterations must be at least 1, got {args.iterations}")
+    result = run_profile(source_for(args), device=args.device, dtype=args.dtype, workload=args.workload,
+                         peers=args.peers, iterations=args.iterations, warmup=args.warmup, top=args.top,
+                         trace=args.trace, log=None if args.json else print)
+    if args.json:
+        print(json.dumps(result, indent=1))
+    if args.out:
+        j = write_json(result, Path(args.out) / f"profile-{args.workload}-{result['device'].replace(':', '')}.json")
+        if not args.json:
+            print(f"wrote {j}")
+    return 0 if any(p["status"] == "ok" for p in result["peers"].values()) else 1
