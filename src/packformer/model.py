@@ -57,7 +57,7 @@ class EncoderLayer(nn.Module):
         t = x.shape[0]
         q, k, v = self.qkv(x).view(t, 3, self.num_heads, self.head_dim).unbind(1)   # 3 x [T, nh, hd]
         a = varlen_attention(q, k, v, meta)                                         # [T, nh, hd]
-        return self.out(a.reshape(t, -1))                                           # [T, H]
+        return self.out(a.reshape(t, self.num_heads * self.head_dim))               # [T, H]
 
     def ffn(self, x: torch.Tensor) -> torch.Tensor:
         return self.ffn2(activation(self.act, self.ffn1(x)))                        # [T, H]
