@@ -70,6 +70,19 @@ def test_encode_uses_the_pipeline_and_keeps_its_contract():
     assert m.encode("one text").shape == (32,)
 
 
+def test_every_batch_but_the_last_is_filled_across_tokenizer_chunks():
+    m = tiny_model()
+    seen = []
+
+    def fn(b):
+        seen.append(b.num_tokens)
+        return m.embed_batch(b)
+    run_texts(m, TEXTS, fn, m.dim, config=SMALL)
+    longest = max(len(s) for s in m.token_ids(TEXTS))
+    assert sum(seen) == sum(len(s) for s in m.token_ids(TEXTS))
+    assert all(n > m.max_batch_tokens - longest for n in seen[:-1]), seen
+
+
 def test_truncation_error_names_the_index_in_the_whole_input():
     m = tiny_model(max_seq_length=16)
     texts = ["short"] * 30 + ["long " * 40] + ["short"] * 5

@@ -115,7 +115,7 @@ class Model(nn.Module):
     def embed_batch(self, batch: PackedBatch, normalize: bool | None = None) -> torch.Tensor:
         """PackedBatch -> pooled embeddings [B, D], fp32, in the batch's own order."""
         h = self.hidden_states(batch)
-        return self.pooler(h, batch.cu_seqlens.to(h.device), normalize=normalize)
+        return self.pooler(h, batch.cu_seqlens.to(h.device, non_blocking=True), normalize=normalize)
 
     @torch.inference_mode()
     def classify_batch(self, batch: PackedBatch) -> torch.Tensor:
@@ -123,7 +123,7 @@ class Model(nn.Module):
         if self.head is None:
             raise RuntimeError(f"model {self.source} has no classification head; use encode()")
         h = self.hidden_states(batch)
-        return self.head(h, batch.cu_seqlens.to(h.device))
+        return self.head(h, batch.cu_seqlens.to(h.device, non_blocking=True))
 
     # ---- user API ---------------------------------------------------------------------------
     def _run_chunked(self, ids: list[list[int]], fn, width: int, batch_size: int | None,

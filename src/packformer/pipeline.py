@@ -10,7 +10,8 @@ and copies results back asynchronously. Results are scattered into input order a
 in-flight window, so host memory stays bounded and the device never waits for the host to read back.
 
 Packed batches carry no padding, so a batch need not hold similar lengths: chunks are planned as they
-arrive (length-sorted within the chunk, as `runtime.plan_chunks` does), not over the whole input.
+arrive (length-sorted within the chunk, as `runtime.plan_chunks` does), not over the whole input; a
+chunk's partly filled last batch is carried over into the next chunk.
 The same pipeline runs on CPU (no pinning, no events); there it mainly hides tokenization behind
 the model's matrix work, which releases the GIL.
 """
@@ -130,13 +131,24 @@ def run_texts(model, texts: list[str], fn: Callable[[PackedBatch], torch.Tensor]
                 for f in queued:
                     f.cancel()
 
+    def launch(seqs: list[list[int]], index: list[int]) -> None:
+        batch = pack(seqs, offset)
+        if cuda:
+            batch = batch.pin_memory()
+        readback.add(fn(batch), torch.as_tensor(index, dtype=torch.long))
+
+    # The last, partly filled batch of a chunk waits for the next chunk's texts, so every batch but the
+    # very last is full (and odd-sized tails do not each get a CUDA graph captured).
+    left_ids: list[list[int]] = []
+    left_idx: list[int] = []
     for (start, end), ids in chunks():
-        for plan in plan_chunks([len(s) for s in ids], model.max_batch_tokens, batch_size):
-            batch = pack([ids[i] for i in plan], offset)
-            if cuda:
-                batch = batch.pin_memory()
-            index = torch.as_tensor(plan, dtype=torch.long) + start
-            readback.add(fn(batch), index)
+        ids = left_ids + ids
+        idx = left_idx + list(range(start, end))
+        plans = plan_chunks([len(s) for s in ids], model.max_batch_tokens, batch_size)
+        last = plans.pop() if end < len(texts) else []
+        for plan in plans:
+            launch([ids[i] for i in plan], [idx[i] for i in plan])
+        left_ids, left_idx = [ids[i] for i in last], [idx[i] for i in last]
         if bar is not None:
             bar.update(end - start)
     readback.drain()
