@@ -6,8 +6,9 @@ mapped by `ShardEmbedder`, an actor class: Ray Data keeps `replicas` of them (ea
 on its own GPU when `gpus_per_replica` is set) and feeds them one shard per call. A replica reads its
 shard, packs the texts under the token budget, embeds them and writes the shard's Parquet file
 atomically, returning only a few counters. Writes are idempotent, so Ray may retry a shard freely: an
-actor that dies is restarted and its shard re-run (`max_restarts`, `max_task_retries`), and an
-exception of the kinds in RETRY_ON is retried the same way; bad input (InputError) fails the job at once.
+actor that dies is restarted and its shard re-run (actor options `max_restarts`, `max_task_retries`),
+and a shard whose replica raises is run again in place (DataContext `retried_map_errors`,
+`max_map_retries`), up to `max_retries` times each; bad input (InputError) fails the job at once.
 At the end every shard's file is checked against its planned row count: nothing is lost silently.
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ import json
 import os
 import time
 import uuid
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +28,6 @@ import numpy as np
 
 RAY_MISSING = 'packformer.ray needs Ray Data and pyarrow: pip install -e ".[ray]"  (or: pip install "ray[data,serve]" pyarrow)'
 
-# Application errors a replica may raise that are worth running the shard again (a flaky device, a
-# full disk, an allocation failure). Bad input is an InputError (a ValueError): retrying cannot help.
-RETRY_ON: tuple[type[BaseException], ...] = (RuntimeError, OSError, MemoryError)
 
 
 def require_ray() -> None:
@@ -123,6 +122,9 @@ def embed_texts(model, texts: Sequence[str], normalize: bool | None, truncate: b
     return out, sum(len(s) for s in ids)
 
 
+RESULT_KEYS = ("name", "rows", "tokens", "seconds", "error")
+
+
 class ShardEmbedder:
     """Ray Data actor: loads the model once, then turns shard descriptions into written shard files."""
 
@@ -141,20 +143,25 @@ class ShardEmbedder:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = [self.run_shard(s) for s in batch["shard"]]
-        return {k: np.asarray([r[k] for r in rows]) for k in ("name", "rows", "tokens", "seconds")}
+        return {k: np.asarray([r[k] for r in rows]) for k in RESULT_KEYS}
 
     def run_shard(self, shard_json: str) -> dict[str, Any]:
-        from .shards import Shard, output_table, read_shard, write_atomic
+        from .shards import InputError, Shard, output_table, read_shard, write_atomic
 
         t0 = time.perf_counter()
         shard = Shard.from_json(str(shard_json))
-        ids, texts = read_shard(self.in_fs, shard, self.job.text_column, self.job.id_column)
+        try:
+            ids, texts = read_shard(self.in_fs, shard, self.job.text_column, self.job.id_column)
+        except InputError as e:
+            # Returned, not raised: Ray would retry an exception (in vain) and only pass its text on.
+            return {"name": shard.output_name, "rows": 0, "tokens": 0, "seconds": 0.0, "error": str(e)}
         emb, tokens = embed_texts(self.model, texts, self.job.normalize, self.job.truncate)   # [N, D]
         meta = {"model": self.model.source, "source": shard.key, "rows": f"{shard.start}:{shard.stop}",
                 "normalize": self.job.normalize, "dtype": str(self.model.dtype).replace("torch.", "")}
         table = output_table(ids, self.job.id_column, emb, meta)
         write_atomic(self.out_fs, self.out_dir, shard.output_name, table, uuid.uuid4().hex)
-        return {"name": shard.output_name, "rows": len(texts), "tokens": tokens, "seconds": time.perf_counter() - t0}
+        return {"name": shard.output_name, "rows": len(texts), "tokens": tokens, "seconds": time.perf_counter() - t0,
+                "error": ""}
 
 
 # ---- the driver ---------------------------------------------------------------------------------
@@ -259,19 +266,6 @@ def replica_cpus(replicas: int, requested: float | None) -> float:
     return float(max(1, min(int(total // replicas), int(per_node))))
 
 
-def unwrap_input_error(exc: BaseException) -> BaseException | None:
-    """The InputError behind a Ray task failure, if that is what it was."""
-    from .shards import InputError
-
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, InputError):
-            return InputError(str(exc).splitlines()[-1] if "\n" in str(exc) else str(exc))
-        exc = exc.__cause__ or exc.__context__
-    return None
-
-
 def embed_dataset(input: str | os.PathLike, output: str | os.PathLike, model: Any = None, *,
                   text_column: str = "text", id_column: str = "id", format: str | None = None,
                   replicas: int = 1, gpus_per_replica: float = 0, cpus_per_replica: float | None = None,
@@ -325,24 +319,32 @@ def _run(job: Job, pending, replicas: int, gpus_per_replica: float, cpus_per_rep
     import ray
     import ray.data
 
+    from .shards import InputError
+
     with ray_session(ray_address):
         cpus = replica_cpus(replicas, cpus_per_replica)
         job = dataclasses.replace(job, threads=max(1, int(cpus)))
         ctx = ray.data.DataContext.get_current()
-        saved = (ctx.actor_task_retry_on_errors, ctx.enable_progress_bars)
-        ctx.actor_task_retry_on_errors = list(RETRY_ON)
-        ctx.enable_progress_bars = progress
+        knobs = {"retried_map_errors": True, "max_map_retries": max_retries, "enable_progress_bars": progress}
+        saved = {k: getattr(ctx, k) for k in knobs}
+        for k, v in knobs.items():          # an exception in a replica: run the shard again, in place
+            setattr(ctx, k, v)
+        rows = []
         try:
             ds = ray.data.from_items([{"shard": s.to_json()} for s in pending], override_num_blocks=len(pending))
-            ds = ds.map_batches(ShardEmbedder, fn_constructor_kwargs={"job": job}, batch_size=1,
-                                compute=ray.data.ActorPoolStrategy(size=replicas), num_cpus=cpus,
-                                num_gpus=gpus_per_replica or None, max_restarts=-1, max_task_retries=max_retries)
-            rows = ds.take_all()
-        except Exception as e:
-            bad = unwrap_input_error(e)
-            if bad is not None:
-                raise bad from None
-            raise
+            with warnings.catch_warnings():
+                # A replica that dies is restarted and its shard re-run, at most max_retries times. Ray 2.60
+                # deprecates passing these two actor options this way but offers no other way to bound them
+                # (its default, -1, retries a shard that kills its replica forever).
+                warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+                ds = ds.map_batches(ShardEmbedder, fn_constructor_kwargs={"job": job}, batch_size=1,
+                                    compute=ray.data.ActorPoolStrategy(size=replicas), num_cpus=cpus,
+                                    num_gpus=gpus_per_replica or None, max_restarts=-1, max_task_retries=max_retries)
+            for row in ds.iter_rows():
+                if row["error"]:
+                    raise InputError(str(row["error"]))     # leaving the loop stops the job
+                rows.append(row)
         finally:
-            ctx.actor_task_retry_on_errors, ctx.enable_progress_bars = saved
-    return {k: np.asarray([r[k] for r in rows]) for k in ("name", "rows", "tokens", "seconds")}
+            for k, v in saved.items():
+                setattr(ctx, k, v)
+    return {k: np.asarray([r[k] for r in rows]) for k in RESULT_KEYS}

@@ -1,0 +1,231 @@
+"""embed_dataset on a local Ray cluster: nothing lost, ids kept, embeddings equal Model.encode, resume
+computes only what is missing, and a replica that raises or dies is retried.
+
+Ray is an optional extra (pip install -e ".[ray]"); without it this module is skipped. Most tests use a
+small random encoder (2 layers, hidden 64, the built-in WordPiece tokenizer) so that 2,000 rows take
+seconds on 2 cores; one test runs the real all-MiniLM-L6-v2 through the CLI.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray", reason='Ray is an optional extra: pip install -e ".[ray]"')
+pytest.importorskip("ray.data", reason='Ray Data is missing: pip install -e ".[ray]"')
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+import ray.cloudpickle  # noqa: E402
+
+import packformer  # noqa: E402
+from packformer.ray import embed_dataset  # noqa: E402
+from packformer.ray.shards import InputError  # noqa: E402
+
+# Ray's workers cannot import this test module: ship its model factories by value.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+N = 2000
+
+
+# ---- fixtures -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 2**20)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield
+    ray.shutdown()
+
+
+class TinyModel:
+    """Zero-argument factory of a small random encoder; with `fail` set, the first call of embed_batch
+    across all replicas (a marker file decides which) raises ("raise") or kills its process ("die")."""
+
+    def __init__(self, fail: str | None = None, marker: str | None = None):
+        self.fail, self.marker = fail, marker
+
+    def __call__(self) -> packformer.Model:
+        import torch
+
+        from packformer.config import preset
+        from packformer.heads import Pooler
+        from packformer.loaders.hf import load_tokenizer
+        from packformer.loaders.parts import ModelParts
+        from packformer.loading import builtin_model_dir
+        from packformer.model import Encoder
+
+        cfg = preset("minilm-l6", hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128)
+        torch.manual_seed(0)
+        parts = ModelParts(config=cfg, encoder=Encoder(cfg), head=None, pooler=Pooler("mean"),
+                           tokenizer=load_tokenizer(builtin_model_dir(), cfg), max_seq_length=128,
+                           source="tiny", format="random")
+        model = packformer.Model(parts, max_batch_tokens=2048)
+        if self.fail:
+            inner, fail, marker = model.embed_batch, self.fail, self.marker
+
+            def flaky(*args, **kwargs):
+                try:
+                    os.close(os.open(marker, os.O_CREAT | os.O_EXCL))    # true for exactly one call
+                except FileExistsError:
+                    return inner(*args, **kwargs)
+                if fail == "die":
+                    os._exit(1)
+                raise RuntimeError("injected failure")
+
+            model.embed_batch = flaky
+        return model
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return TinyModel()()
+
+
+def make_texts(n: int, seed: int = 7) -> list[str]:
+    """WORKLOADS.md's end-to-end text generator (lognormal lengths, median ~24 words)."""
+    g = np.random.default_rng(seed)
+    vocab = ("river model token batch packed padding engine layer vector query answer city market music "
+             "garden winter history science paper review quickly slowly under over between").split()
+    return [" ".join(g.choice(vocab, size=int(min(220, max(2, math.exp(g.normal(math.log(24), 0.9)))))))
+            for _ in range(n)]
+
+
+def write_jsonl(path, ids, texts):
+    with open(path, "w", encoding="utf-8") as f:
+        for i, t in zip(ids, texts):
+            f.write(json.dumps({"id": i, "text": t, "extra": len(t)}) + "\n")
+
+
+def read_output(out_dir, id_column="id"):
+    table = pq.read_table(out_dir)          # the folder as one dataset (manifest and _tmp are ignored)
+    emb = np.stack(table.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
+    return table.column(id_column).to_pylist(), emb, table
+
+
+def assert_matches(out_dir, ids, texts, model, id_column="id"):
+    got_ids, emb, table = read_output(out_dir, id_column)
+    assert len(got_ids) == len(ids)
+    assert sorted(got_ids) == sorted(ids) and len(set(got_ids)) == len(ids)
+    assert table.schema.field("embedding").type == pa.list_(pa.float32(), model.dim)
+    pos = {i: k for k, i in enumerate(ids)}
+    order = [pos[i] for i in got_ids]
+    ref = model.encode([texts[k] for k in order])
+    np.testing.assert_allclose(emb, ref, atol=1e-5, rtol=0)
+
+
+# ---- nothing lost, ids kept, same embeddings ------------------------------------------------------
+def test_jsonl_2000_rows_one_row_per_input_and_encode_equal(tmp_path, tiny):
+    texts = make_texts(N)
+    ids = [f"doc-{i}" for i in range(N)]
+    write_jsonl(tmp_path / "in.jsonl", ids, texts)
+    out, summary = embed_dataset(tmp_path / "in.jsonl", tmp_path / "out", TinyModel(), replicas=2,
+                                 rows_per_shard=300, progress=False)
+    assert out == str(tmp_path / "out")
+    assert (summary.total_rows, summary.rows, summary.shards, summary.skipped_shards) == (N, N, 7, 0)
+    assert summary.tokens == sum(len(s) for s in tiny.token_ids(texts))
+    assert summary.tokens_per_s > 0 and summary.wall_s > 0
+    assert_matches(out, ids, texts, tiny)
+
+
+def test_parquet_folder_int_ids_custom_columns(tmp_path, tiny):
+    texts = make_texts(N, seed=3)
+    ids = list(range(10_000, 10_000 + N))
+    (tmp_path / "in").mkdir()
+    for k, (a, b) in enumerate([(0, 1200), (1200, N)]):      # two files, several row groups each
+        pq.write_table(pa.table({"doc_id": ids[a:b], "body": texts[a:b]}), tmp_path / "in" / f"p{k}.parquet",
+                       row_group_size=350)
+    out, summary = embed_dataset(tmp_path / "in", tmp_path / "out", TinyModel(), text_column="body",
+                                 id_column="doc_id", replicas=2, rows_per_shard=500, progress=False)
+    assert (summary.rows, summary.shards) == (N, 3 + 2)
+    got_ids, _, table = read_output(out, "doc_id")
+    assert table.schema.field("doc_id").type == pa.int64()
+    assert_matches(out, ids, texts, tiny, id_column="doc_id")
+
+
+# ---- resume -------------------------------------------------------------------------------------
+def test_resume_computes_only_the_missing_shard(tmp_path, tiny):
+    texts = make_texts(N, seed=5)
+    ids = [f"r{i}" for i in range(N)]
+    write_jsonl(tmp_path / "in.jsonl", ids, texts)
+    kw = dict(replicas=1, rows_per_shard=600, progress=False)
+    out, first = embed_dataset(tmp_path / "in.jsonl", tmp_path / "out", TinyModel(), **kw)
+    parts = sorted(p for p in os.listdir(out) if p.startswith("part-"))
+    assert len(parts) == first.shards == 4
+    # an interrupted run: one shard's file missing, and a half-written temporary file left behind
+    os.remove(os.path.join(out, parts[1]))
+    os.makedirs(os.path.join(out, "_tmp"), exist_ok=True)
+    open(os.path.join(out, "_tmp", parts[1] + ".x"), "wb").write(b"PAR1 half")
+    untouched = os.stat(os.path.join(out, parts[0])).st_mtime_ns
+    _, again = embed_dataset(tmp_path / "in.jsonl", tmp_path / "out", TinyModel(), **kw)
+    assert (again.rows, again.shards, again.skipped_shards, again.skipped_rows) == (600, 1, 3, N - 600)
+    assert os.stat(os.path.join(out, parts[0])).st_mtime_ns == untouched
+    assert_matches(out, ids, texts, tiny)
+    # all done: nothing runs (Ray is not even needed)
+    _, none = embed_dataset(tmp_path / "in.jsonl", tmp_path / "out", TinyModel(), **kw)
+    assert (none.rows, none.shards, none.skipped_rows) == (0, 0, N)
+    # --overwrite recomputes everything
+    _, over = embed_dataset(tmp_path / "in.jsonl", tmp_path / "out", TinyModel(), overwrite=True, **kw)
+    assert (over.rows, over.skipped_shards) == (N, 0)
+    assert_matches(out, ids, texts, tiny)
+
+
+def test_resume_refuses_other_settings_or_foreign_files(tmp_path):
+    write_jsonl(tmp_path / "in.jsonl", ["a", "b", "c"], ["x", "y", "z"])
+    embed_dataset(tmp_path / "in.jsonl", tmp_path / "out", TinyModel(), rows_per_shard=2, progress=False)
+    with pytest.raises(ValueError, match=r"rows_per_shard: 2 then, 1 now.*--overwrite"):
+        embed_dataset(tmp_path / "in.jsonl", tmp_path / "out", TinyModel(), rows_per_shard=1, progress=False)
+    with pytest.raises(ValueError, match=r"text_column: 'text' then, 'extra' now"):
+        embed_dataset(tmp_path / "in.jsonl", tmp_path / "out", TinyModel(), rows_per_shard=2,
+                      text_column="extra", progress=False)
+    open(tmp_path / "out" / "part-stray-00000000-0000000000.parquet", "wb").close()
+    with pytest.raises(ValueError, match="part files of no shard of this input"):
+        embed_dataset(tmp_path / "in.jsonl", tmp_path / "out", TinyModel(), rows_per_shard=2, progress=False)
+
+
+# ---- faults -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fail", ["raise", "die"])
+def test_replica_that_fails_once_is_retried_and_nothing_is_lost(tmp_path, tiny, fail):
+    texts = make_texts(600, seed=11)
+    ids = [f"f{i}" for i in range(600)]
+    write_jsonl(tmp_path / "in.jsonl", ids, texts)
+    marker = str(tmp_path / "failed-once")
+    out, summary = embed_dataset(tmp_path / "in.jsonl", tmp_path / "out", TinyModel(fail, marker), replicas=2,
+                                 rows_per_shard=100, progress=False)
+    assert os.path.exists(marker)                        # the failure did happen ...
+    assert (summary.rows, summary.shards) == (600, 6)    # ... and every shard still completed
+    assert_matches(out, ids, texts, tiny)
+
+
+def test_bad_input_fails_at_once_with_the_row_named(tmp_path):
+    with open(tmp_path / "in.jsonl", "w") as f:
+        f.write(json.dumps({"id": 1, "text": "fine"}) + "\n" + json.dumps({"id": 2, "text": None}) + "\n")
+    with pytest.raises(InputError, match=r"row 1 \(id=2\)"):
+        embed_dataset(tmp_path / "in.jsonl", tmp_path / "out", TinyModel(), progress=False, max_retries=50)
+
+
+def test_argument_errors_are_clear(tmp_path):
+    write_jsonl(tmp_path / "in.jsonl", ["a"], ["x"])
+    with pytest.raises(ValueError, match="replicas must be at least 1"):
+        embed_dataset(tmp_path / "in.jsonl", tmp_path / "out", TinyModel(), replicas=0)
+    with pytest.raises(InputError, match="no column 'body'"):
+        embed_dataset(tmp_path / "in.jsonl", tmp_path / "out", TinyModel(), text_column="body")
+    with pytest.raises(FileNotFoundError):
+        embed_dataset(tmp_path / "missing.jsonl", tmp_path / "out", TinyModel())
+
+
+# ---- the CLI, with the real model -----------------------------------------------------------------
+def test_cli_embed_dataset_with_the_builtin_model(tmp_path, minilm, capsys):
+    from packformer.cli import main
+
+    texts = make_texts(120, seed=2)
+    ids = [f"c{i}" for i in range(120)]
+    write_jsonl(tmp_path / "in.jsonl", ids, texts)
+    rc = main(["embed-dataset", "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out"),
+               "--replicas", "2", "--rows-per-shard", "50", "--no-progress"])
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert "embedded 120 rows" in err and "tokens/s" in err
+    assert_matches(str(tmp_path / "out"), ids, texts, minilm)
