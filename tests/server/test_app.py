@@ -174,3 +174,13 @@ def test_configuration_errors_are_clear(minilm):
         ServerSettings(max_concurrent_requests=0)
     with pytest.raises(ValueError, match="api_key must not be empty"):
         ServerSettings(api_key="")
+
+
+def test_openapi_documents_every_route(minilm):
+    from fastapi.testclient import TestClient
+
+    app = create_app(minilm, ServerSettings(**SMALL))
+    paths = TestClient(app).get("/openapi.json").json()["paths"]
+    assert set(paths) == {"/embed", "/v1/embeddings", "/embeddings", "/predict", "/tokenize", "/health", "/info",
+                          "/metrics"}
+    assert "422" in paths["/embed"]["post"]["responses"] and "429" in paths["/v1/embeddings"]["post"]["responses"]
