@@ -142,3 +142,31 @@ def test_stop_without_drain_fails_queued_requests(minilm):
     w.stop(drain=False)
     with pytest.raises(WorkerDied, match="shutting down"):
         fut.result(0)
+
+
+def test_a_runner_that_prepares_shapes_is_warmed_before_ready(minilm):
+    calls = []
+
+    class ShapeRunner:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __call__(self, batch, meta):
+            return self.inner(batch, meta)
+
+        def warmup(self, shapes):
+            calls.append(list(shapes))
+
+    class WithRunner(Faulty):
+        runner = ShapeRunner(minilm.runner)
+
+        def embed_batch(self, batch, normalize=None):
+            assert calls, "embed ran before the runner was warmed"
+            return super().embed_batch(batch, normalize)
+
+    w = Worker(WithRunner(minilm), Scheduler(1024))
+    w.start()
+    assert w.wait_ready(120)
+    w.stop()
+    assert calls == [[(64, 1), (64, 8), (64, 32), (256, 1), (256, 8), (256, 32), (256, 128),
+                      (1024, 1), (1024, 8), (1024, 32), (1024, 128)]]

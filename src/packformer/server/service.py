@@ -158,6 +158,8 @@ class InferenceService:
             return None
         if self._health_probe is None or self._health_probe.done():
             self._health_probe = asyncio.ensure_future(self.embed([self.worker.probe_ids], None))
+            # a probe that fails after its waiters timed out must not log "exception never retrieved"
+            self._health_probe.add_done_callback(lambda t: t.cancelled() or t.exception())
         try:
             await asyncio.wait_for(asyncio.shield(self._health_probe), self.settings.health_timeout_s)
         except asyncio.TimeoutError:

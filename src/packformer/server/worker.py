@@ -40,6 +40,17 @@ def embed_key(normalize: bool | None) -> tuple:
 CLASSIFY_KEY = (CLASSIFY, None)
 
 
+def serving_shapes(max_batch_tokens: int) -> list[tuple[int, int]]:
+    """(tokens, sequences) shapes typical of served batches, from one short request up to the budget:
+    what a runner that specializes on shapes (CUDA graphs) should prepare before the server is ready."""
+    shapes = []
+    t = 64
+    while t <= max_batch_tokens:
+        shapes += [(t, b) for b in (1, 8, 32, 128) if 2 * b <= t]
+        t *= 4
+    return shapes
+
+
 class Worker:
     def __init__(self, model: "Model", scheduler: Scheduler, metrics: "Metrics | None" = None,
                  warmup_tokens: int | None = None):
@@ -123,6 +134,9 @@ class Worker:
 
     def _warm_up(self) -> None:
         m = self.model
+        runner_warmup = getattr(m.runner, "warmup", None)     # e.g. CUDA graphs per token bucket
+        if callable(runner_warmup):
+            runner_warmup(serving_shapes(self.scheduler.max_batch_tokens))
         n = m.max_seq_length
         long_seq = self.probe_ids[:1] + [self.probe_ids[-1]] * (n - 1)
         batches = [[self.probe_ids], [long_seq] * max(1, self.warmup_tokens // n)]
