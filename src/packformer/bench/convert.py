@@ -96,6 +96,8 @@ def to_hf(encoder: Encoder, head: ClassificationHead | None = None, attn_impleme
 
 _BT_LAYER = "transformer.layers.{i}."
 BT_RULES = [
+    *(Rule.of(f"embeddings.{n}", f"embeddings.{n}") for n in ("word.weight", "position.weight", "token_type.weight",
+                                                               "norm.weight", "norm.bias")),
     Rule.of("layers.{i}.qkv.weight", _BT_LAYER + "self_attn.in_proj_weight"),
     Rule.of("layers.{i}.qkv.bias", _BT_LAYER + "self_attn.in_proj_bias"),
     Rule.of("layers.{i}.out.weight", _BT_LAYER + "self_attn.out_proj.weight"),
@@ -115,18 +117,22 @@ BT_RULES = [
 
 def bt_keymap() -> KeyMap:
     """packformer encoder-layer names <-> nn.TransformerEncoder names (in_proj_weight = our fused qkv)."""
-    return KeyMap(BT_RULES, ignore=["embeddings.*", "head.*"], optional=["final_norm.weight", "final_norm.bias"])
+    return KeyMap(BT_RULES, ignore=["head.*"], optional=["final_norm.weight", "final_norm.bias",
+                                                         "embeddings.token_type.weight", "embeddings.norm.weight",
+                                                         "embeddings.norm.bias"])
 
 
 class PaddedEmbeddings(nn.Module):
     """Our embeddings on right-padded ids [B, L]; positions restart at `position_offset` for each
     sequence, as fairseq/torchtext (`make_positions`) and BERT number them."""
 
-    def __init__(self, cfg: EncoderConfig, word: nn.Embedding, position: nn.Embedding,
-                 token_type: nn.Embedding | None, norm: nn.LayerNorm | None):
+    def __init__(self, cfg: EncoderConfig):
         super().__init__()
         self.pad_id, self.offset = cfg.pad_token_id, cfg.position_offset
-        self.word, self.position, self.token_type, self.norm = word, position, token_type, norm
+        self.word = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.position = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.token_type = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size) if cfg.type_vocab_size > 0 else None
+        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps) if cfg.embedding_layer_norm else None
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         mask = ids.ne(self.pad_id).long()                                          # [B, L]
@@ -184,13 +190,12 @@ def to_better_transformer(encoder: Encoder, head: ClassificationHead | None = No
     with warnings.catch_warnings():   # torch warns when norm_first disables nested tensors: expected
         warnings.simplefilter("ignore")
         transformer = nn.TransformerEncoder(layer, cfg.num_layers, norm=final, enable_nested_tensor=True)
-    emb = copy.deepcopy(encoder.embeddings)
-    embeddings = PaddedEmbeddings(cfg, emb.word, emb.position, emb.token_type, emb.norm)
-    model = BetterTransformerModel(cfg, embeddings, transformer, copy.deepcopy(head) if head is not None else None)
+    model = BetterTransformerModel(cfg, PaddedEmbeddings(cfg), transformer,
+                                   copy.deepcopy(head) if head is not None else None)
     ours = {k: v.detach().float().cpu().clone() for k, v in encoder.state_dict().items()}
     state = bt_keymap().invert(ours, cfg.num_layers)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k.startswith("transformer.")]
+    missing = [k for k in missing if not k.startswith("head.")]
     if missing or unexpected:
         raise CheckpointError(f"cannot build the Better Transformer peer: missing {missing}, unused {unexpected}")
     return model.float().eval()

@@ -24,11 +24,13 @@ def machine_info(device: torch.device | str = "cpu") -> dict:
     info: dict[str, Any] = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                             "python": platform.python_version(), "torch": torch.__version__,
                             "platform": platform.platform()}
-    for mod in ("transformers", "sentence_transformers", "onnxruntime"):
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in ("transformers", "sentence-transformers", "onnxruntime"):   # versions without importing them
         try:
-            info[mod] = __import__(mod).__version__
-        except Exception:
-            info[mod] = None
+            info[dist.replace("-", "_")] = version(dist)
+        except PackageNotFoundError:
+            info[dist.replace("-", "_")] = None
     if torch.device(device).type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda

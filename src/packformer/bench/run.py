@@ -202,10 +202,10 @@ def _ratios(entry: dict) -> None:
         if p.get("status") != "ok":
             continue
         ms = p["timing"]["median_ms"]
-        p["speedup_of_packformer"] = round(ms / pf_ms, 4) if pf_ms else None
+        p["speedup_of_packformer"] = _sig(ms / pf_ms) if pf_ms else None
         for kind in ("real", "padded"):
             if kind in fl:
-                p[f"x_floor_{kind}"] = round(ms / fl[kind]["timing"]["median_ms"], 4)
+                p[f"x_floor_{kind}"] = _sig(ms / fl[kind]["timing"]["median_ms"])
 
 
 def _model_info(parts: ModelParts) -> dict:
@@ -221,3 +221,8 @@ def _free(dev: torch.device) -> None:
     gc.collect()
     if dev.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def _sig(x: float) -> float:
+    """6 significant digits: ratios span 0.001 to 1000, so a fixed number of decimals would lose them."""
+    return float(f"{x:.6g}")

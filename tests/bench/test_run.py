@@ -1,0 +1,154 @@
+"""run_bench: every peer on the same batches, timings turned into the reported ratios, outputs checked
+against the fp32 reference. Speed itself is never asserted."""
+import pytest
+import torch
+
+from packformer.bench import peers as P
+from packformer.bench.run import run_bench
+from packformer.bench.workloads import generate_texts
+from packformer.config import EncoderConfig
+from packformer.heads import Pooler
+from packformer.loaders.hf import load_tokenizer
+from packformer.loaders.parts import ModelParts
+from packformer.loading import builtin_model_dir
+from packformer.model import Encoder
+
+TINY = EncoderConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64)
+EXACT_PEERS = ["hf_eager_fp32", "hf_sdpa", "bt_nested", "bt_dense", "bt_slowpath", "onnxruntime", "packformer_ref"]
+
+
+def tiny_parts() -> ModelParts:
+    torch.manual_seed(0)
+    enc = Encoder(TINY)
+    with torch.no_grad():
+        for p in enc.parameters():
+            p.normal_(0, 0.2 if p.dim() == 1 else 0.05)
+    return ModelParts(config=TINY, encoder=enc, head=None, pooler=Pooler("mean"),
+                      tokenizer=load_tokenizer(builtin_model_dir(), TINY), max_seq_length=512, source="random:tiny",
+                      format="random")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core machine: one thread avoids OpenMP barrier stalls (speed is not tested)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def result():
+    return run_bench(tiny_parts(), workloads="tutorial_small,serve_b32", texts=generate_texts(12),
+                     peers=EXACT_PEERS + ["hf_int8_dynamic", "sentence_transformers"], iterations=2, warmup=1,
+                     log=None)
+
+
+def test_the_result_describes_the_run(result):
+    assert result["schema"] == "packformer.bench/1"
+    assert result["device"] == "cpu" and result["dtype"] == "float32" and result["iterations"] == 2
+    assert result["machine"]["torch"] == torch.__version__ and result["machine"]["cpu_count"]
+    assert result["model"]["source"] == "random:tiny" and result["model"]["weights"] == "random"
+    assert [w["name"] for w in result["workloads"]] == ["tutorial_small", "serve_b32", "texts"]
+    assert result["peers_requested"][0] == "packformer"
+
+
+def test_workloads_carry_their_token_counts(result):
+    small, serve, texts = result["workloads"]
+    assert (small["real_tokens"], small["padded_tokens"], small["lengths"]) == (10, 12, [4, 6])
+    assert serve["num_seqs"] == 32 and serve["real_tokens"] == 2209 and serve["padded_tokens"] == 32 * 191
+    assert texts["kind"] == "texts" and texts["num_seqs"] == 12
+
+
+def test_every_peer_ran_and_agrees_with_the_reference(result):
+    for w in result["workloads"]:
+        for name in ["packformer"] + EXACT_PEERS:
+            p = w["peers"][name]
+            assert p["status"] == "ok", (w["name"], name, p)
+            assert p["agreement"]["agrees"], (w["name"], name, p["agreement"])
+            assert p["agreement"]["rows"] == ("sequence" if w["kind"] == "texts" else "token")
+        # lossy by design: it runs, and its error is measured, not hidden
+        q = w["peers"]["hf_int8_dynamic"]
+        assert q["status"] == "ok" and q["agreement"]["max_abs_diff"] > 0
+
+
+def test_sentence_transformers_runs_end_to_end_on_texts_only(result):
+    small, _, texts = result["workloads"]
+    assert small["peers"]["sentence_transformers"]["status"] == "skipped"
+    assert "texts" in small["peers"]["sentence_transformers"]["reason"]
+    st = texts["peers"]["sentence_transformers"]
+    assert st["status"] == "ok" and st["agreement"]["agrees"] and st["agreement"]["min_cosine"] > 0.9999
+
+
+def test_ratios_are_computed_from_the_medians(result):
+    for w in result["workloads"]:
+        pf = w["peers"]["packformer"]["timing"]["median_ms"]
+        fl = w["floor"]
+        assert fl["real"]["tokens"] == w["real_tokens"]
+        for name, p in w["peers"].items():
+            if p["status"] != "ok":
+                continue
+            t = p["timing"]
+            assert len(t["times_ms"]) == t["runs"] == 2 and t["median_ms"] == pytest.approx(sum(t["times_ms"]) / 2, rel=1e-3)
+            assert p["speedup_of_packformer"] == pytest.approx(t["median_ms"] / pf, rel=1e-3)
+            assert p["x_floor_real"] == pytest.approx(t["median_ms"] / fl["real"]["timing"]["median_ms"], rel=1e-3)
+            assert p["x_floor_padded"] == pytest.approx(t["median_ms"] / fl["padded"]["timing"]["median_ms"], rel=1e-3)
+            assert p["tokens_per_s"] == pytest.approx(w["real_tokens"] / (t["median_ms"] / 1e3), rel=1e-3)
+            assert t["peak_mem_mb"] is None                 # GPU only
+
+
+def test_floor_counts_padding_for_padded_peers(result):
+    small, serve, texts = result["workloads"]
+    assert serve["floor"]["padded"]["tokens"] == 32 * 191 and serve["floor"]["real"]["tokens"] == 2209
+    assert texts["floor"]["padded"]["tokens"] == texts["padded_tokens"]
+
+
+def test_a_missing_package_skips_the_peer_with_an_install_line(monkeypatch):
+    spec = P.PEERS["onnxruntime"]
+    monkeypatch.setitem(P.PEERS, "onnxruntime", P.PeerSpec("onnxruntime", spec.build, ("no_such_module_xyz",),
+                                                           "pip install onnxruntime", spec.devices))
+    r = run_bench(tiny_parts(), workloads="tutorial_small", peers="ort", iterations=1, warmup=0, floor=False, log=None)
+    p = r["workloads"][0]["peers"]["onnxruntime"]
+    assert p["status"] == "skipped" and "pip install onnxruntime" in p["reason"]
+    assert r["workloads"][0]["peers"]["packformer"]["status"] == "ok"
+
+
+def test_a_broken_peer_is_reported_and_the_others_still_run(monkeypatch):
+    def boom(ctx):
+        raise RuntimeError("exploded while building")
+    monkeypatch.setitem(P.PEERS, "bt_dense", P.PeerSpec("bt_dense", boom))
+    r = run_bench(tiny_parts(), workloads="tutorial_small", peers="bt_dense,bt_nested", iterations=1, warmup=0,
+                  floor=False, log=None)
+    peers = r["workloads"][0]["peers"]
+    assert peers["bt_dense"] == {"status": "failed", "error": "RuntimeError: exploded while building"}
+    assert peers["bt_nested"]["status"] == "ok"
+
+
+def test_peers_that_do_not_fit_the_device_say_so():
+    assert "cpu only" in P.unavailable("hf_int8_dynamic", torch.device("cuda"))
+    assert "cpu only" in P.unavailable("onnxruntime", torch.device("cuda"))
+    assert P.unavailable("bt_nested", torch.device("cuda")) is None
+
+
+def test_peer_names_resolve_with_aliases_and_packformer_first():
+    assert P.resolve_peers("hf_eager,bt,hf_eager_fp32", torch.device("cpu")) == ["packformer", "hf_eager_fp32",
+                                                                                  "bt_nested"]
+    assert P.resolve_peers(None, torch.device("cuda"))[:2] == ["packformer", "hf_eager_fp32"]
+    with pytest.raises(ValueError, match="unknown peer 'nope'"):
+        P.resolve_peers("nope", torch.device("cpu"))
+
+
+@pytest.mark.slow
+def test_compiled_transformers_peer_agrees():
+    r = run_bench(tiny_parts(), workloads="tutorial_small", peers="hf_sdpa_compiled", iterations=1, warmup=1,
+                  floor=False, log=None)
+    p = r["workloads"][0]["peers"]["hf_sdpa_compiled"]
+    assert p["status"] == "ok" and p["agreement"]["agrees"]
+
+
+def test_sentence_transformers_folder_runs_as_itself_and_agrees():
+    # the built-in all-MiniLM-L6-v2 is a sentence-transformers folder: SentenceTransformer(folder) is the peer
+    r = run_bench(None, workloads=[], texts=["Hello world", "How are you!", "a longer text about rivers " * 9],
+                  peers="st", iterations=1, warmup=0, floor=False, log=None)
+    p = r["workloads"][0]["peers"]["sentence_transformers"]
+    assert p["status"] == "ok" and p["notes"].startswith("SentenceTransformer(/") and p["agreement"]["agrees"]
