@@ -22,7 +22,7 @@ from .tokenize import check_texts
 class Model(nn.Module):
     def __init__(self, parts: ModelParts, device: str | torch.device | None = "cpu",
                  dtype: str | torch.dtype | None = None, max_batch_tokens: int | None = None,
-                 fast: bool | None = None):
+                 fast: bool | None = None, quantize: str | None = None, threads: int | None = None):
         super().__init__()
         self.device_ = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device_)
@@ -38,6 +38,11 @@ class Model(nn.Module):
         # The function that runs the encoder on a packed batch already on the device. Fast paths
         # (packformer.fast.cuda / packformer.fast.cpu) replace it; the reference `self.encoder` stays.
         self.fast = fast is not False
+        # CPU fast-path options (packformer.fast.cpu reads them): int8 Linear layers, intra-op threads
+        self.quantize, self.threads = quantize, threads
+        if quantize is not None and (fast is False or self.device_.type != "cpu"):
+            raise ValueError(f"quantize={quantize!r} is an option of the CPU fast path; it needs device='cpu' "
+                             "and fast left on")
         from .fast import select_runner
         self.runner = select_runner(self, fast)
         if self.max_batch_tokens < self.max_seq_length:

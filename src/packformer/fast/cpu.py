@@ -1,6 +1,174 @@
-"""CPU fast path (issue 6). Until it lands, the reference encoder runs."""
+"""CPU fast path (issue 6): the encoder of model.py, rebuilt for a few CPU cores.
+
+What it changes, each measured in benchmarks/NOTES-cpu.md:
+- GEMMs with their elementwise work fused (cpu_linear: oneDNN post-ops on packed weights), so bias,
+  GELU and the residual adds cost no extra pass over memory; LayerNorm stays one native pass.
+- Attention reads Q, K, V as strided views of the fused QKV output, one SDPA call per group of
+  equal-length sequences (ops.attention), never padding. Batches whose equal lengths are not already
+  adjacent are reordered once at entry (token ids) and put back once at exit (hidden states).
+- Threads: torch's intra-op pool capped at the physical cores unless set (cpu_threads).
+- dtype="bfloat16": weights and activations in bf16 (LayerNorm and softmax accumulate in fp32).
+- quantize="int8": the Linear layers in int8 (quant.py); everything else stays fp32.
+
+The runner is a plain callable `(PackedBatch, AttentionMeta) -> [T, H]`; the reference encoder that it
+was built from stays untouched (and is what `fast=False` runs).
+"""
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, replace
 
-def build_runner(model):
-    return model.encoder
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..batch import PackedBatch, cu_seqlens_from_lengths
+from ..config import EncoderConfig
+from ..model import Encoder
+from ..ops.attention import AttentionMeta, _cpu_grouped_sdpa, group_by_length
+from .cpu_features import detect
+from .cpu_linear import CpuLinear, make_linear
+from .cpu_threads import ENV_THREADS, apply_threads, resolve_threads
+from .quant import DynamicInt8Linear, check_quantize
+
+
+@dataclass
+class CpuPathOptions:
+    dtype: torch.dtype = torch.float32
+    quantize: str | None = None       # None or "int8"
+    threads: int | None = None        # None: $PACKFORMER_THREADS, else min(torch's setting, physical cores)
+    linear: str = "auto"              # "auto" | "onednn" | "aten" (fp32/bf16 GEMM backend; for A/B runs)
+
+
+class _Layer:
+    """One encoder layer on packed rows [T, H]."""
+
+    def __init__(self, layer, cfg: EncoderConfig, lin):
+        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        self.scale = 1.0 / math.sqrt(cfg.head_dim)
+        self.act, self.norm_first, self.hidden = cfg.activation, cfg.norm_first, cfg.hidden_size
+        self.qkv: CpuLinear = lin(layer.qkv)
+        self.out: CpuLinear = lin(layer.out)
+        self.ffn1: CpuLinear = lin(layer.ffn1)
+        self.ffn2: CpuLinear = lin(layer.ffn2)
+        self.norm1 = (layer.norm1.weight.detach(), layer.norm1.bias.detach(), layer.norm1.eps)
+        self.norm2 = (layer.norm2.weight.detach(), layer.norm2.bias.detach(), layer.norm2.eps)
+
+    def _norm(self, x: torch.Tensor, p) -> torch.Tensor:
+        w, b, eps = p
+        return F.layer_norm(x, (self.hidden,), w, b, eps)
+
+    def _attention(self, x: torch.Tensor, meta: AttentionMeta) -> torch.Tensor:
+        t = x.shape[0]
+        q, k, v = self.qkv(x).view(t, 3, self.num_heads, self.head_dim).unbind(1)  # 3 x [T, nh, hd] views
+        return _cpu_grouped_sdpa(q, k, v, meta, self.scale).reshape(t, -1)           # [T, H]
+
+    def __call__(self, x: torch.Tensor, meta: AttentionMeta) -> torch.Tensor:
+        if self.norm_first:
+            x = self.out(self._attention(self._norm(x, self.norm1), meta), residual=x)
+            return self.ffn2(self.ffn1(self._norm(x, self.norm2), act=self.act), residual=x)
+        x = self._norm(self.out(self._attention(x, meta), residual=x), self.norm1)   # [T, H]
+        return self._norm(self.ffn2(self.ffn1(x, act=self.act), residual=x), self.norm2)
+
+
+def _length_sorted(batch: PackedBatch, meta: AttentionMeta
+                   ) -> tuple[PackedBatch, AttentionMeta, torch.Tensor | None]:
+    """The batch with sequences reordered longest first when its equal lengths are not adjacent, plus
+    the token permutation [T] (None when the batch is used as is)."""
+    groups = meta.groups if meta.groups is not None else group_by_length(meta.seqlens)
+    if all(starts[-1] - starts[0] == (len(starts) - 1) * n for n, starts in groups):
+        return batch, meta, None
+    lens = np.asarray(meta.seqlens, dtype=np.int64)
+    order = np.argsort(-lens, kind="stable")                                  # [B]
+    starts = np.cumsum(lens) - lens
+    new_lens = lens[order]
+    # token k of the sorted batch comes from token perm[k] of the original
+    perm = np.repeat(starts[order] - (np.cumsum(new_lens) - new_lens), new_lens) + np.arange(int(lens.sum()))
+    perm_t = torch.from_numpy(perm)
+    tt = batch.token_type_ids
+    sorted_batch = replace(batch, input_ids=batch.input_ids[perm_t], positions=batch.positions[perm_t],
+                           cu_seqlens=cu_seqlens_from_lengths(new_lens),
+                           token_type_ids=None if tt is None else tt[perm_t], order=None)
+    sorted_meta = AttentionMeta.build(sorted_batch.cu_seqlens, meta.max_seqlen, new_lens.tolist())
+    return sorted_batch, sorted_meta, perm_t
+
+
+class CpuRunner:
+    """`runner(batch, meta) -> [T, H]` in the model's dtype, rows in the batch's own token order."""
+
+    def __init__(self, encoder: Encoder, options: CpuPathOptions):
+        cfg = encoder.config
+        self.config, self.options = cfg, options
+        self.dtype = options.dtype if options.quantize is None else torch.float32
+        if options.quantize == "int8":
+            def lin(m):
+                return DynamicInt8Linear(m)
+        else:
+            def lin(m):
+                return make_linear(m, self.dtype, options.linear)
+        self.linear_backend = type(lin(encoder.layers[0].out)).__name__ if cfg.num_layers else "none"
+        emb = encoder.embeddings
+        self.word = emb.word.weight.detach().to(self.dtype)
+        self.position = emb.position.weight.detach().to(self.dtype)
+        self.token_type = None if emb.token_type is None else emb.token_type.weight.detach().to(self.dtype)
+        self.emb_norm = None if emb.norm is None else (emb.norm.weight.detach().to(self.dtype),
+                                                       emb.norm.bias.detach().to(self.dtype), emb.norm.eps)
+        self.layers = [_Layer(l, cfg, lin) for l in encoder.layers]
+        fn = encoder.final_norm
+        self.final_norm = None if fn is None else (fn.weight.detach().to(self.dtype),
+                                                   fn.bias.detach().to(self.dtype), fn.eps)
+
+    def _embed(self, batch: PackedBatch) -> torch.Tensor:
+        x = F.embedding(batch.input_ids, self.word)                                  # [T, H]
+        x.add_(F.embedding(batch.positions, self.position))
+        if self.token_type is not None:
+            if batch.token_type_ids is not None:
+                x.add_(F.embedding(batch.token_type_ids, self.token_type))
+            else:
+                x.add_(self.token_type[0])
+        if self.emb_norm is not None:
+            w, b, eps = self.emb_norm
+            x = F.layer_norm(x, (x.shape[1],), w, b, eps)
+        return x
+
+    @torch.inference_mode()
+    def __call__(self, batch: PackedBatch, meta: AttentionMeta) -> torch.Tensor:
+        if batch.num_tokens == 0:
+            return torch.empty(0, self.config.hidden_size, dtype=self.dtype)
+        batch, meta, perm = _length_sorted(batch, meta)
+        x = self._embed(batch)                                                       # [T, H]
+        for layer in self.layers:
+            x = layer(x, meta)
+        if self.final_norm is not None:
+            w, b, eps = self.final_norm
+            x = F.layer_norm(x, (x.shape[1],), w, b, eps)
+        if perm is None:
+            return x
+        return torch.empty_like(x).index_copy_(0, perm, x)                           # back to batch order
+
+    def describe(self) -> dict:
+        f = detect()
+        return {"path": "cpu", "dtype": str(self.dtype).replace("torch.", ""), "quantize": self.options.quantize,
+                "linear": self.linear_backend, "threads": torch.get_num_threads(),
+                "bf16_native": f.bf16_native, "amx": f.amx_bf16, "int8_native": f.int8_native}
+
+
+def build_runner(model, threads: int | None = None, quantize: str | None = None, linear: str = "auto"):
+    """The CPU runner for `model` (an engine.Model on CPU). Options not passed here are read from the
+    model (`model.threads`, `model.quantize`, set by `packformer.load`)."""
+    threads = threads if threads is not None else getattr(model, "threads", None)
+    quantize = check_quantize(quantize if quantize is not None else getattr(model, "quantize", None))
+    if quantize is not None and model.dtype != torch.float32:
+        raise ValueError(f"quantize={quantize!r} quantizes the fp32 weights; load with dtype=None/'float32', "
+                         f"not {str(model.dtype).replace('torch.', '')}")
+    _set_threads(threads)
+    return CpuRunner(model.encoder, CpuPathOptions(dtype=model.dtype, quantize=quantize, threads=threads,
+                                                   linear=linear))
+
+
+def _set_threads(threads: int | None) -> None:
+    import os
+    if threads is not None or os.environ.get(ENV_THREADS, "").strip():
+        apply_threads(threads)
+    elif torch.get_num_threads() > resolve_threads(None):
+        apply_threads(None)          # more threads than physical cores only adds contention

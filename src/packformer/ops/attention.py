@@ -37,15 +37,7 @@ class AttentionMeta:
     def build(cls, cu_seqlens: torch.Tensor, max_seqlen: int, seqlens: list[int] | None = None) -> "AttentionMeta":
         if seqlens is None:
             seqlens = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-        groups = None
-        if cu_seqlens.device.type == "cpu":
-            by_len: dict[int, list[int]] = {}
-            start = 0
-            for n in seqlens:
-                if n:
-                    by_len.setdefault(n, []).append(start)
-                start += n
-            groups = sorted(by_len.items())
+        groups = group_by_length(seqlens) if cu_seqlens.device.type == "cpu" else None
         return cls(cu_seqlens=cu_seqlens, max_seqlen=int(max_seqlen), seqlens=list(seqlens), groups=groups)
 
 
@@ -64,22 +56,47 @@ def varlen_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out
 
 
+def group_by_length(seqlens: list[int]) -> list[tuple[int, list[int]]]:
+    """[B] lengths -> [(length, [token start of each sequence of that length, ascending])], by length.
+    Empty sequences are left out: they have no rows to attend from."""
+    by_len: dict[int, list[int]] = {}
+    start = 0
+    for n in seqlens:
+        if n:
+            by_len.setdefault(n, []).append(start)
+        start += n
+    return sorted(by_len.items())
+
+
 def _cpu_grouped_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMeta,
                       scale: float) -> torch.Tensor:
-    # Sequences of the same length are stacked into one [G, H, L, D] call: exact (no mask, no padding)
-    # and far fewer calls than one per sequence on lognormal length mixes.
+    # Sequences of the same length are stacked into one [G, H, L, D] SDPA call: exact (no mask, no
+    # padding) and far fewer calls than one per sequence on lognormal length mixes (offline_b128: 84
+    # calls per layer for 128 sequences). Padded length buckets with a key mask were measured no faster
+    # (benchmarks/NOTES-cpu.md): on CPU the kernel time, not the call count, dominates.
+    # A group whose sequences lie next to each other (the engine packs chunks sorted by length; the fast
+    # path sorts its batches) is read through strided views of q, k, v (which may be views into one
+    # fused QKV output) with no gather; otherwise its rows are gathered first.
+    t, h, d = q.shape
+    groups = meta.groups if meta.groups is not None else group_by_length(meta.seqlens)
+    if len(groups) == 1 and len(groups[0][1]) * groups[0][0] == t:
+        # one length fills the batch (e.g. padded-style input): SDPA's output is [G, L, H, D] in memory
+        length, starts = groups[0]
+        qs, ks, vs = (x.view(len(starts), length, h, d).transpose(1, 2) for x in (q, k, v))
+        return F.scaled_dot_product_attention(qs, ks, vs, scale=scale).transpose(1, 2).reshape(t, h, d)
     out = torch.empty_like(q)
-    for length, starts in meta.groups or []:
-        if len(starts) == 1:
-            s = starts[0]
-            qs, ks, vs = (t[s:s + length].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
-            out[s:s + length] = F.scaled_dot_product_attention(qs, ks, vs, scale=scale)[0].transpose(0, 1)
+    for length, starts in groups:
+        g, s = len(starts), starts[0]
+        if starts[-1] - s == (g - 1) * length:      # ascending starts, so this means back to back
+            e = s + g * length
+            qs, ks, vs = (x[s:e].view(g, length, h, d).transpose(1, 2) for x in (q, k, v))  # [G, H, L, D]
+            o = F.scaled_dot_product_attention(qs, ks, vs, scale=scale)
+            out[s:e].view(g, length, h, d).copy_(o.transpose(1, 2))
             continue
         idx = (torch.tensor(starts)[:, None] + torch.arange(length)[None, :]).flatten()  # [G*L]
-        g = len(starts)
-        qs, ks, vs = (t.index_select(0, idx).view(g, length, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
+        qs, ks, vs = (x.index_select(0, idx).view(g, length, h, d).transpose(1, 2) for x in (q, k, v))
         o = F.scaled_dot_product_attention(qs, ks, vs, scale=scale)                       # [G, H, L, D]
-        out.index_copy_(0, idx, o.transpose(1, 2).reshape(g * length, *q.shape[1:]))
+        out.index_copy_(0, idx, o.transpose(1, 2).reshape(g * length, h, d))
     return out
 
 
