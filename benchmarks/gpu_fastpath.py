@@ -139,8 +139,10 @@ def section_env(args):
 
 
 def _bench_ms(fn, iters=30):
-    t, _ = measure(fn, DEV, iterations=iters, warmup=3, max_seconds=1.5)
-    return round(t.median_ms * 1e3, 1)   # microseconds
+    """GPU time of one call in microseconds (median of event-timed runs, L2 flushed between runs), so that
+    kernels are compared without the Python launch overhead (graphs remove it for small batches)."""
+    import triton.testing
+    return round(triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median") * 1e3, 1)
 
 
 def section_ops(args):
@@ -174,30 +176,36 @@ def section_ops(args):
         row["triton_GBps"] = round(3 * t * h * 2 / (row["triton"] / 1e6) / 1e9, 1)
         r["layernorm_us"].append(row)
         log("LN", row)
-    configs = {"S64x128x64w4s4": TileConfig(64, 128, 64, 8, 4, 4), "L128x256x64w8s3": TileConfig(128, 256, 64, 8, 8, 3),
-               "M128x128x64w8s3": TileConfig(128, 128, 64, 8, 8, 3), "M128x128x64w4s4": TileConfig(128, 128, 64, 8, 4, 4),
-               "M128x256x64w8s4": TileConfig(128, 256, 64, 8, 8, 4), "M64x256x64w8s3": TileConfig(64, 256, 64, 8, 8, 3),
-               "M128x128x32w4s5": TileConfig(128, 128, 32, 8, 4, 5)}
-    for t in (2209, 35201):
+    from packformer.ops.linear_act import linear_act_tma
+    configs = {"128x256x64w8s3": TileConfig(128, 256, 64, 8, 8, 3), "128x128x64w8s4": TileConfig(128, 128, 64, 8, 8, 4),
+               "128x128x64w4s4": TileConfig(128, 128, 64, 8, 4, 4), "64x128x64w4s4": TileConfig(64, 128, 64, 8, 4, 4)}
+    for t in (64, 2209, 35201):
         for n, k in ((1536, 384), (3072, 768), (4096, 1024)):
             x, wt, bias = rnd(t, k), rnd(n, k) / k ** 0.5, rnd(n)
+            h = torch.empty(t, n, device=DEV, dtype=torch.float16)
             row = {"M": t, "N": n, "K": k,
                    "cublas_linear_bias": _bench_ms(lambda: F.linear(x, wt, bias)),
-                   "cublas_nobias+bias_act": _bench_ms(lambda: bias_act(F.linear(x, wt), bias, "gelu")),
-                   "cublas_bias+F.gelu": _bench_ms(lambda: F.gelu(F.linear(x, wt, bias))),
+                   "cublas_nobias+bias_act_inplace": _bench_ms(lambda: bias_act(torch.mm(x, wt.t(), out=h), bias, "gelu", out=h)),
                    "cublaslt_gelu_tanh_epilogue": _bench_ms(lambda: torch._addmm_activation(bias, x, wt.t(), use_gelu=True)),
-                   "triton_default": _bench_ms(lambda: linear_act(x, wt, bias, "gelu"))}
+                   "triton_pointer_default": _bench_ms(lambda: linear_act(x, wt, bias, "gelu"))}
+            ref = F.gelu(F.linear(x.float(), wt.float(), bias.float()))
+            for name, cfg in configs.items():
+                for pers in (True, False):
+                    key = f"triton_tma_{'pers_' if pers else ''}{name}"
+                    try:
+                        y = linear_act_tma(x, wt, bias, "gelu", config=cfg, persistent=pers)
+                        err = (y.float() - ref).abs().max().item()
+                        row[key] = _bench_ms(lambda: linear_act_tma(x, wt, bias, "gelu", config=cfg, persistent=pers))
+                        if err > 0.05:
+                            row[key] = f"WRONG max err {err:.3g}"
+                    except Exception as e:  # noqa: BLE001
+                        row[key] = repr(e)[:160]
             if compiled_gelu is not None:
                 try:
                     compiled_gelu(F.linear(x, wt), bias)
                     row["cublas+compiled_gelu"] = _bench_ms(lambda: compiled_gelu(F.linear(x, wt), bias))
                 except Exception as e:  # noqa: BLE001
                     row["cublas+compiled_gelu"] = repr(e)[:200]
-            for name, cfg in configs.items():
-                try:
-                    row[f"triton_{name}"] = _bench_ms(lambda: linear_act(x, wt, bias, "gelu", config=cfg))
-                except Exception as e:  # noqa: BLE001
-                    row[f"triton_{name}"] = repr(e)[:120]
             row["cublas_TFLOPs"] = round(2 * t * n * k / (row["cublas_linear_bias"] / 1e6) / 1e12, 1)
             r["ffn1_us"].append(row)
             log("FFN1", row)
@@ -220,6 +228,55 @@ def section_ops(args):
     return r
 
 
+def section_attention(args):
+    """Varlen attention backends on the standard batches' lengths: flash (varlen_attn), the CUTLASS
+    memory-efficient kernel and cuDNN, all on packed [T, H, D]; GPU time and max deviation from flash."""
+    import torch.nn.attention as tna
+    from packformer.ops.attention import varlen_attention
+    r = {"flash_impls": None, "rows": []}
+    try:
+        r["flash_impls"] = [str(tna.list_flash_attention_impls()), str(tna.current_flash_attention_impl())]
+    except Exception as e:  # noqa: BLE001
+        r["flash_impls"] = repr(e)
+    for name in ("serve_b32", "offline_b256"):
+        for heads, hd in ((12, 64), (16, 64), (12, 32)):
+            lens = lengths(name)
+            t = sum(lens)
+            qkv = torch.randn(t, 3, heads, hd, device=DEV, dtype=torch.float16)
+            q, k, v = qkv.unbind(1)
+            cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device=DEV)
+            meta = AttentionMeta.build(cu, max(lens), lens)
+            flops = 4 * sum(l * l for l in lens) * heads * hd
+            base = varlen_attention(q, k, v, meta)
+            row = {"batch": name, "heads": heads, "head_dim": hd}
+            cands = {
+                "flash_varlen": lambda: varlen_attention(q, k, v, meta),
+                "flash_varlen_max512": lambda: torch.nn.attention.varlen.varlen_attn(q, k, v, cu, cu, 512, 512),
+                "efficient_varlen": lambda: torch.ops.aten._efficient_attention_forward(
+                    q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), None, cu, cu, max(lens), max(lens), 0.0, 0, False)[0][0],
+                "cudnn_ragged": lambda: torch.ops.aten._cudnn_attention_forward(
+                    q, k, v, None, cu, cu, max(lens), max(lens), False, 0.0, False, False)[0],
+                "cudnn_ragged_contig": lambda: torch.ops.aten._cudnn_attention_forward(
+                    q.contiguous(), k.contiguous(), v.contiguous(), None, cu, cu, max(lens), max(lens), False, 0.0,
+                    False, False)[0],
+            }
+            for cname, fn in cands.items():
+                try:
+                    t0 = time.perf_counter()
+                    o = fn()
+                    torch.cuda.synchronize()
+                    first = (time.perf_counter() - t0) * 1e3
+                    dev = (o.float() - base.float()).abs().max().item()
+                    us = _bench_ms(fn)
+                    row[cname] = {"us": us, "TFLOPs": round(flops / us / 1e6, 1), "max_diff": round(dev, 5),
+                                  "first_ms": round(first, 1)}
+                except Exception as e:  # noqa: BLE001
+                    row[cname] = repr(e)[:200]
+            r["rows"].append(row)
+            log("ATTN", row)
+    return r
+
+
 def section_correct(args):
     """Every embedding of the fast path vs the fp32 reference on the same weights."""
     out = []
@@ -232,7 +289,8 @@ def section_correct(args):
         m16 = model_of(parts, torch.float16)
         variants = {"fp16_graphs": m16, "fp16_eager": with_runner(m16, FastOptions(graphs=False)),
                     "bf16_graphs": model_of(parts, torch.bfloat16),
-                    "fp16_cublas_kernelres": with_runner(m16, FastOptions(ffn1="cublas", residual="kernel"))}
+                    "fp16_triton_kernelres": with_runner(m16, FastOptions(ffn1="triton", residual="kernel")),
+                    "fp16_approx_gelu": with_runner(m16, FastOptions(approximate_gelu=True))}
         for name in BATCHES:
             ids, batch = packed_batch(parts, name)
             want = ref.embed_batch(batch).cpu()
@@ -315,11 +373,13 @@ def section_time(args):
                 "hf_sdpa": lambda: hf(input_ids=padded, attention_mask=mask).last_hidden_state,
                 "bt_nested": lambda: bt.features(padded),
             }
+            calls["ours_approx_gelu"] = (lambda mm: (lambda: mm.hidden_states(batch)))(
+                with_runner(ours, FastOptions(approximate_gelu=True)))
             if name == "offline_b256":
-                for ffn1 in ("triton", "cublas"):
-                    for res in ("addmm", "kernel"):
-                        m = with_runner(ours, FastOptions(ffn1=ffn1, residual=res, graphs=False))
-                        calls[f"ablate_{ffn1}_{res}"] = (lambda mm: (lambda: mm.hidden_states(batch)))(m)
+                for label, opt in (("triton_ffn1", FastOptions(ffn1="triton", graphs=False)),
+                                   ("kernel_residual", FastOptions(residual="kernel", graphs=False))):
+                    m = with_runner(ours, opt)
+                    calls[f"ablate_{label}"] = (lambda mm: (lambda: mm.hidden_states(batch)))(m)
             with torch.inference_mode():
                 for cname, fn in calls.items():
                     try:
@@ -351,10 +411,12 @@ def section_profile(args):
     """Where the time goes: GPU kernel time by category for one eager bert-base offline_b256 forward."""
     from torch.profiler import ProfilerActivity, profile
     parts = get_parts("bert-base", args.minilm)
-    m = model_of(parts, torch.float16, options=FastOptions(graphs=False), head=False)
+    graphs = model_of(parts, torch.float16, head=False)
+    eager = with_runner(graphs, FastOptions(graphs=False))
     out = {}
-    for name in ("offline_b256", "serve_b32"):
-        _, batch = packed_batch(parts, name)
+    for name, m in (("offline_b256", eager), ("serve_b32", eager), ("serve_b32_graph", graphs),
+                    ("tutorial_small_graph", graphs)):
+        _, batch = packed_batch(parts, name.replace("_graph", ""))
         batch = batch.pin_memory()
         for _ in range(3):
             m.hidden_states(batch)
@@ -454,7 +516,7 @@ def section_e2e(args):
     return out
 
 
-SECTIONS = {"env": section_env, "ops": section_ops, "correct": section_correct, "time": section_time,
+SECTIONS = {"env": section_env, "ops": section_ops, "attention": section_attention, "correct": section_correct, "time": section_time,
             "profile": section_profile, "e2e": section_e2e}
 
 
@@ -485,7 +547,7 @@ def main():
     log("wrote", out)
     print(json.dumps({k: v for k, v in RESULTS["sections"].items() if k in ("env",)}, default=str))
     for row in RESULTS["sections"].get("time", []) if isinstance(RESULTS["sections"].get("time"), list) else []:
-        print({k: row.get(k) for k in ("shape", "batch", "floor_real", "ours", "ours_eager", "hf_sdpa", "bt_nested",
+        print({k: row.get(k) for k in ("shape", "batch", "floor_real", "ours", "ours_approx_gelu", "ours_eager", "hf_sdpa", "bt_nested",
                                        "ours_over_floor", "speedup_vs_hf_sdpa", "speedup_vs_bt_nested",
                                        "mem_ratio_vs_hf_sdpa") if k in row})
     if RESULTS["errors"]:

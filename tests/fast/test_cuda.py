@@ -96,7 +96,8 @@ def test_cuda_model_picks_the_fast_runner_and_fast_false_keeps_the_reference():
 
 @gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("opts", [FastOptions(graphs=False), FastOptions(), FastOptions(ffn1="cublas", residual="kernel")])
+@pytest.mark.parametrize("opts", [FastOptions(graphs=False), FastOptions(), FastOptions(ffn1="triton", residual="kernel"),
+                                  FastOptions(approximate_gelu=True)])
 @pytest.mark.parametrize("name, changes, tt", [
     ("bert-base", {}, True), ("minilm-l6", {}, False), ("xlmr-base", {"num_layers": 4}, False),
     ("minilm-l6", {"norm_first": True, "final_layer_norm": True, "activation": "relu"}, False),

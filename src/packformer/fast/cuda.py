@@ -6,14 +6,14 @@ Per post-norm layer:  x [T, H]
   qkv = x W_qkv^T + b                 cuBLAS (bias in its epilogue)       [T, 3H]
   a   = varlen_attn(q, k, v)          flash attention on packed tokens    [T, nh, hd]
   x   = LN(x + a W_o^T + b_o)         `addmm_` (residual in the GEMM) + fused bias+LayerNorm kernel
-  h   = act(x W_1^T + b_1)            Triton GEMM with bias+activation epilogue (or cuBLAS + bias_act)
+  h   = act(x W_1^T + b_1)            cuBLAS, then the bias_act kernel (erf GELU) or a cuBLASLt epilogue
   x   = LN(x + h W_2^T + b_2)         as for the out-projection
 Pre-norm stacks (nn.TransformerEncoder norm_first=True) use the same kernels in the other order.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -33,11 +33,12 @@ log = logging.getLogger(__name__)
 class FastOptions:
     """Which fused variant runs each step; defaults are the fastest measured on an H100 (NOTES-gpu.md)."""
 
-    ffn1: str = "triton"        # "triton": GEMM with bias+act epilogue | "cublas": F.linear + bias_act kernel
+    ffn1: str = "cublas"        # "cublas": cuBLAS GEMM, then bias+act (a cuBLASLt epilogue where that is exact,
+                                # else the bias_act kernel) | "triton": our GEMM with a bias+act epilogue
+    approximate_gelu: bool = False  # erf-GELU models: use cuBLASLt's tanh-GELU epilogue (|error| < 3e-4)
     residual: str = "addmm"     # "addmm": residual added by the GEMM (beta=1) | "kernel": added by the LN kernel
     graphs: bool = True         # CUDA graphs per token bucket for batches up to graph_max_tokens
     graph_max_tokens: int = 8192
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.ffn1 not in ("triton", "cublas"):
@@ -85,9 +86,14 @@ class FastEncoder:
         return varlen_attention(q, k, v, meta).reshape(t, -1)                               # [T, H]
 
     def _ffn_hidden(self, layer, x: torch.Tensor) -> torch.Tensor:
+        w, b, act = layer.ffn1.weight, layer.ffn1.bias, layer.act
         if self.opt.ffn1 == "triton":
-            return linear_act(x, layer.ffn1.weight, layer.ffn1.bias, layer.act)             # [T, F]
-        return bias_act(F.linear(x, layer.ffn1.weight), layer.ffn1.bias, layer.act, out=None)
+            return linear_act(x, w, b, act)                                                 # [T, F]
+        if act == "relu" or act == "gelu_tanh" or (act == "gelu" and self.opt.approximate_gelu):
+            # cuBLASLt's RELU_BIAS / GELU_BIAS epilogues (its GELU is the tanh form): no extra pass
+            return torch._addmm_activation(b, x, w.t(), use_gelu=act != "relu")
+        h = F.linear(x, w)                                                                  # [T, F]
+        return bias_act(h, b, act, out=h)                                                   # erf GELU, in place
 
     def _sublayer(self, x: torch.Tensor, a: torch.Tensor, lin, norm, out) -> torch.Tensor:
         """Post-norm: LN(x + a W^T + b). x is our own activation, so it may be overwritten."""

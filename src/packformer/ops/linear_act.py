@@ -3,7 +3,8 @@
 The [T, N] intermediate (N = 4H) is the largest tensor of a layer; applying bias and GELU while the
 tile is still in registers saves a full read and write of it (cuBLAS's own GELU epilogue is the tanh
 approximation, which BERT's erf GELU is not). Whether this Triton GEMM is as fast as cuBLAS plus a
-separate `bias_act` pass is for the GPU benchmark to decide (benchmarks/NOTES-gpu.md).
+separate `bias_act` pass is for the GPU benchmark to decide (benchmarks/NOTES-gpu.md): on an H100 the
+pointer-based kernel reached about 55% of cuBLAS, so the fast path uses cuBLAS + `bias_act` by default.
 
 - `linear_act_ref`: plain torch in fp32 (the specification).
 - `_linear_act_kernel`: Triton tiled GEMM (grouped tile order), fp32 accumulator, fused epilogue.
@@ -89,6 +90,57 @@ if triton is not None:
         acc = _act(acc, ACT)
         c_ptrs = C + rm[:, None].to(tl.int64) * stride_cm + rn[None, :]
         tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+    @triton.jit
+    def _linear_act_tma_kernel(a_desc, w_desc, c_desc, BIAS, M, N, K, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                               GROUP_M: tl.constexpr, NUM_PROGRAMS):
+        """Hopper variant: tiles moved by the TMA engine (host tensor descriptors); with fewer programs
+        than tiles it is persistent (each program walks tiles NUM_PROGRAMS apart)."""
+        num_m = tl.cdiv(M, BLOCK_M)
+        num_n = tl.cdiv(N, BLOCK_N)
+        k_tiles = tl.cdiv(K, BLOCK_K)
+        width = GROUP_M * num_n
+        for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_PROGRAMS, flatten=True):
+            group = tile // width
+            first_m = group * GROUP_M
+            size_m = min(num_m - first_m, GROUP_M)
+            off_m = (first_m + (tile % width) % size_m) * BLOCK_M
+            off_n = ((tile % width) // size_m) * BLOCK_N
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for ki in range(k_tiles):
+                a = a_desc.load([off_m, ki * BLOCK_K])
+                w = w_desc.load([off_n, ki * BLOCK_K])
+                acc = tl.dot(a, w.T, acc)
+            if HAS_BIAS:
+                rn = off_n + tl.arange(0, BLOCK_N)
+                acc += tl.load(BIAS + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+            acc = _act(acc, ACT)
+            c_desc.store([off_m, off_n], acc.to(c_desc.dtype))
+
+
+def linear_act_tma(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: str = "gelu",
+                   config: TileConfig | None = None, persistent: bool = True) -> torch.Tensor:
+    """`linear_act` through the TMA kernel (CUDA, Hopper). Experimental: the GPU benchmark compares it
+    with cuBLAS; the fast path uses it only where it measures faster."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    check(x.is_cuda and x.is_contiguous() and weight.is_contiguous(), "linear_act_tma needs contiguous CUDA tensors")
+    check(x.shape[1] == weight.shape[1] and x.dtype == weight.dtype, "x [T, K] and weight [N, K] do not fit")
+    m, k = x.shape
+    n = weight.shape[0]
+    cfg = config or LARGE
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+    progs = min(tiles, torch.cuda.get_device_properties(x.device).multi_processor_count) if persistent else tiles
+    _linear_act_tma_kernel[(progs,)](
+        TensorDescriptor.from_tensor(x, [cfg.block_m, cfg.block_k]),
+        TensorDescriptor.from_tensor(weight, [cfg.block_n, cfg.block_k]),
+        TensorDescriptor.from_tensor(y, [cfg.block_m, cfg.block_n]), bias if bias is not None else x, m, n, k,
+        HAS_BIAS=bias is not None, ACT=ACTS[act], BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        GROUP_M=cfg.group_m, NUM_PROGRAMS=progs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return y
 
 
 def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: str = "gelu",
