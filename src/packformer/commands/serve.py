@@ -39,6 +39,14 @@ def add_parser(sub):
                    help="seconds to let requests in flight finish on SIGTERM (default: 30)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--access-log", action="store_true", help="log every request (off by default: it costs CPU)")
+    ray = p.add_argument_group("Ray Serve (pip install -e \".[ray]\")")
+    ray.add_argument("--ray", action="store_true", help="serve as a Ray Serve application of --replicas replicas")
+    ray.add_argument("--replicas", type=int, default=1, help="with --ray: model replicas (default: 1)")
+    ray.add_argument("--gpus-per-replica", type=float, default=None,
+                     help="with --ray: GPUs per replica (default: 1 with a CUDA --device, else 0)")
+    ray.add_argument("--cpus-per-replica", type=float, default=None,
+                     help="with --ray: CPUs (and torch threads) per replica (default: an equal share)")
+    ray.add_argument("--ray-address", default=None, help="with --ray: join this Ray cluster (default: start a local Ray)")
     return p
 
 
@@ -53,6 +61,9 @@ def settings_from_args(args):
 
 
 def run(args) -> int:
+    if args.ray:
+        from ..ray.serve_cli import run as run_on_ray
+        return run_on_ray(args, settings_from_args(args))
     import uvicorn
 
     from ..server import create_app

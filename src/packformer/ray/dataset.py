@@ -174,6 +174,16 @@ def plan(job: Job, fmt: str | None, rows_per_shard: int):
     return shards
 
 
+def model_spec(model: Any) -> Any:
+    """A model argument as replicas can use it: an existing local path made absolute (replicas may run in
+    another working directory); names, presets, None and factories as they are."""
+    if isinstance(model, (str, Path)) and not str(model).startswith("random:") and Path(model).exists():
+        return str(Path(model).resolve())
+    if isinstance(model, Path):
+        raise FileNotFoundError(f"model path not found: {model}")
+    return model
+
+
 def prepare_output(job: Job, shards, rows_per_shard: int, overwrite: bool):
     """Create the output folder and its manifest; -> (pending shards, shards already written whole).
     Refuses, with the difference named, to resume into a folder written with other settings or holding
@@ -285,10 +295,7 @@ def embed_dataset(input: str | os.PathLike, output: str | os.PathLike, model: An
         raise ValueError(f"gpus_per_replica must be 0 or more, got {gpus_per_replica}")
     if max_retries < 0:
         raise ValueError(f"max_retries must be 0 or more, got {max_retries}")
-    if isinstance(model, (str, Path)) and not str(model).startswith("random:") and Path(model).exists():
-        model = str(Path(model).resolve())       # replicas may run in another working directory
-    elif isinstance(model, Path):
-        raise FileNotFoundError(f"model path not found: {model}")
+    model = model_spec(model)
     input, output = os.fspath(input), os.fspath(output)
     job = Job(model=model, input=input if "://" in input else os.path.abspath(input),
               output=output if "://" in output else os.path.abspath(output), text_column=text_column,

@@ -1,0 +1,143 @@
+"""`packformer serve --ray`: the HTTP API of packformer.server as a Ray Serve application of N replicas.
+
+Each replica is a Ray actor that loads the model once (on its own GPU when `gpus_per_replica` is 1)
+and runs the very app of the single-process server, `packformer.server.create_app(model, settings)`:
+the same routes, limits, errors and token-budget dynamic batching, inside each replica. The app is
+built in the replica (Serve's late-bound `serve.ingress()` + `__serve_build_asgi_app__`), so the model
+is never pickled; Serve runs the app's lifespan, which starts and drains the replica's model worker.
+Serve's proxy spreads requests over the replicas, and its health check replaces a replica whose model
+worker died. `/metrics` and `/info` describe the one replica that answered.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ray import serve
+
+from ..server.settings import ServerSettings
+
+APP_NAME = "packformer"
+
+
+@dataclass(frozen=True)
+class ReplicaSpec:
+    """What a replica needs: how to load the model, the server settings and its share of the cores."""
+
+    model: Any = None            # path / name / 'random:<preset>' / None (built-in), or a zero-arg factory
+    device: str = "cpu"
+    dtype: str | None = None
+    settings: ServerSettings = field(default_factory=ServerSettings)
+    threads: int = 1
+
+
+@serve.ingress()
+class PackformerReplica:
+    def __init__(self, spec: ReplicaSpec):
+        os.environ["RAYON_NUM_THREADS"] = str(spec.threads)     # the tokenizers' thread pool
+        import torch
+
+        import packformer
+
+        torch.set_num_threads(spec.threads)
+        self.spec = spec
+        self.model = spec.model() if callable(spec.model) else packformer.load(
+            spec.model, device=spec.device, dtype=spec.dtype, max_batch_tokens=spec.settings.max_batch_tokens)
+        self.server_app = None
+
+    def __serve_build_asgi_app__(self):
+        from ..server import create_app
+
+        self.server_app = create_app(self.model, self.spec.settings)
+        return self.server_app
+
+    def check_health(self) -> None:
+        """Serve's periodic probe: a replica whose model worker died is replaced."""
+        service = getattr(getattr(self.server_app, "state", None), "service", None)
+        if service is not None and service.worker.error is not None:
+            raise RuntimeError(f"the model worker died: {service.worker.error}")
+
+
+def deployment(spec: ReplicaSpec, replicas: int, gpus_per_replica: float, cpus_per_replica: float):
+    """The bound Serve application. A replica admits up to max_concurrent_requests requests so that its
+    own scheduler batches them (Serve's default of 5 in flight would starve the batching)."""
+    if replicas < 1:
+        raise ValueError(f"replicas must be at least 1, got {replicas}")
+    if gpus_per_replica < 0:
+        raise ValueError(f"gpus_per_replica must be 0 or more, got {gpus_per_replica}")
+    d = serve.deployment(PackformerReplica, name="PackformerReplica").options(
+        num_replicas=replicas, max_ongoing_requests=spec.settings.max_concurrent_requests,
+        ray_actor_options={"num_cpus": cpus_per_replica, "num_gpus": gpus_per_replica})
+    return d.bind(spec)
+
+
+def start(model: Any = None, settings: ServerSettings | None = None, *, replicas: int = 1,
+          gpus_per_replica: float = 0, cpus_per_replica: float | None = None, dtype: str | None = None,
+          host: str = "127.0.0.1", port: int = 8000) -> str:
+    """Deploy on the Ray this process is connected to (call ray.init first); returns the base URL once
+    every replica runs. Stop with `stop()`."""
+    import ray
+
+    from .dataset import replica_cpus
+
+    if not ray.is_initialized():
+        raise RuntimeError("Ray is not initialized: call ray.init() (or use `packformer serve --ray`)")
+    settings = settings or ServerSettings()
+    cpus = replica_cpus(replicas, cpus_per_replica)
+    spec = ReplicaSpec(model=model, device="cuda" if gpus_per_replica > 0 else "cpu", dtype=dtype,
+                       settings=settings, threads=max(1, int(cpus)))
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(deployment(spec, replicas, gpus_per_replica, cpus), name=APP_NAME, route_prefix="/")
+    return f"http://{host}:{port}"
+
+
+def stop() -> None:
+    """Delete the application and stop Serve (its proxy and controller)."""
+    serve.shutdown()
+
+
+def wait_healthy(url: str, timeout: float = 300.0) -> None:
+    """Block until GET /health answers 200 (a replica's model is warm)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    last = None
+    with httpx.Client(timeout=10.0) as client:
+        while time.monotonic() < deadline:
+            try:
+                r = client.get(url + "/health")
+                if r.status_code == 200:
+                    return
+                last = f"{r.status_code} {r.text[:200]}"
+            except httpx.TransportError as e:
+                last = repr(e)
+            time.sleep(0.5)
+    raise TimeoutError(f"{url}/health not 200 within {timeout:g} s (last: {last})")
+
+
+def serve_forever(model: Any, settings: ServerSettings, *, replicas: int, gpus_per_replica: float,
+                  cpus_per_replica: float | None, dtype: str | None, host: str, port: int,
+                  ray_address: str | None) -> int:
+    """`packformer serve --ray`: deploy, print where, and run until SIGINT/SIGTERM, then shut Serve down."""
+    import sys
+
+    from .dataset import ray_session
+
+    stop_event = threading.Event()
+    with ray_session(ray_address):
+        # after ray.init, which installs handlers of its own (its SIGTERM one aborts the process)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda signum, frame: stop_event.set())
+        url = start(model, settings, replicas=replicas, gpus_per_replica=gpus_per_replica,
+                    cpus_per_replica=cpus_per_replica, dtype=dtype, host=host, port=port)
+        try:
+            wait_healthy(url)
+            print(f"packformer serve --ray: {replicas} replica(s) on {url}", file=sys.stderr, flush=True)
+            stop_event.wait()
+        finally:
+            stop()
+    return 0
