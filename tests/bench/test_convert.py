@@ -11,6 +11,8 @@ from packformer.heads import ClassificationHead
 from packformer.loaders.parts import param_view
 from packformer.model import Encoder
 
+pytestmark = pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+
 SHAPES = {
     "bert": EncoderConfig(vocab_size=2000, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64),
     "xlmr": preset("xlmr-base", vocab_size=2000, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64),
@@ -30,7 +32,7 @@ def make(kind: str, act: str = "tanh"):
 
 def batch(enc):
     cfg = enc.config
-    w = build_workload("serve_b32", cfg)
+    w = build_workload("tutorial_big", cfg)
     ids, mask = w.padded(cfg.pad_token_id)
     packed = w.packed(cfg.position_offset)
     with torch.no_grad():
@@ -58,7 +60,7 @@ def test_transformers_classifier_peer_matches_our_head(kind):
     with torch.no_grad():
         logits = hf(input_ids=ids, attention_mask=mask).logits
         ours = head(ref, packed.cu_seqlens)
-    assert logits.shape == (32, 3) and (logits - ours).abs().max() < 1e-5
+    assert logits.shape == (3, 3) and (logits - ours).abs().max() < 1e-5
 
 
 def test_a_relu_head_has_no_transformers_equivalent():
@@ -113,3 +115,11 @@ def test_peers_hold_copies_not_views():
         enc.layers[0].qkv.weight.zero_()
     assert hf.encoder.layer[0].attention.self.query.weight.abs().sum() > 0
     assert bt.transformer.layers[0].self_attn.in_proj_weight.abs().sum() > 0
+
+
+def test_sparsity_with_an_odd_head_count_is_refused_clearly():
+    cfg = SHAPES["bert"].replace(hidden_size=24, num_heads=3)
+    bt = convert.to_better_transformer(Encoder(cfg))
+    bt.set_sparsity(False)
+    with pytest.raises(ValueError, match="even number of heads"):
+        bt.set_sparsity(True)

@@ -28,20 +28,16 @@ def tiny_parts() -> ModelParts:
                       format="random")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one thread avoids OpenMP barrier stalls (speed is not tested)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def result():
-    return run_bench(tiny_parts(), workloads="tutorial_small,serve_b32", texts=generate_texts(12),
-                     peers=EXACT_PEERS + ["hf_int8_dynamic", "sentence_transformers"], iterations=2, warmup=1,
-                     log=None)
+    n = torch.get_num_threads()   # module-scoped, so set up before conftest's per-test one_thread
+    torch.set_num_threads(1)
+    try:
+        return run_bench(tiny_parts(), workloads="tutorial_small,serve_b32", texts=generate_texts(12),
+                         peers=EXACT_PEERS + ["hf_int8_dynamic", "sentence_transformers"], iterations=2,
+                         warmup=1, log=None)
+    finally:
+        torch.set_num_threads(n)
 
 
 def test_the_result_describes_the_run(result):

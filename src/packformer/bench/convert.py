@@ -158,6 +158,10 @@ class BetterTransformerModel(nn.Module):
         self.embeddings, self.transformer, self.head = embeddings, transformer, head
 
     def set_sparsity(self, on: bool) -> None:
+        if on and self.config.num_heads % 2:
+            # torch would build the nested tensor, then fail in MultiheadAttention ("num_heads is not even")
+            raise ValueError(f"torch's nested-tensor (sparsity) path needs an even number of heads; this model has "
+                             f"{self.config.num_heads}")
         self.transformer.use_nested_tensor = bool(on)
 
     def features(self, ids: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,26 @@
+"""Agreement uses DESIGN.md's numbers: fp32 max abs 1e-4; half precision by cosine."""
+import pytest
+import torch
+
+from packformer.bench.compare import compare
+
+
+def test_fp32_agreement_is_max_abs_diff():
+    ref = torch.randn(6, 8)
+    assert compare(ref + 5e-5, ref, torch.float32, "token")["agrees"]
+    d = compare(ref + 2e-4, ref, torch.float32, "token")
+    assert not d["agrees"] and d["max_abs_diff"] == pytest.approx(2e-4, rel=1e-2) and d["rows"] == "token"
+
+
+def test_half_precision_agreement_is_cosine_per_row():
+    ref = torch.randn(6, 8)
+    noisy = ref.clone()
+    noisy[3] = -noisy[3]
+    assert compare(ref * 1.01, ref, torch.float16, "sequence")["agrees"]
+    d = compare(noisy, ref, torch.bfloat16, "sequence")
+    assert not d["agrees"] and d["min_cosine"] == pytest.approx(-1.0, abs=1e-5)
+
+
+def test_shape_mismatch_is_an_error():
+    with pytest.raises(ValueError, match="does not match"):
+        compare(torch.zeros(2, 3), torch.zeros(3, 3), torch.float32, "token")

@@ -1,0 +1,31 @@
+"""The GEMM floor runs exactly the four matmuls per layer with the model's own weights."""
+import torch
+import torch.nn.functional as F
+
+from packformer.bench.floor import GemmFloor
+from packformer.config import EncoderConfig
+from packformer.model import Encoder
+
+CFG = EncoderConfig(vocab_size=100, hidden_size=16, num_layers=3, num_heads=2, intermediate_size=40)
+
+
+def test_floor_uses_the_models_weights_and_counts_flops():
+    enc = Encoder(CFG)
+    f = GemmFloor(enc, "cpu", torch.float32)
+    assert len(f.layers) == 3
+    assert torch.equal(f.layers[1][2][0], enc.layers[1].ffn1.weight)
+    h, i = 16, 40
+    assert f.flops(10) == 2 * 10 * 3 * (3 * h * h + h * h + i * h + h * i)
+
+
+def test_floor_runner_is_the_last_layers_ffn_on_the_last_pass(monkeypatch):
+    enc = Encoder(CFG)
+    f = GemmFloor(enc, "cpu", torch.float32)
+    seen = []
+    real_linear = F.linear
+    monkeypatch.setattr(F, "linear", lambda x, w, b=None: seen.append(tuple(x.shape)) or real_linear(x, w, b))
+    out = f.runner([7, 0, 5])()
+    assert out.shape == (5, 16)
+    # 2 passes (a zero-token pass is dropped) x 3 layers x 4 GEMMs, each on [T, H] (FFN2 on [T, I])
+    assert len(seen) == 2 * 3 * 4
+    assert seen[:4] == [(7, 16), (7, 16), (7, 16), (7, 40)]

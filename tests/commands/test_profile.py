@@ -1,0 +1,51 @@
+"""`packformer profile`: top operators by self time for one batch, per peer, and Chrome traces."""
+import contextlib
+import io
+import json
+
+import pytest
+import torch
+
+from packformer import cli
+from packformer.config import PRESETS, EncoderConfig
+
+TINY = EncoderConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64)
+
+
+@pytest.fixture(autouse=True)
+def tiny(monkeypatch):
+    monkeypatch.setitem(PRESETS, "tiny", TINY)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_profile_prints_tables_and_writes_traces_and_json(tmp_path):
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = cli.main(["profile", "random:tiny", "--workload", "tutorial_small", "--peers", "packformer,bt_nested",
+                       "--iterations", "2", "--top", "8", "--trace", str(tmp_path / "trace.json"), "--out",
+                       str(tmp_path)])
+    assert rc == 0
+    out = buf.getvalue()
+    assert out.count("Self CPU time total") == 2
+    r = json.loads((tmp_path / "profile-tutorial_small-cpu.json").read_text())
+    assert r["workload"]["name"] == "tutorial_small" and r["iterations"] == 2
+    for name in ("packformer", "bt_nested"):
+        p = r["peers"][name]
+        assert p["status"] == "ok" and 0 < len(p["top_ops"]) <= 8 and p["sort_by"] == "self_cpu_time_total"
+        selfs = [op["self_cpu_ms"] for op in p["top_ops"]]
+        assert selfs == sorted(selfs, reverse=True)
+        trace = json.loads((tmp_path / f"trace.{name}.json").read_text())
+        assert trace["traceEvents"]
+
+
+def test_profile_of_a_text_only_peer_is_skipped_with_the_reason():
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = cli.main(["profile", "random:tiny", "--workload", "tutorial_small", "--peers", "st,packformer",
+                       "--iterations", "1", "--json"])
+    r = json.loads(buf.getvalue())
+    assert rc == 0 and r["peers"]["sentence_transformers"]["status"] == "skipped"
+    assert "texts" in r["peers"]["sentence_transformers"]["reason"]
