@@ -391,6 +391,12 @@ def section_time(args):
                             row[cname + "_mem_mb"] = round(w + t.peak_extra_mb, 1)
                     except Exception as e:  # noqa: BLE001
                         row[cname] = f"error: {e!r}"[:300]
+            key = ours.runner.key_for(sum(lens), lens, max(lens), False)
+            if key in ours.runner.graphs:   # the replay alone: the graph's GPU time, launch gaps included
+                g = ours.runner.graphs[key]
+                t, _ = measure(g.graph.replay, DEV, iterations=args.iters, warmup=2, max_seconds=2.0)
+                row["ours_graph_replay_only"] = round(t.median_ms, 4)
+                row["graph_bucket_tokens"] = key[0]
             f = row.get("floor_real")
             if isinstance(f, float) and isinstance(row.get("ours"), float):
                 row["ours_over_floor"] = round(row["ours"] / f, 3)

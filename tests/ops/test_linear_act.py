@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from packformer.ops.linear_act import LARGE, SMALL, TileConfig, linear_act, linear_act_ref
+from packformer.ops.linear_act import LARGE, SMALL, TileConfig, linear_act, linear_act_ref, linear_act_tma
 
 
 def test_ref_is_activation_of_the_affine_map():
@@ -53,4 +53,19 @@ def test_kernel_matches_reference_on_gpu(dtype, m, n, k, cfg, near_exact):
     got = linear_act(x, w, b, "gelu", out=out, config=cfg)
     exact = linear_act_ref(x.double(), w.double(), b.double(), "gelu")
     # the reference rounds the fp32 GEMM once, as the kernel does; accumulation order differs
+    near_exact(got, linear_act_ref(x, w, b, "gelu"), exact, factor=3.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("persistent", [True, False])
+@pytest.mark.parametrize("m, n, k", [(64, 3072, 768), (2209, 4096, 1024), (3001, 1536, 384)])
+def test_tma_variant_matches_reference_on_gpu(persistent, m, n, k, near_exact):
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the TMA kernel needs a Hopper GPU")
+    g = torch.Generator().manual_seed(m)
+    x = torch.randn(m, k, generator=g).to("cuda", torch.float16)
+    w = (torch.randn(n, k, generator=g) / k ** 0.5).to("cuda", torch.float16)
+    b = torch.randn(n, generator=g).to("cuda", torch.float16)
+    got = linear_act_tma(x, w, b, "gelu", config=TileConfig(128, 128, 64, 8, 8, 4), persistent=persistent)
+    exact = linear_act_ref(x.double(), w.double(), b.double(), "gelu")
     near_exact(got, linear_act_ref(x, w, b, "gelu"), exact, factor=3.0)

@@ -65,9 +65,14 @@ def padded_cu_seqlens(seqlens: list[int], n_tokens: int, n_slots: int, chunk: in
 @dataclass
 class _Captured:
     graph: torch.cuda.CUDAGraph
-    cu: torch.Tensor           # [slots + 1] int32, static
+    cu: torch.Tensor           # [slots + 1] int32, static, on the device
     n: int
     slots: int
+    # two pinned host copies of cu_seqlens, used in turn: one may still be waiting for its copy to the
+    # device (which is asynchronous) while the next batch fills the other; each event marks its copy done
+    host_cu: tuple = ()
+    copied: tuple = ()
+    turn: int = 0
 
 
 class GraphRunner:
@@ -78,6 +83,7 @@ class GraphRunner:
         self.forward = forward
         self.device, self.dtype = forward.device, forward.dtype
         self.buckets = token_buckets(max_tokens)
+        self._bucket_arr = np.asarray(self.buckets)
         self.max_seqlen = int(max_seqlen)
         self.hidden = hidden
         self.capture_after = capture_after
@@ -94,7 +100,7 @@ class GraphRunner:
         """(N, slots, has_tt) of the graph that would run this batch, or None for eager."""
         if num_tokens == 0 or num_tokens > self.buckets[-1] or max_seqlen > self.max_seqlen:
             return None
-        i = int(np.searchsorted(self.buckets, num_tokens))
+        i = int(np.searchsorted(self._bucket_arr, num_tokens))
         n, prev = self.buckets[i], (self.buckets[i - 1] if i else 0)
         slots = seq_bucket(len(seqlens)) + -(-(n - prev) // DUMMY_CHUNK)
         return n, slots, has_token_types
@@ -114,12 +120,17 @@ class GraphRunner:
                 return self.forward(batch, meta)
             t = batch.num_tokens
             b = self._buffers()
-            b["ids"][:t].copy_(batch.input_ids, non_blocking=True)
-            b["pos"][:t].copy_(batch.positions, non_blocking=True)
+            dst, src = [b["ids"][:t], b["pos"][:t]], [batch.input_ids, batch.positions]
             if batch.token_type_ids is not None:
-                b["tt"][:t].copy_(batch.token_type_ids, non_blocking=True)
-            cu = torch.from_numpy(padded_cu_seqlens(meta.seqlens, g.n, g.slots)).pin_memory()
-            g.cu.copy_(cu, non_blocking=True)
+                dst.append(b["tt"][:t])
+                src.append(batch.token_type_ids)
+            torch._foreach_copy_(dst, src, non_blocking=True)         # one launch for the input rows
+            g.turn ^= 1
+            host, done = g.host_cu[g.turn], g.copied[g.turn]
+            done.synchronize()                  # its previous copy (two batches ago) has long finished
+            host.numpy()[:] = padded_cu_seqlens(meta.seqlens, g.n, g.slots)
+            g.cu.copy_(host, non_blocking=True)
+            done.record()
             g.graph.replay()
             self.stats["replay"] += 1
             return b["out"][:t].clone()
@@ -151,7 +162,11 @@ class GraphRunner:
             self.forward(static, meta, out=out)
         if self._pool is None:
             self._pool = graph.pool()
-        cap = _Captured(graph=graph, cu=cu, n=n, slots=slots)
+        host = tuple(torch.zeros(slots + 1, dtype=torch.int32, pin_memory=True) for _ in range(2))
+        events = (torch.cuda.Event(), torch.cuda.Event())
+        for e in events:
+            e.record()
+        cap = _Captured(graph=graph, cu=cu, n=n, slots=slots, host_cu=host, copied=events)
         self.graphs[key] = cap
         self.stats["capture"] += 1
         log.debug("captured CUDA graph for %d tokens, %d segments", n, slots)
