@@ -58,6 +58,23 @@ def machine() -> dict:
     return d
 
 
+def process_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a process so far (Linux /proc; None elsewhere). On a shared machine,
+    tokens per CPU-second compare servers more fairly than wall-clock throughput does."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _load() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
 def _timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
@@ -88,17 +105,27 @@ def run(args) -> int:
 
     if not args.no_offline:
         model.encode(texts[:64])
+        c0 = time.process_time()
         s = _timed(lambda: model.encode(texts))
-        results["offline_encode"] = {"seconds": round(s, 3), "tokens_per_s": round(total_tokens / s, 1)}
+        cpu = time.process_time() - c0
+        results["offline_encode"] = {"seconds": round(s, 3), "tokens_per_s": round(total_tokens / s, 1),
+                                     "tokens_per_cpu_s": round(total_tokens / cpu, 1), "load_average": _load()}
         print(f"  offline packformer encode(): {total_tokens / s:,.0f} tokens/s", file=sys.stderr)
     del model                               # free the CPU and memory for the servers
 
-    def levels(url: str, headers: dict | None, name: str) -> dict:
+    def levels(url: str, headers: dict | None, name: str, pid: int | None = None) -> dict:
         out = {}
         for c in args.concurrency:
             run_level(url, payloads, tokens, c, min(2 * c, 16), 30.0, headers=headers)      # connections, warm
+            cpu0 = process_cpu_seconds(pid) if pid else None
+            load0 = _load()
             r = run_level(url, payloads, tokens, c, args.requests, args.duration, headers=headers)
-            out[str(c)] = r.summary()
+            cpu1 = process_cpu_seconds(pid) if pid else None
+            out[str(c)] = d = r.summary()
+            d["load_average"] = [load0, _load()]
+            if cpu0 is not None and cpu1 is not None and cpu1 > cpu0:
+                d["server_cpu_s"] = round(cpu1 - cpu0, 2)
+                d["tokens_per_server_cpu_s"] = round(r.tokens / (cpu1 - cpu0), 1)
             print(f"  {name} c={c}: {r.tokens_per_s:,.0f} tokens/s, p50 {r.percentile_ms(50):.1f} ms, "
                   f"p99 {r.percentile_ms(99):.1f} ms, {r.ok}/{r.sent} ok {r.errors or ''}", file=sys.stderr)
         return out
@@ -116,7 +143,7 @@ def run(args) -> int:
             server_args += ["--max-batch-tokens", str(args.max_batch_tokens)]
         results["serve_args"] = server_args
         with ServerProcess(server_args) as srv:
-            results["serve"] = levels(srv.url + "/embed", None, "packformer serve")
+            results["serve"] = levels(srv.url + "/embed", None, "packformer serve", srv.proc.pid)
 
     if not args.no_baseline:
         from ..loading import _DEFAULT_ALIASES, builtin_model_dir
@@ -126,13 +153,16 @@ def run(args) -> int:
         else:
             with ServerProcess([folder, "--device", args.device],
                                command=[sys.executable, "-m", "packformer.server.baseline"]) as srv:
-                results["baseline"] = levels(srv.url + "/embed", None, "FastAPI+SentenceTransformer")
+                results["baseline"] = levels(srv.url + "/embed", None, "FastAPI+SentenceTransformer", srv.proc.pid)
             from sentence_transformers import SentenceTransformer
             st = SentenceTransformer(folder, device=args.device)
             st.encode(texts[:64])
+            c0 = time.process_time()
             s = _timed(lambda: st.encode(texts))
+            cpu = time.process_time() - c0
             results["offline_sentence_transformers"] = {"seconds": round(s, 3),
-                                                        "tokens_per_s": round(total_tokens / s, 1)}
+                                                        "tokens_per_s": round(total_tokens / s, 1),
+                                                        "tokens_per_cpu_s": round(total_tokens / cpu, 1)}
 
     results["ratios"] = ratios(results)
     print(table(results))
@@ -152,20 +182,23 @@ def ratios(results: dict) -> dict:
         base = results.get("baseline", {}).get(c)
         if base and base["tokens_per_s"] > 0:
             d["serve_vs_baseline"] = round(r["tokens_per_s"] / base["tokens_per_s"], 2)
+        if base and r.get("tokens_per_server_cpu_s") and base.get("tokens_per_server_cpu_s"):
+            d["serve_vs_baseline_per_cpu_s"] = round(r["tokens_per_server_cpu_s"] / base["tokens_per_server_cpu_s"], 2)
         out[c] = d
     return out
 
 
 def table(results: dict) -> str:
     rows = ["| concurrency | serve tokens/s | p50 ms | p99 ms | baseline tokens/s | baseline p50 / p99 ms "
-            "| serve / baseline | serve / offline encode |",
-            "|---|---|---|---|---|---|---|---|"]
+            "| serve / baseline | serve / offline encode | serve / baseline per server CPU-s |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for c, r in results.get("serve", {}).items():
         b = results.get("baseline", {}).get(c)
         q = results["ratios"].get(c, {})
         rows.append(f"| {c} | {r['tokens_per_s']:,.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
                     + (f"{b['tokens_per_s']:,.0f} | {b['p50_ms']:.1f} / {b['p99_ms']:.1f} | " if b else "– | – | ")
-                    + f"{q.get('serve_vs_baseline', '–')} | {q.get('serve_vs_offline_encode', '–')} |")
+                    + f"{q.get('serve_vs_baseline', '–')} | {q.get('serve_vs_offline_encode', '–')} | "
+                    + f"{q.get('serve_vs_baseline_per_cpu_s', '–')} |")
     off = results.get("offline_encode", {}).get("tokens_per_s")
     st = results.get("offline_sentence_transformers", {}).get("tokens_per_s")
     if off:
