@@ -130,7 +130,8 @@ class ShardEmbedder:
 
     def __init__(self, job: Job):
         # Replicas share the machine's cores: each uses only the cores Ray gave it.
-        os.environ["RAYON_NUM_THREADS"] = str(job.threads)      # the tokenizers' thread pool
+        os.environ["RAYON_NUM_THREADS"] = str(job.threads)     # the tokenizers' thread pool
+        os.environ["PACKFORMER_THREADS"] = str(job.threads)    # torch's, as packformer.load applies it
         import torch
 
         torch.set_num_threads(job.threads)

@@ -39,6 +39,7 @@ class ReplicaSpec:
 class PackformerReplica:
     def __init__(self, spec: ReplicaSpec):
         os.environ["RAYON_NUM_THREADS"] = str(spec.threads)     # the tokenizers' thread pool
+        os.environ["PACKFORMER_THREADS"] = str(spec.threads)    # torch's, as packformer.load applies it
         import torch
 
         import packformer
