@@ -154,12 +154,18 @@ class GraphRunner:
         out = b["out"][:n]
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):            # warm-up: compiles kernels, creates library handles
-            self.forward(static, meta, out=out)
-        torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            self.forward(static, meta, out=out)
+        # capture_begin/end rather than the `torch.cuda.graph` context, which also runs gc.collect() and
+        # empty_cache(): with a large Python heap (an encode() of many texts) that took tens of ms per capture
+        with torch.cuda.stream(side):
+            self.forward(static, meta, out=out)   # warm-up: compiles kernels, creates library handles
+            side.synchronize()
+            graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
+            try:
+                self.forward(static, meta, out=out)
+            finally:
+                graph.capture_end()
+        torch.cuda.current_stream(self.device).wait_stream(side)
         if self._pool is None:
             self._pool = graph.pool()
         host = tuple(torch.zeros(slots + 1, dtype=torch.int32, pin_memory=True) for _ in range(2))
