@@ -33,8 +33,8 @@ def test_bench_writes_a_table_json_and_png(tmp_path):
                     "--iterations", "2", "--out", str(tmp_path)])
     assert rc == 0
     assert "floor (real)" in out and "packformer speedup" in out and "hf_sdpa" in out
-    r = json.loads((tmp_path / "bench-tiny-cpu.json").read_text())
-    assert (tmp_path / "bench-tiny-cpu.png").stat().st_size > 1000
+    r = json.loads((tmp_path / "bench-tiny-cpu-float32.json").read_text())
+    assert (tmp_path / "bench-tiny-cpu-float32.png").stat().st_size > 1000
     (w,) = r["workloads"]
     assert w["name"] == "tutorial_big" and w["padded_tokens"] == 645 and set(w["floor"]) == {"real", "padded"}
     assert [n for n in w["peers"]] == ["packformer", "hf_sdpa", "bt_nested"]
@@ -46,9 +46,10 @@ def test_bench_writes_a_table_json_and_png(tmp_path):
 
 def test_bench_json_flag_prints_only_json():
     rc, out = main(["bench", "random:tiny", "--workloads", "tutorial_small", "--peers", "packformer_ref",
-                    "--iterations", "1", "--no-floor", "--json"])
+                    "--iterations", "1", "--no-floor", "--threads", "2", "--json"])
     assert rc == 0
     r = json.loads(out)
+    assert r["machine"]["torch_threads"] == 2 and torch.get_num_threads() == 1   # set for the run, then restored
     assert r["workloads"][0]["floor"] is None and "packformer_ref" in r["workloads"][0]["peers"]
 
 

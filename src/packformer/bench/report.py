@@ -95,7 +95,7 @@ def write_json(obj: dict, path: str | Path) -> Path:
     return path
 
 
-BENCH_COLUMNS = ["peer", "dtype", "ms (median)", "runs", "tokens/s", "packformer speedup", "x floor real",
+BENCH_COLUMNS = ["peer", "dtype", "ms (median)", "cpu ms", "runs", "tokens/s", "packformer speedup", "x floor real",
                  "x floor padded", "max |diff|", "min cos", "agrees", "peak MB"]
 
 
@@ -109,16 +109,17 @@ def print_bench(result: dict, file=None) -> None:
         for kind in ("real", "padded"):
             if kind in fl:
                 ms = fl[kind]["timing"]["median_ms"]
-                rows.append([f"floor ({kind})", result["dtype"], ms, fl[kind]["timing"]["runs"],
+                rows.append([f"floor ({kind})", result["dtype"], ms, fl[kind]["timing"]["cpu_median_ms"],
+                             fl[kind]["timing"]["runs"],
                              round(w["real_tokens"] / (ms * 1e-3)), None, None, None, None, None, None,
                              fl[kind]["timing"].get("peak_mem_mb")])
         for name, p in w["peers"].items():
             if p["status"] != "ok":
-                rows.append([name, p["status"], None, None, None, None, None, None, None, None, None, None])
+                rows.append([name, p["status"], None, None, None, None, None, None, None, None, None, None, None])
                 continue
             t, a = p["timing"], p["agreement"]
-            rows.append([name, p["dtype"], t["median_ms"], t["runs"], p["tokens_per_s"], p.get("speedup_of_packformer"),
-                         p.get("x_floor_real"), p.get("x_floor_padded"), a["max_abs_diff"], a["min_cosine"],
+            rows.append([name, p["dtype"], t["median_ms"], t["cpu_median_ms"], t["runs"], p["tokens_per_s"],
+                         p.get("speedup_of_packformer"), p.get("x_floor_real"), p.get("x_floor_padded"), a["max_abs_diff"], a["min_cosine"],
                          a["agrees"], t.get("peak_mem_mb")])
         table(title, BENCH_COLUMNS, rows, file=file)
         for name, p in w["peers"].items():

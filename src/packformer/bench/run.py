@@ -75,7 +75,7 @@ def run_bench(model: str | Path | ModelParts | None = None, workloads: Sequence[
               peers: Sequence[str] | str | None = None, device: str = "cpu", dtype: str | torch.dtype | None = None,
               texts: list[str] | str | Path | None = None, iterations: int = 10, warmup: int | None = None,
               max_seconds: float | None = None, batch_size: int = 32, floor: bool = True,
-              log: Callable[[str], None] | None = print) -> dict:
+              threads: int | None = None, log: Callable[[str], None] | None = print) -> dict:
     """Benchmark packformer against `peers` on `workloads`; returns the result as a JSON-ready dict.
 
     model: a folder, 'random:<preset>', None (built-in all-MiniLM-L6-v2) or ModelParts.
@@ -84,7 +84,18 @@ def run_bench(model: str | Path | ModelParts | None = None, workloads: Sequence[
     peers: names or aliases (see peers.PEERS); None = the device's default set. packformer always runs.
     warmup: calls before timing (default 1 on CPU, 3 on CUDA); max_seconds: stop a peer's timed calls
       early (after 3) once they took this long. batch_size: sequences per padded batch on text workloads.
+    threads: torch's (and ONNX Runtime's) CPU threads for this run (default: torch's current setting).
     """
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads must be at least 1, got {threads}")
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return run_bench(model, workloads, peers, device, dtype, texts, iterations, warmup, max_seconds,
+                             batch_size, floor, None, log)
+        finally:
+            torch.set_num_threads(before)
     log = log or (lambda s: None)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)

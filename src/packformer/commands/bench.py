@@ -56,8 +56,10 @@ def add_parser(sub):
     p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 1 on CPU, 3 on CUDA)")
     p.add_argument("--max-seconds", type=float, default=60.0,
                    help="stop a peer's timed calls early (after 3) once they took this long (default 60; 0 = never)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch and ONNX Runtime (default: torch's)")
     p.add_argument("--no-floor", action="store_true", help="skip the GEMM floor")
-    p.add_argument("--out", default=None, help="folder for bench-<model>-<device>.json and .png")
+    p.add_argument("--out", default=None, help="folder for bench-<model>-<device>-<dtype>[-<tag>].json and .png")
+    p.add_argument("--tag", default=None, help="added to the file names, to keep several runs of one model apart")
     p.add_argument("--json", action="store_true", help="print the JSON result instead of tables")
     return p
 
@@ -70,14 +72,16 @@ def run(args) -> int:
     result = run_bench(source_for(args), workloads=args.workloads, peers=args.peers, device=args.device,
                        dtype=args.dtype, texts=args.texts, iterations=args.iterations, warmup=args.warmup,
                        max_seconds=args.max_seconds or None, batch_size=args.batch_size, floor=not args.no_floor,
-                       log=None if quiet else print)
+                       threads=args.threads, log=None if quiet else print)
     if quiet:
         print(json.dumps(result, indent=1))
     else:
         print()
         print_bench(result)
     if args.out:
-        stem = f"bench-{slug(result['model']['source'])}-{result['device'].replace(':', '')}"
+        stem = f"bench-{slug(result['model']['source'])}-{result['device'].replace(':', '')}-{result['dtype']}"
+        if args.tag:
+            stem += "-" + re.sub(r"[^A-Za-z0-9._-]+", "_", args.tag)
         j = write_json(result, Path(args.out) / f"{stem}.json")
         png = bench_chart(result, Path(args.out) / f"{stem}.png")
         if not quiet:

@@ -21,7 +21,7 @@ def add_parser(sub):
     p.add_argument("--profile-iterations", type=int, default=1,
                    help="iterations under the torch profiler per run (0: no profiler tables; default 1)")
     p.add_argument("--top", type=int, default=10, help="operators per profiler table (default 10)")
-    p.add_argument("--out", default=None, help="folder for tutorial-<device>.json and .png")
+    p.add_argument("--out", default=None, help="folder for tutorial-<device>[-<dtype>].json and .png")
     p.add_argument("--json", action="store_true", help="print the JSON result instead of tables")
     return p
 
@@ -38,6 +38,8 @@ def run(args) -> int:
         print(json.dumps(result, indent=1))
     if args.out:
         dev = args.device.split(":")[0]
+        if dev != "cpu" and args.dtype not in ("float32", "fp32"):
+            dev += f"-{args.dtype}"
         j = write_json(result, Path(args.out) / f"tutorial-{dev}.json")
         png = Path(args.out) / f"tutorial-{dev}.png"
         tutorial_chart(result, png)
