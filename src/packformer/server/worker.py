@@ -17,6 +17,8 @@ from ..batch import pack
 from ..scheduler import Batch, Scheduler
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from ..engine import Model
     from .metrics import Metrics
 
@@ -145,7 +147,7 @@ class Worker:
             for seqs in batches:
                 self.run(key, seqs)
 
-    def run(self, key: tuple, seqs: list) -> "object":
+    def run(self, key: tuple, seqs: list) -> "np.ndarray":
         """One packed batch through the model -> numpy [B, D] (embeddings) or [B, C] (logits), fp32."""
         kind, arg = key
         batch = pack(seqs, self.model.config.position_offset)
