@@ -205,3 +205,16 @@ def test_real_minilm_encode_matches_fp32_reference(graphs):
     for _ in range(2):
         got = torch.from_numpy(m.encode(texts, batch_size=16))
     assert min_cos(got, want) >= 0.9995
+
+
+@gpu
+def test_warmup_captures_ahead_so_the_first_batch_replays():
+    parts = make_parts("minilm-l6", num_layers=2)
+    ref, m = twin(parts, torch.float16)
+    lens = serve_lengths(12, seed=4)
+    m.runner.warmup([(sum(lens), len(lens))])
+    assert m.runner.stats["capture"] == 1
+    batch = random_batch(lens, 30522, seed=4)
+    got = m.embed_batch(batch)
+    assert m.runner.stats["replay"] == 1 and m.runner.stats["eager"] == 0
+    assert min_cos(got, ref.embed_batch(batch)) >= 0.9995
