@@ -214,6 +214,11 @@ def test_argument_errors_are_clear(tmp_path):
         embed_dataset(tmp_path / "in.jsonl", tmp_path / "out", TinyModel(), text_column="body")
     with pytest.raises(FileNotFoundError):
         embed_dataset(tmp_path / "missing.jsonl", tmp_path / "out", TinyModel())
+    # replicas that could never be placed fail at once instead of waiting forever
+    with pytest.raises(RuntimeError, match=r"1 x 1 GPU but the cluster has 0"):
+        embed_dataset(tmp_path / "in.jsonl", tmp_path / "out", TinyModel(), gpus_per_replica=1)
+    with pytest.raises(RuntimeError, match=r"3 x 1 CPU but the cluster has 2"):
+        embed_dataset(tmp_path / "in.jsonl", tmp_path / "out", TinyModel(), replicas=3, cpus_per_replica=1)
 
 
 # ---- the CLI, with the real model -----------------------------------------------------------------

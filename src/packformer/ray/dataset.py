@@ -29,7 +29,6 @@ import numpy as np
 RAY_MISSING = 'packformer.ray needs Ray Data and pyarrow: pip install -e ".[ray]"  (or: pip install "ray[data,serve]" pyarrow)'
 
 
-
 def require_ray() -> None:
     try:
         import pyarrow  # noqa: F401
@@ -208,7 +207,7 @@ def prepare_output(job: Job, shards, rows_per_shard: int, overwrite: bool):
         for name in parts:
             fs.delete_file(f"{out}/{name}")
         parts = set()
-    elif has_manifest:
+    elif has_manifest and parts:            # the settings matter only once something was written with them
         with fs.open_input_stream(manifest_path) as f:
             old = json.loads(f.read().decode("utf-8")).get("settings", {})
         diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
@@ -277,6 +276,21 @@ def replica_cpus(replicas: int, requested: float | None) -> float:
     return float(max(1, min(int(total // replicas), int(per_node))))
 
 
+def check_resources(replicas: int, cpus: float, gpus: float, strict: bool) -> None:
+    """Replicas that cannot all be placed would wait forever: fail at once naming what is missing
+    (`strict`: a local Ray that cannot grow), else only warn (a joined cluster may autoscale)."""
+    import ray
+
+    have = ray.cluster_resources()
+    short = [f"{replicas} x {need:g} {kind} but the cluster has {have.get(kind, 0.0):g}"
+             for kind, need in (("CPU", cpus), ("GPU", gpus)) if need and replicas * need > have.get(kind, 0.0)]
+    if short:
+        msg = f"not enough resources for {replicas} replica(s): " + "; ".join(short)
+        if strict:
+            raise RuntimeError(msg + " (lower --replicas, --cpus-per-replica or --gpus-per-replica)")
+        warnings.warn(msg + "; waiting for the cluster to provide them", RuntimeWarning, stacklevel=3)
+
+
 def embed_dataset(input: str | os.PathLike, output: str | os.PathLike, model: Any = None, *,
                   text_column: str = "text", id_column: str = "id", format: str | None = None,
                   replicas: int = 1, gpus_per_replica: float = 0, cpus_per_replica: float | None = None,
@@ -331,6 +345,7 @@ def _run(job: Job, pending, replicas: int, gpus_per_replica: float, cpus_per_rep
 
     with ray_session(ray_address):
         cpus = replica_cpus(replicas, cpus_per_replica)
+        check_resources(replicas, cpus, gpus_per_replica, strict=not ray_address)
         job = dataclasses.replace(job, threads=max(1, int(cpus)))
         ctx = ray.data.DataContext.get_current()
         knobs = {"retried_map_errors": True, "max_map_retries": max_retries, "enable_progress_bars": progress}

@@ -78,17 +78,19 @@ def deployment(spec: ReplicaSpec, replicas: int, gpus_per_replica: float, cpus_p
 
 def start(model: Any = None, settings: ServerSettings | None = None, *, replicas: int = 1,
           gpus_per_replica: float = 0, cpus_per_replica: float | None = None, dtype: str | None = None,
-          host: str = "127.0.0.1", port: int = 8000) -> str:
+          host: str = "127.0.0.1", port: int = 8000, strict: bool = True) -> str:
     """Deploy on the Ray this process is connected to (call ray.init first); returns the base URL once
-    every replica runs. Stop with `stop()`."""
+    every replica runs. Stop with `stop()`. Not enough CPUs/GPUs for the replicas: RuntimeError, or
+    with strict=False (a cluster that may autoscale) a warning."""
     import ray
 
-    from .dataset import replica_cpus
+    from .dataset import check_resources, replica_cpus
 
     if not ray.is_initialized():
         raise RuntimeError("Ray is not initialized: call ray.init() (or use `packformer serve --ray`)")
     settings = settings or ServerSettings()
     cpus = replica_cpus(replicas, cpus_per_replica)
+    check_resources(replicas, cpus, gpus_per_replica, strict=strict)
     spec = ReplicaSpec(model=model, device="cuda" if gpus_per_replica > 0 else "cpu", dtype=dtype,
                        settings=settings, threads=max(1, int(cpus)))
     serve.start(http_options={"host": host, "port": port})
@@ -134,7 +136,7 @@ def serve_forever(model: Any, settings: ServerSettings, *, replicas: int, gpus_p
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda signum, frame: stop_event.set())
         url = start(model, settings, replicas=replicas, gpus_per_replica=gpus_per_replica,
-                    cpus_per_replica=cpus_per_replica, dtype=dtype, host=host, port=port)
+                    cpus_per_replica=cpus_per_replica, dtype=dtype, host=host, port=port, strict=not ray_address)
         try:
             wait_healthy(url)
             print(f"packformer serve --ray: {replicas} replica(s) on {url}", file=sys.stderr, flush=True)
