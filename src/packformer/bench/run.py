@@ -141,7 +141,7 @@ def run_bench(model: str | Path | ModelParts | None = None, workloads: Sequence[
                 f[kind] = {"tokens": sum(counts), "passes": len(counts), "timing": t.to_dict(),
                            "tflops": round(gf.flops(sum(counts)) / (t.median_ms * 1e-3) / 1e12, 3)}
             entries[w.name]["floor"] = f
-            log(f"  floor            {w.name:<14} real {f['real']['timing']['median_ms']:10.2f} ms   "
+            log(f"  floor                 {w.name:<14} real {f['real']['timing']['median_ms']:10.2f} ms   "
                 f"padded {f['padded']['timing']['median_ms']:10.2f} ms")
         del gf
         _free(dev)
@@ -198,7 +198,7 @@ def _run_peer(eng: P.Engine, w: Workload, inputs, ref: torch.Tensor, dev: torch.
              "timing": t.to_dict(), "tokens_per_s": round(w.real_tokens / (t.median_ms * 1e-3), 1),
              "agreement": agree}
     mem = f"  peak {t.peak_mem_mb:8.1f} MB" if t.peak_mem_mb is not None else ""
-    log(f"  {eng.name:<16} {w.name:<14} {t.median_ms:10.2f} ms ({t.runs} runs){mem}  "
+    log(f"  {eng.name:<21} {w.name:<14} {t.median_ms:10.2f} ms ({t.runs} runs){mem}  "
         f"max|diff| {agree['max_abs_diff']:.2e}  min cos {agree['min_cosine']:.6f}"
         + ("" if agree["agrees"] else f"  (outside {agree['criterion']})"))
     return entry
