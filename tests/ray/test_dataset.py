@@ -124,6 +124,7 @@ def test_jsonl_2000_rows_one_row_per_input_and_encode_equal(tmp_path, tiny):
     out, summary = embed_dataset(tmp_path / "in.jsonl", tmp_path / "out", TinyModel(), replicas=2,
                                  rows_per_shard=300, progress=False)
     assert out == str(tmp_path / "out")
+    assert sorted(p for p in os.listdir(out) if not p.startswith("part-")) == ["_packformer.json"]
     assert (summary.total_rows, summary.rows, summary.shards, summary.skipped_shards) == (N, N, 7, 0)
     assert summary.tokens == sum(len(s) for s in tiny.token_ids(texts))
     assert summary.tokens_per_s > 0 and summary.wall_s > 0

@@ -190,7 +190,7 @@ def prepare_output(job: Job, shards, rows_per_shard: int, overwrite: bool):
     part files of no shard of this input."""
     import pyarrow.fs as pafs
 
-    from .shards import MANIFEST, PART_PREFIX, TMP_DIR, complete_rows, resolve
+    from .shards import MANIFEST, PART_PREFIX, complete_rows, resolve
 
     fs, out = resolve(job.output)
     info = fs.get_file_info(out)
@@ -223,8 +223,7 @@ def prepare_output(job: Job, shards, rows_per_shard: int, overwrite: bool):
     if stray:
         raise ValueError(f"output {job.output!r} holds {len(stray)} part files of no shard of this input "
                          f"(first: {stray[0]}); choose another folder or pass --overwrite")
-    if fs.get_file_info(f"{out}/{TMP_DIR}").type == pafs.FileType.Directory:
-        fs.delete_dir(f"{out}/{TMP_DIR}")       # halves of files from an interrupted run
+    remove_tmp(job)                              # halves of files from an interrupted run
     with fs.open_output_stream(manifest_path) as f:
         f.write(json.dumps({"writer": "packformer embed-dataset", "settings": settings}, indent=1).encode())
     done = [s for s in shards if s.output_name in parts and complete_rows(fs, f"{out}/{s.output_name}") == s.num_rows]
@@ -242,6 +241,17 @@ def verify_output(job: Job, shards) -> None:
         if n != s.num_rows:
             raise RuntimeError(f"shard {s.output_name} ({s.path} rows {s.start}..{s.stop - 1}) has "
                                f"{'no file' if n is None else f'{n} rows'}, expected {s.num_rows}")
+
+
+def remove_tmp(job: Job) -> None:
+    """Drop the folder of temporary files (empty after a complete run)."""
+    import pyarrow.fs as pafs
+
+    from .shards import TMP_DIR, resolve
+
+    fs, out = resolve(job.output)
+    if fs.get_file_info(f"{out}/{TMP_DIR}").type == pafs.FileType.Directory:
+        fs.delete_dir(f"{out}/{TMP_DIR}")
 
 
 @contextmanager
@@ -332,6 +342,7 @@ def embed_dataset(input: str | os.PathLike, output: str | os.PathLike, model: An
         summary.tokens = int(np.sum(results["tokens"]))
         summary.embed_s = float(np.sum(results["seconds"]))
     verify_output(job, shards)
+    remove_tmp(job)
     summary.wall_s = time.perf_counter() - t0
     return job.output, summary
 
