@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -154,7 +155,7 @@ def main() -> int:
     for r in result["runs"]:
         cfg = r["config"]
         rates = sorted(x["rows_per_s"] for x in result["runs"] if x["config"] == cfg)
-        best[cfg] = {"rows_per_s_best": rates[-1], "rows_per_s_median": rates[len(rates) // 2],
+        best[cfg] = {"rows_per_s_best": rates[-1], "rows_per_s_median": statistics.median(rates),
                      "tokens_per_s_best": max(x["tokens_per_s"] for x in result["runs"] if x["config"] == cfg)}
     for cfg, b in best.items():
         if "ray_1" in best and cfg.startswith("ray_"):
