@@ -16,7 +16,8 @@ ITER=${ITERATIONS:-10}
 run() {  # run NAME ARGS...: one packformer command, logged
   local name=$1; shift
   echo "+ packformer $*" | tee "$out/$name.log"
-  if [[ -z "${DRY_RUN:-}" ]]; then packformer "$@" 2>&1 | tee -a "$out/$name.log"; fi
+  # `python3 -m packformer` also works from a source tree (PYTHONPATH=src) where nothing is installed
+  if [[ -z "${DRY_RUN:-}" ]]; then python3 -m packformer "$@" 2>&1 | tee -a "$out/$name.log"; fi
 }
 
 case "$target" in

