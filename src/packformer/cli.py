@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args._run(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError, KeyError) as e:
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError, KeyError, ImportError) as e:
         # user errors get one clear line, not a traceback
         print(f"packformer {args.command}: error: {e}", file=sys.stderr)
         return 1
