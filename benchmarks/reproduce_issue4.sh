@@ -13,11 +13,15 @@ out=${2:-benchmarks/results/$target}
 mkdir -p "$out"
 ITER=${ITERATIONS:-10}
 
-run() {  # run NAME ARGS...: one packformer command, logged
+#   ONLY="tutorial-fp16 bench-bert-base" ... runs just the named steps (to split a run across calls)
+run() {  # run NAME ARGS...: one packformer command, logged; a failed step is reported, the rest still run
   local name=$1; shift
+  if [[ -n "${ONLY:-}" && " $ONLY " != *" $name "* ]]; then return 0; fi
   echo "+ packformer $*" | tee "$out/$name.log"
   # `python3 -m packformer` also works from a source tree (PYTHONPATH=src) where nothing is installed
-  if [[ -z "${DRY_RUN:-}" ]]; then python3 -m packformer "$@" 2>&1 | tee -a "$out/$name.log"; fi
+  if [[ -z "${DRY_RUN:-}" ]]; then
+    python3 -m packformer "$@" 2>&1 | tee -a "$out/$name.log" || echo "!! step $name failed" | tee -a "$out/$name.log"
+  fi
 }
 
 case "$target" in
@@ -45,7 +49,7 @@ cpu)
 gpu)
   run tutorial-fp32 tutorial --device cuda --iterations "$ITER" --out "$out" \
       ${XLMR_CHECKPOINT:+--checkpoint "$XLMR_CHECKPOINT"} ${XLMR_SPM:+--spm "$XLMR_SPM"}
-  run tutorial-fp16 tutorial --device cuda --dtype float16 --iterations "$ITER" --profile-iterations 0 --out "$out" \
+  run tutorial-fp16 tutorial --device cuda --dtype float16 --iterations "$ITER" --out "$out" \
       ${XLMR_CHECKPOINT:+--checkpoint "$XLMR_CHECKPOINT"} ${XLMR_SPM:+--spm "$XLMR_SPM"}
   run bench-bert-base bench random:bert-base --device cuda --dtype float16 \
       --workloads tutorial_small,tutorial_big,serve_b32,offline_b256 \
