@@ -163,6 +163,23 @@ def test_int8_keeps_most_classification_labels(minilm_dir):
     assert agreement >= 0.9
 
 
+@pytest.mark.parametrize("act", [None, "gelu", "gelu_tanh", "relu"])
+def test_an_int8_linear_tracks_the_fp32_linear_for_every_activation(act):
+    from packformer.fast.cpu_linear import act_
+    from packformer.fast.quant import DynamicInt8Linear
+    g = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(96, 64)
+    x = torch.randn(33, 96, generator=g)
+    r = torch.randn(33, 64, generator=g)
+    with torch.inference_mode():
+        want = lin(x)
+        q = DynamicInt8Linear(lin)
+        got_act, got_res = q(x, act=act), q(x, residual=r)
+        want_act = act_(want.clone(), act)
+    assert torch.nn.functional.cosine_similarity(got_act, want_act, dim=1).min() >= 0.99
+    assert torch.nn.functional.cosine_similarity(got_res, want + r, dim=1).min() >= 0.99
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(quantize="int4"), "unsupported quantize='int4'"),
     (dict(quantize="int8", fast=False), "CPU fast path"),

@@ -16,6 +16,7 @@ was built from stays untouched (and is what `fast=False` runs).
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -167,7 +168,6 @@ def build_runner(model, threads: int | None = None, quantize: str | None = None,
 
 
 def _set_threads(threads: int | None) -> None:
-    import os
     if threads is not None or os.environ.get(ENV_THREADS, "").strip():
         apply_threads(threads)
     elif torch.get_num_threads() > resolve_threads(None):
