@@ -5,7 +5,6 @@ encoder [T, H] -> pooling / head in fp32 -> results scattered back to input orde
 """
 from __future__ import annotations
 
-import sys
 from typing import Any, Sequence
 
 import numpy as np
@@ -15,7 +14,7 @@ from torch import nn
 from .batch import PackedBatch, pack, pack_padded_ids, pad_input
 from .loaders.parts import ModelParts
 from .ops.attention import AttentionMeta
-from .runtime import DEFAULT_MAX_BATCH_TOKENS, plan_chunks, resolve_device, resolve_dtype
+from .runtime import DEFAULT_MAX_BATCH_TOKENS, resolve_device, resolve_dtype
 from .tokenize import check_texts
 
 
@@ -131,23 +130,6 @@ class Model(nn.Module):
         return self.head(h, batch.cu_seqlens.to(h.device, non_blocking=True))
 
     # ---- user API ---------------------------------------------------------------------------
-    def _run_chunked(self, ids: list[list[int]], fn, width: int, batch_size: int | None,
-                     show_progress_bar: bool | None) -> torch.Tensor:
-        out = torch.empty(len(ids), width, dtype=torch.float32)
-        if not ids:
-            return out
-        chunks = plan_chunks([len(s) for s in ids], self.max_batch_tokens, batch_size)
-        if show_progress_bar is None:
-            show_progress_bar = len(chunks) > 4 and sys.stderr.isatty()
-        it = chunks
-        if show_progress_bar:
-            from tqdm.auto import tqdm
-            it = tqdm(chunks, desc="packformer", unit="batch")
-        for chunk in it:
-            batch = pack([ids[i] for i in chunk], self.config.position_offset)
-            out[torch.as_tensor(chunk)] = fn(batch).float().cpu()
-        return out
-
     def encode(self, texts: str | Sequence[str], batch_size: int | None = None,
                normalize_embeddings: bool | None = None, convert_to_numpy: bool = True,
                show_progress_bar: bool | None = None, truncate: bool = True,
