@@ -37,24 +37,18 @@ def add_parser(sub):
 
 
 def machine() -> dict:
+    """The benchmark's machine (bench.report.machine_info) plus the host name and the load at start,
+    which tells whether the figures were taken on a quiet machine."""
     import torch
 
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    d = {"hostname": platform.node(), "cpu": cpu, "cpu_count": os.cpu_count(), "python": platform.python_version(),
-         "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "platform": platform.platform()}
+    from ..bench.report import machine_info
+
+    d = machine_info("cuda" if torch.cuda.is_available() else "cpu")
+    d["hostname"] = platform.node()
     try:
         d["load_average_at_start"] = os.getloadavg()
     except OSError:
         pass
-    if torch.cuda.is_available():
-        d["gpu"] = torch.cuda.get_device_name(0)
     return d
 
 

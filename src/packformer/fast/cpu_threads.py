@@ -47,3 +47,12 @@ def apply_threads(threads: int | None = None) -> int:
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
     return n
+
+
+def limit_process_threads(n: int) -> None:
+    """Give a worker process (a Ray replica sharing the machine) `n` threads for both pools: torch's
+    intra-op pool now, and the tokenizers' rayon pool and packformer.load's default through the
+    environment (read when they start)."""
+    os.environ["RAYON_NUM_THREADS"] = str(n)
+    os.environ[ENV_THREADS] = str(n)
+    torch.set_num_threads(n)

@@ -122,16 +122,16 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: At
         # flash attention straight on the packed [T, H, D] views (last dim contiguous, rows strided):
         # no copy, no padding, no [B, L, L] mask; nothing here reads device memory on the host, so it
         # can be captured in a CUDA graph.
-        # torch's varlen flash kernel needs head_dim % 8 == 0; other head sizes (d_model 60 / 5 heads)
-        # take the jagged nested-tensor SDPA path, which has no such limit.
-        if _torch_varlen_attn is not None and q.shape[-1] % 8 == 0 and \
-                (_VARLEN_HAS_SCALE or scale == 1.0 / math.sqrt(q.shape[-1])):
-            cu = meta.cu_seqlens
-            kw = {"scale": scale} if _VARLEN_HAS_SCALE else {}
-            return _torch_varlen_attn(q, k, v, cu, cu, meta.max_seqlen, meta.max_seqlen, **kw)
-        return _cuda_nested_sdpa(q, k, v, meta, scale)
-    # fp32 on CUDA (flash kernels need half precision) or another device: the exact grouped path
-    # still works; it only needs the host-side lengths that `meta` already carries.
+        # The flash and cuDNN kernels need head_dim % 8 == 0; other head sizes (d_model 60 / 5 heads)
+        # take the per-sequence path below, where SDPA picks a kernel that supports them.
+        if q.shape[-1] % 8 == 0:
+            if _torch_varlen_attn is not None and (_VARLEN_HAS_SCALE or scale == 1.0 / math.sqrt(q.shape[-1])):
+                cu = meta.cu_seqlens
+                kw = {"scale": scale} if _VARLEN_HAS_SCALE else {}
+                return _torch_varlen_attn(q, k, v, cu, cu, meta.max_seqlen, meta.max_seqlen, **kw)
+            return _cuda_nested_sdpa(q, k, v, meta, scale)
+    # fp32 on CUDA (flash kernels need half precision), odd head sizes, or another device: the exact
+    # per-sequence path still works; it only needs the host-side lengths that `meta` already carries.
     return _cpu_grouped_sdpa_any_device(q, k, v, meta, scale)
 
 

@@ -129,12 +129,10 @@ class ShardEmbedder:
 
     def __init__(self, job: Job):
         # Replicas share the machine's cores: each uses only the cores Ray gave it.
-        os.environ["RAYON_NUM_THREADS"] = str(job.threads)     # the tokenizers' thread pool
-        os.environ["PACKFORMER_THREADS"] = str(job.threads)    # torch's, as packformer.load applies it
-        import torch
-
-        torch.set_num_threads(job.threads)
+        from ..fast.cpu_threads import limit_process_threads
         from .shards import resolve
+
+        limit_process_threads(job.threads)
 
         self.job = job
         self.model = job.load_model()

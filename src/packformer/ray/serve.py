@@ -10,7 +10,6 @@ worker died. `/metrics` and `/info` describe the one replica that answered.
 """
 from __future__ import annotations
 
-import os
 import signal
 import threading
 import time
@@ -38,13 +37,10 @@ class ReplicaSpec:
 @serve.ingress()
 class PackformerReplica:
     def __init__(self, spec: ReplicaSpec):
-        os.environ["RAYON_NUM_THREADS"] = str(spec.threads)     # the tokenizers' thread pool
-        os.environ["PACKFORMER_THREADS"] = str(spec.threads)    # torch's, as packformer.load applies it
-        import torch
-
         import packformer
+        from packformer.fast.cpu_threads import limit_process_threads
 
-        torch.set_num_threads(spec.threads)
+        limit_process_threads(spec.threads)   # replicas share the machine's cores
         self.spec = spec
         self.model = spec.model() if callable(spec.model) else packformer.load(
             spec.model, device=spec.device, dtype=spec.dtype, max_batch_tokens=spec.settings.max_batch_tokens)
