@@ -125,3 +125,14 @@ def test_random_presets_and_info():
     assert m.encode(["hi"]).shape == (1, 384)
     with pytest.raises(ValueError, match="unknown preset"):
         packformer.load("random:nope")
+
+
+def test_info_names_the_path_that_runs_and_threads_apply_on_the_reference_path_too(minilm_dir):
+    assert packformer.load(minilm_dir, fast=False).info()["runner"] == {"path": "reference"}
+    before = torch.get_num_threads()
+    try:
+        packformer.load(minilm_dir, fast=False, threads=1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert packformer.load(minilm_dir).info()["runner"]["path"] != "reference"

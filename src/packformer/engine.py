@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .batch import PackedBatch, pack, pack_padded_ids, pad_input
+from .fast import describe_runner, select_runner
 from .loaders.parts import ModelParts
 from .ops.attention import AttentionMeta
 from .runtime import DEFAULT_MAX_BATCH_TOKENS, resolve_device, resolve_dtype
@@ -42,7 +43,6 @@ class Model(nn.Module):
         if quantize is not None and (fast is False or self.device_.type != "cpu"):
             raise ValueError(f"quantize={quantize!r} is an option of the CPU fast path; it needs device='cpu' "
                              "and fast left on")
-        from .fast import select_runner
         self.runner = select_runner(self, fast)
         if self.max_batch_tokens < self.max_seq_length:
             raise ValueError(f"max_batch_tokens ({self.max_batch_tokens}) must hold at least one sequence of the "
@@ -74,7 +74,7 @@ class Model(nn.Module):
             "dim": self.dim, "max_seq_length": self.max_seq_length, "pooling": self.pooler.mode,
             "normalize": self.pooler.normalize, "num_labels": c.num_labels, "labels": c.labels(),
             "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
-            "max_batch_tokens": self.max_batch_tokens,
+            "max_batch_tokens": self.max_batch_tokens, "runner": describe_runner(self.runner, self.encoder),
         }
 
     # ---- tokenization -----------------------------------------------------------------------
