@@ -233,12 +233,16 @@ def section_attention(args):
     memory-efficient kernel and cuDNN, all on packed [T, H, D]; GPU time and max deviation from flash."""
     import torch.nn.attention as tna
     from packformer.ops.attention import varlen_attention
+    from packformer.ops.flash_varlen import FlashConfig, default_config, flash_varlen
+    tiles = [FlashConfig(*c) for c in ((64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 2), (64, 128, 4, 2),
+                                        (128, 64, 8, 2), (128, 64, 4, 2), (128, 128, 8, 2), (128, 32, 4, 2),
+                                        (32, 32, 4, 2), (32, 64, 4, 2), (64, 64, 8, 2))]
     r = {"flash_impls": None, "rows": []}
     try:
         r["flash_impls"] = [str(tna.list_flash_attention_impls()), str(tna.current_flash_attention_impl())]
     except Exception as e:  # noqa: BLE001
         r["flash_impls"] = repr(e)
-    for name in ("serve_b32", "offline_b256"):
+    for name in ("tutorial_small", "tutorial_big", "serve_b32", "offline_b256"):
         for heads, hd in ((12, 64), (16, 64), (12, 32)):
             lens = lengths(name)
             t = sum(lens)
@@ -260,7 +264,16 @@ def section_attention(args):
                     q.contiguous(), k.contiguous(), v.contiguous(), None, cu, cu, max(lens), max(lens), False, 0.0,
                     False, False)[0],
             }
+            cands["triton_default"] = lambda: flash_varlen(q, k, v, cu, max(lens))
+            row["triton_default_config"] = str(default_config(hd, max(lens)))
+            for c in tiles:
+                cands[f"triton_{c.block_m}x{c.block_n}w{c.num_warps}s{c.num_stages}"] = (
+                    lambda c=c: flash_varlen(q, k, v, cu, max(lens), config=c))
+            if name == "offline_b256":
+                cands["triton_default_max512"] = lambda: flash_varlen(q, k, v, cu, 512)
             for cname, fn in cands.items():
+                if name.startswith("tutorial") and cname.startswith(("efficient", "cudnn")):
+                    continue
                 try:
                     t0 = time.perf_counter()
                     o = fn()
@@ -277,6 +290,74 @@ def section_attention(args):
     return r
 
 
+def section_overlap(args):
+    """Can the memory-bound GELU pass hide under the next chunk's FFN1 GEMM on a second stream?
+    FFN block (FFN1 GEMM, bias+GELU, FFN2 GEMM into the residual) sequential vs split over M chunks."""
+    from packformer.ops.gelu import bias_act
+    g = torch.Generator(device="cuda").manual_seed(0)
+    rnd = lambda *s: torch.randn(*s, device=DEV, dtype=torch.float16, generator=g)  # noqa: E731
+    side = torch.cuda.Stream(priority=-1)
+    out = []
+    for t, hdim, f in ((35201, 768, 3072), (2209, 768, 3072), (35201, 1024, 4096)):
+        x, res, w1, b1, w2 = rnd(t, hdim), rnd(t, hdim), rnd(f, hdim) / hdim ** 0.5, rnd(f), rnd(hdim, f) / f ** 0.5
+        h = torch.empty(t, f, device=DEV, dtype=torch.float16)
+
+        def seq():
+            torch.mm(x, w1.t(), out=h)
+            bias_act(h, b1, "gelu", out=h)
+            return res.addmm_(h, w2.t())
+
+        def overlapped(n):
+            main = torch.cuda.current_stream()
+            bounds = [t * i // n for i in range(n + 1)]
+            done = []
+            for i in range(n):
+                s, e = bounds[i], bounds[i + 1]
+                torch.mm(x[s:e], w1.t(), out=h[s:e])
+                ev = torch.cuda.Event()
+                ev.record(main)
+                side.wait_event(ev)
+                with torch.cuda.stream(side):
+                    bias_act(h[s:e], b1, "gelu", out=h[s:e])
+                    ev2 = torch.cuda.Event()
+                    ev2.record(side)
+                done.append(ev2)
+                if i:
+                    main.wait_event(done[i - 1])
+                    ps, pe = bounds[i - 1], bounds[i]
+                    res[ps:pe].addmm_(h[ps:pe], w2.t())
+            main.wait_event(done[-1])
+            res[bounds[-2]:].addmm_(h[bounds[-2]:], w2.t())
+            return res
+        row = {"T": t, "H": hdim, "F": f, "sequential_us": _bench_ms(seq)}
+        for n in (2, 4, 8):
+            row[f"overlap_{n}_us"] = _bench_ms(lambda n=n: overlapped(n))
+        row["gemms_only_us"] = _bench_ms(lambda: (torch.mm(x, w1.t(), out=h), res.addmm_(h, w2.t())))
+        out.append(row)
+        log("overlap", row)
+    return out
+
+
+def section_gelu(args):
+    """Is the bias+GELU pass after FFN1 at copy bandwidth? Tile rows per program, and GELU vs ReLU
+    (if ReLU is much faster the pass is bound by erf's arithmetic, not by memory), vs a device copy."""
+    from packformer.ops.gelu import bias_act
+    out = []
+    for t, f in ((35201, 3072), (2209, 3072), (35201, 4096)):
+        x = torch.randn(t, f, device=DEV, dtype=torch.float16)
+        b = torch.randn(f, device=DEV, dtype=torch.float16)
+        y = torch.empty_like(x)
+        row = {"T": t, "F": f, "copy_us": _bench_ms(lambda: y.copy_(x))}
+        for rows in (1, 4, 8, 16):
+            row[f"gelu_rows{rows}_us"] = _bench_ms(lambda rows=rows: bias_act(x, b, "gelu", out=y, rows=rows))
+        for act in ("relu", "gelu_tanh"):
+            row[f"{act}_rows8_us"] = _bench_ms(lambda act=act: bias_act(x, b, act, out=y))
+        row["gelu_rows8_TBps"] = round(2 * x.numel() * 2 / row["gelu_rows8_us"] / 1e6, 2)
+        out.append(row)
+        log("gelu", row)
+    return out
+
+
 def section_correct(args):
     """Every embedding of the fast path vs the fp32 reference on the same weights."""
     out = []
@@ -290,7 +371,9 @@ def section_correct(args):
         variants = {"fp16_graphs": m16, "fp16_eager": with_runner(m16, FastOptions(graphs=False)),
                     "bf16_graphs": model_of(parts, torch.bfloat16),
                     "fp16_triton_kernelres": with_runner(m16, FastOptions(ffn1="triton", residual="kernel")),
-                    "fp16_approx_gelu": with_runner(m16, FastOptions(approximate_gelu=True))}
+                    "fp16_approx_gelu": with_runner(m16, FastOptions(approximate_gelu=True)),
+                    "fp16_flash2_cublas": with_runner(m16, FastOptions(attention="flash2", ffn1="cublas")),
+                    "fp16_tma_all_sizes_eager": with_runner(m16, FastOptions(tma_min_tokens=0, graphs=False))}
         for name in BATCHES:
             ids, batch = packed_batch(parts, name)
             want = ref.embed_batch(batch).cpu()
@@ -375,8 +458,12 @@ def section_time(args):
             }
             calls["ours_approx_gelu"] = (lambda mm: (lambda: mm.hidden_states(batch)))(
                 with_runner(ours, FastOptions(approximate_gelu=True)))
+            for label, opt in (("prev_defaults_flash2_cublas", FastOptions(attention="flash2", ffn1="cublas")),
+                               ("flash2_attn", FastOptions(attention="flash2"))):
+                calls[f"ours_{label}"] = (lambda mm: (lambda: mm.hidden_states(batch)))(with_runner(ours, opt))
             if name == "offline_b256":
                 for label, opt in (("triton_ffn1", FastOptions(ffn1="triton", graphs=False)),
+                                   ("cublas_ffn1", FastOptions(ffn1="cublas", graphs=False)),
                                    ("kernel_residual", FastOptions(residual="kernel", graphs=False))):
                     m = with_runner(ours, opt)
                     calls[f"ablate_{label}"] = (lambda mm: (lambda: mm.hidden_states(batch)))(m)
@@ -497,11 +584,6 @@ def section_e2e(args):
         for label, pc in (("pipe_256_1024", PipelineConfig(256, 1024)), ("pipe_256_4096", PipelineConfig(256, 4096)),
                           ("pipe_512_8192", PipelineConfig(512, 8192))):
             row[label + "_tok_s"] = timed(lambda: run_texts(m, texts, lambda b: m.embed_batch(b), m.dim, config=pc), 1)
-
-        def no_overlap():
-            ids = m.token_ids(texts)
-            return m._run_chunked(ids, lambda b: m.embed_batch(b), m.dim, None, False)
-        row["no_overlap_tok_s"] = timed(no_overlap, 1)
         if shape == "minilm":
             st = SentenceTransformer(args.minilm, device="cuda")
         else:
@@ -522,7 +604,7 @@ def section_e2e(args):
     return out
 
 
-SECTIONS = {"env": section_env, "ops": section_ops, "attention": section_attention, "correct": section_correct, "time": section_time,
+SECTIONS = {"env": section_env, "ops": section_ops, "attention": section_attention, "overlap": section_overlap, "gelu": section_gelu, "correct": section_correct, "time": section_time,
             "profile": section_profile, "e2e": section_e2e}
 
 

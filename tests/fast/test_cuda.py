@@ -75,6 +75,8 @@ def test_options_reject_unknown_variants():
         FastOptions(ffn1="cutlass")
     with pytest.raises(ValueError, match="residual"):
         FastOptions(residual="none")
+    with pytest.raises(ValueError, match="attention"):
+        FastOptions(attention="xformers")
 
 
 def test_fast_encoder_refuses_cpu_or_fp32_weights():
@@ -97,7 +99,8 @@ def test_cuda_model_picks_the_fast_runner_and_fast_false_keeps_the_reference():
 @gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("opts", [FastOptions(graphs=False), FastOptions(), FastOptions(ffn1="triton", residual="kernel"),
-                                  FastOptions(approximate_gelu=True)])
+                                  FastOptions(approximate_gelu=True), FastOptions(attention="flash2", ffn1="cublas"),
+                                  FastOptions(ffn1="tma", tma_min_tokens=0, graphs=False)])
 @pytest.mark.parametrize("name, changes, tt", [
     ("bert-base", {}, True), ("minilm-l6", {}, False), ("xlmr-base", {"num_layers": 4}, False),
     ("minilm-l6", {"norm_first": True, "final_layer_norm": True, "activation": "relu"}, False),
@@ -130,6 +133,9 @@ def test_graph_replay_equals_eager_and_batch_composition_does_not_matter():
         g = m.runner(dev, meta)
     assert m.runner.stats["replay"] >= 1
     assert torch.allclose(g.float(), e.float(), atol=2e-2) and min_cos(g, e) >= 0.99999
+    # a host batch replays the same graph, its rows copied straight into the graph's inputs
+    replays = m.runner.stats["replay"]
+    assert torch.equal(m.hidden_states(batch), g) and m.runner.stats["replay"] == replays + 1
     # a sequence alone vs. inside the batch
     alone = m.hidden_states(batch.select([7]))
     s, n = int(batch.cu_seqlens[7]), lens[7]

@@ -57,6 +57,10 @@ def test_kernel_under_triton_interpreter(run_interpreted):
                 assert y is out and torch.isfinite(y).all()
                 err = (y.float() - bias_act_ref(x, b, act).float()).abs().max().item()
                 assert err <= tol * 10, (act, dt, err)
+                # rows with a stride (a view into a wider buffer) take the row-per-program kernel
+                wide = torch.full((5, 1300), float("nan"), dtype=dt)
+                y2 = bias_act(x, b, act, out=wide[:, :1100])
+                assert torch.equal(y2, y) and wide[:, 1100:].isnan().all()
         print("ok")
     """)
 

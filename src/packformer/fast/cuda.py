@@ -4,9 +4,10 @@ model's own (already fp16/bf16) parameters and never changes them.
 
 Per post-norm layer:  x [T, H]
   qkv = x W_qkv^T + b                 cuBLAS (bias in its epilogue)       [T, 3H]
-  a   = varlen_attn(q, k, v)          flash attention on packed tokens    [T, nh, hd]
+  a   = flash_varlen(q, k, v)         Triton flash attention on packed tokens (64-row tiles)  [T, nh, hd]
   x   = LN(x + a W_o^T + b_o)         `addmm_` (residual in the GEMM) + fused bias+LayerNorm kernel
-  h   = act(x W_1^T + b_1)            cuBLAS, then the bias_act kernel (erf GELU) or a cuBLASLt epilogue
+  h   = act(x W_1^T + b_1)            large T: Triton TMA GEMM with bias+erf-GELU epilogue; else cuBLAS, then
+                                      the bias_act kernel (erf GELU) or a cuBLASLt epilogue (ReLU, tanh GELU)
   x   = LN(x + h W_2^T + b_2)         as for the out-projection
 Pre-norm stacks (nn.TransformerEncoder norm_first=True) use the same kernels in the other order.
 """
@@ -24,25 +25,31 @@ from ..ops.attention import AttentionMeta, varlen_attention
 from ..ops.embedding import embed_layernorm
 from ..ops.gelu import bias_act
 from ..ops.layernorm import add_layernorm
-from ..ops.linear_act import linear_act
+from ..ops.flash_varlen import flash_varlen
+from ..ops.linear_act import linear_act, linear_act_tma
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class FastOptions:
-    """Which fused variant runs each step; defaults are the fastest measured on an H100 (NOTES-gpu.md)."""
+    """Which fused variant runs each step; defaults are the fastest measured on an H100/H200 (NOTES-gpu.md)."""
 
-    ffn1: str = "cublas"        # "cublas": cuBLAS GEMM, then bias+act (a cuBLASLt epilogue where that is exact,
-                                # else the bias_act kernel) | "triton": our GEMM with a bias+act epilogue
+    ffn1: str = "tma"           # "cublas": cuBLAS GEMM, then bias+act (a cuBLASLt epilogue where that is exact,
+                                # else the bias_act kernel) | "triton": our GEMM with a bias+act epilogue |
+                                # "tma": the TMA GEMM with the epilogue for T >= tma_min_tokens, else "cublas"
+    tma_min_tokens: int = 16384
+    attention: str = "triton"   # "triton": ops.flash_varlen | "flash2": torch's varlen_attn (FlashAttention-2)
     approximate_gelu: bool = False  # erf-GELU models: use cuBLASLt's tanh-GELU epilogue (|error| < 3e-4)
     residual: str = "addmm"     # "addmm": residual added by the GEMM (beta=1) | "kernel": added by the LN kernel
     graphs: bool = True         # CUDA graphs per token bucket for batches up to graph_max_tokens
     graph_max_tokens: int = 8192
 
     def __post_init__(self):
-        if self.ffn1 not in ("triton", "cublas"):
-            raise ValueError(f"ffn1 must be 'triton' or 'cublas', got {self.ffn1!r}")
+        if self.ffn1 not in ("triton", "cublas", "tma"):
+            raise ValueError(f"ffn1 must be 'triton', 'tma' or 'cublas', got {self.ffn1!r}")
+        if self.attention not in ("flash2", "triton"):
+            raise ValueError(f"attention must be 'flash2' or 'triton', got {self.attention!r}")
         if self.residual not in ("addmm", "kernel"):
             raise ValueError(f"residual must be 'addmm' or 'kernel', got {self.residual!r}")
 
@@ -58,6 +65,9 @@ class FastEncoder:
         if p.device.type != "cuda" or p.dtype not in (torch.float16, torch.bfloat16):
             raise ValueError(f"the CUDA fast path runs fp16/bf16 weights on a GPU, got {p.dtype} on {p.device}")
         self.dtype, self.device = p.dtype, p.device
+        # the TMA GEMM needs Hopper (sm90+) and 16-byte aligned rows (hidden and FFN sizes multiples of 8)
+        self._tma = (self.opt.ffn1 == "tma" and torch.cuda.get_device_capability(self.device)[0] >= 9
+                     and self.cfg.hidden_size % 8 == 0 and self.cfg.intermediate_size % 8 == 0)
 
     def __call__(self, batch: PackedBatch, meta: AttentionMeta, out: torch.Tensor | None = None) -> torch.Tensor:
         cfg, emb = self.cfg, self.encoder.embeddings
@@ -83,6 +93,8 @@ class FastEncoder:
         t = x.shape[0]
         qkv = F.linear(x, layer.qkv.weight, layer.qkv.bias)                              # [T, 3H]
         q, k, v = qkv.view(t, 3, layer.num_heads, layer.head_dim).unbind(1)                 # 3 x [T, nh, hd]
+        if self.opt.attention == "triton":
+            return flash_varlen(q, k, v, meta.cu_seqlens, meta.max_seqlen).view(t, -1)      # [T, H]
         return varlen_attention(q, k, v, meta).reshape(t, -1)                               # [T, H]
 
     def _ffn_hidden(self, layer, x: torch.Tensor) -> torch.Tensor:
@@ -92,6 +104,8 @@ class FastEncoder:
         if act == "relu" or act == "gelu_tanh" or (act == "gelu" and self.opt.approximate_gelu):
             # cuBLASLt's RELU_BIAS / GELU_BIAS epilogues (its GELU is the tanh form): no extra pass
             return torch._addmm_activation(b, x, w.t(), use_gelu=act != "relu")
+        if self._tma and x.shape[0] >= self.opt.tma_min_tokens and x.is_contiguous():
+            return linear_act_tma(x, w, b, act)                                             # [T, F]
         h = F.linear(x, w)                                                                  # [T, F]
         return bias_act(h, b, act, out=h)                                                   # erf GELU, in place
 

@@ -108,7 +108,21 @@ class GraphRunner:
     # ---- running -------------------------------------------------------------------------------
     @torch.inference_mode()
     def __call__(self, batch: PackedBatch, meta: AttentionMeta) -> torch.Tensor:
-        key = self.key_for(batch.num_tokens, meta.seqlens, meta.max_seqlen, batch.token_type_ids is not None)
+        """A batch already on the device."""
+        return self._run(batch, meta.seqlens, meta.max_seqlen, lambda: (batch, meta))
+
+    @torch.inference_mode()
+    def run_host(self, batch: PackedBatch, seqlens: list[int]) -> torch.Tensor:
+        """A batch still on the host (pinned, ideally): a replay copies its rows straight into the graph's
+        static inputs, one host-to-device copy each, with no device copy of the batch in between; an
+        eager run moves the batch to the device first."""
+        def eager():
+            dev = batch.to(self.device, non_blocking=True)
+            return dev, AttentionMeta.build(dev.cu_seqlens, dev.max_seqlen, seqlens)
+        return self._run(batch, seqlens, batch.max_seqlen, eager)
+
+    def _run(self, batch: PackedBatch, seqlens: list[int], max_seqlen: int, eager_inputs) -> torch.Tensor:
+        key = self.key_for(batch.num_tokens, seqlens, max_seqlen, batch.token_type_ids is not None)
         with self._lock:
             g = self.graphs.get(key) if key is not None else None
             if g is None and key is not None:
@@ -117,18 +131,22 @@ class GraphRunner:
                     g = self._capture(key)
             if g is None:
                 self.stats["eager"] += 1
-                return self.forward(batch, meta)
+                return self.forward(*eager_inputs())
             t = batch.num_tokens
             b = self._buffers()
             dst, src = [b["ids"][:t], b["pos"][:t]], [batch.input_ids, batch.positions]
             if batch.token_type_ids is not None:
                 dst.append(b["tt"][:t])
                 src.append(batch.token_type_ids)
-            torch._foreach_copy_(dst, src, non_blocking=True)         # one launch for the input rows
+            if src[0].device == self.device:
+                torch._foreach_copy_(dst, src, non_blocking=True)     # one launch for the input rows
+            else:
+                for d, s_ in zip(dst, src):
+                    d.copy_(s_, non_blocking=True)
             g.turn ^= 1
             host, done = g.host_cu[g.turn], g.copied[g.turn]
             done.synchronize()                  # its previous copy (two batches ago) has long finished
-            host.numpy()[:] = padded_cu_seqlens(meta.seqlens, g.n, g.slots)
+            host.numpy()[:] = padded_cu_seqlens(seqlens, g.n, g.slots)
             g.cu.copy_(host, non_blocking=True)
             done.record()
             g.graph.replay()

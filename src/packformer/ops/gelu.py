@@ -4,7 +4,9 @@ Unfused, FFN1's bias add and the activation each read and write the [T, F] inter
 tensor of the layer. The kernel does both in one pass, in fp32, rounding once.
 
 - `bias_act_ref`: plain torch in fp32 (the specification).
-- `_bias_act_kernel`: Triton, a [1, BLOCK] tile of one row per program.
+- `_bias_act_kernel`: Triton, a [ROWS, BLOCK] tile per program (rows may be strided); the bias slice is
+  loaded once per tile. With one row per program (a 6 KB tile at F = 3072) the pass ran at 2.7 TB/s on
+  an H200 whose device copy reaches 4.0 TB/s.
 - `bias_act`: the launcher (checks shapes/dtypes; the kernel where it can run, else the reference).
 """
 from __future__ import annotations
@@ -48,18 +50,23 @@ if triton is not None:
             return tl.maximum(x, 0.0)
 
     @triton.jit
-    def _bias_act_kernel(X, BIAS, Y, stride_x, stride_y, N, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
-                         BLOCK: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
+    def _bias_act_kernel(X, BIAS, Y, T, N, stride_x, stride_y, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+                         ROWS: tl.constexpr, BLOCK: tl.constexpr):
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        mask = cols < N
-        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        mask = (rows[:, None] < T) & (cols[None, :] < N)
+        r64 = rows.to(tl.int64)[:, None]
+        x = tl.load(X + r64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         if HAS_BIAS:
-            x += tl.load(BIAS + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(Y + row * stride_y + cols, _act(x, ACT).to(Y.dtype.element_ty), mask=mask)
+            x += tl.load(BIAS + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(Y + r64 * stride_y + cols[None, :], _act(x, ACT).to(Y.dtype.element_ty), mask=mask)
 
 
-def bias_act(x: torch.Tensor, bias: torch.Tensor | None, act: str = "gelu", out: torch.Tensor | None = None) -> torch.Tensor:
+ROWS, BLOCK = 8, 1024     # an [8, 1024] tile per program (16 KB of fp16 in, 16 KB out)
+
+
+def bias_act(x: torch.Tensor, bias: torch.Tensor | None, act: str = "gelu", out: torch.Tensor | None = None,
+             rows: int = ROWS) -> torch.Tensor:
     """act(x + bias): [T, F] -> [T, F] in x's dtype. `out` may alias `x` (in place)."""
     check(act in ACTS, f"unknown activation {act!r}; expected one of {tuple(ACTS)}")
     check(x.dim() == 2 and x.stride(1) == 1, f"x must be [T, F] with contiguous rows, got shape {tuple(x.shape)}")
@@ -76,7 +83,7 @@ def bias_act(x: torch.Tensor, bias: torch.Tensor | None, act: str = "gelu", out:
     y = torch.empty_like(x) if out is None else out
     t, n = x.shape
     if t:
-        block = 1024
-        _bias_act_kernel[(t, triton.cdiv(n, block))](x, bias if bias is not None else x, y, x.stride(0), y.stride(0), n,
-                                                   HAS_BIAS=bias is not None, ACT=ACTS[act], BLOCK=block, num_warps=4)
+        _bias_act_kernel[(triton.cdiv(t, rows), triton.cdiv(n, BLOCK))](
+            x, bias if bias is not None else x, y, t, n, x.stride(0), y.stride(0), HAS_BIAS=bias is not None,
+            ACT=ACTS[act], ROWS=rows, BLOCK=BLOCK, num_warps=8)
     return y

@@ -1,0 +1,127 @@
+"""Varlen flash attention in Triton: softmax(q k^T * scale) v per packed sequence, on [T, H, D] views.
+
+Why our own kernel next to torch's `varlen_attn` (FlashAttention-2): FA2 as torch ships it is built for
+sm80 (mma.sync, 128x128 tiles). Encoder batches are many short sequences (offline_b256: median 96
+tokens), so a 128-row tile is mostly padding for a third of them, and on a Hopper GPU FA2 reached about
+105 TFLOP/s on that batch (benchmarks/NOTES-gpu.md). Triton emits Hopper wgmma, and this kernel's tile
+sizes are chosen per problem; the GPU benchmark decides which kernel the fast path uses.
+
+- reference: `attention.varlen_attention_ref` (plain softmax in fp32, one sequence at a time).
+- `_flash_varlen_kernel`: one program per (sequence, head, query block); online softmax in fp32 with
+  exp2; the last key block is the only one masked. Programs whose query block starts past their
+  sequence's end return at once, so the grid can be sized from (slots, max_seqlen) alone: nothing is
+  read back to the host, and the launch is capturable in a CUDA graph (empty segments are fine).
+- `flash_varlen`: the launcher (checks shapes, dtypes and strides).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ._triton import check, kernel_ok, next_pow2, tl, triton
+
+
+@dataclass(frozen=True)
+class FlashConfig:
+    block_m: int = 64
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def default_config(head_dim: int, max_seqlen: int) -> FlashConfig:
+    """Tiles chosen on an H200 by benchmarks/gpu_fastpath.py --sections attention (NOTES-gpu.md): 64x64
+    with 3 stages was fastest on serve_b32 and offline_b256 for head sizes 32 and 64 (128-row tiles
+    lost 10-20% to padding on these short sequences)."""
+    return FlashConfig(64, 64, 4, 3)
+
+
+if triton is not None:
+    @triton.jit
+    def _flash_varlen_kernel(Q, K, V, O, CU, qk_scale, stride_qt, stride_qh, stride_kt, stride_kh,
+                             stride_vt, stride_vh, stride_ot, stride_oh, H, NUM_MB, D: tl.constexpr,
+                             HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        bh = tl.program_id(0)
+        # query blocks in reverse: the last blocks exist only for the longest sequences, whose programs
+        # run longest, so they start first and the grid's tail is short ones
+        mb = NUM_MB - 1 - tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        start = tl.load(CU + b)
+        seqlen = tl.load(CU + b + 1) - start
+        m0 = mb * BLOCK_M
+        if m0 >= seqlen:
+            return
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM)
+        d_ok = offs_d < D
+        row0 = start.to(tl.int64)
+        q_ptrs = Q + (row0 + offs_m[:, None]) * stride_qt + h * stride_qh + offs_d[None, :]
+        q = tl.load(q_ptrs, mask=(offs_m[:, None] < seqlen) & d_ok[None, :], other=0.0)       # [BM, HD]
+        k_base = K + row0 * stride_kt + h * stride_kh + offs_d[None, :]
+        v_base = V + row0 * stride_vt + h * stride_vh + offs_d[None, :]
+        m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        l_i = tl.zeros((BLOCK_M,), tl.float32)
+        acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
+        full_end = (seqlen // BLOCK_N) * BLOCK_N
+        for n0 in range(0, full_end, BLOCK_N):            # key blocks fully inside the sequence: no mask
+            rows = n0 + offs_n
+            k = tl.load(k_base + rows[:, None] * stride_kt, mask=d_ok[None, :], other=0.0)        # [BN, HD]
+            s = tl.dot(q, tl.trans(k)) * qk_scale                                                 # [BM, BN]
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.math.exp2(s - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_base + rows[:, None] * stride_vt, mask=d_ok[None, :], other=0.0)        # [BN, HD]
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+            m_i = m_new
+        if full_end < seqlen:                              # the ragged last key block
+            rows = full_end + offs_n
+            ok = rows < seqlen
+            k = tl.load(k_base + rows[:, None] * stride_kt, mask=ok[:, None] & d_ok[None, :], other=0.0)
+            s = tl.dot(q, tl.trans(k)) * qk_scale
+            s = tl.where(ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.math.exp2(s - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_base + rows[:, None] * stride_vt, mask=ok[:, None] & d_ok[None, :], other=0.0)
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        acc = acc / l_i[:, None]
+        o_ptrs = O + (row0 + offs_m[:, None]) * stride_ot + h * stride_oh + offs_d[None, :]
+        tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=(offs_m[:, None] < seqlen) & d_ok[None, :])
+
+
+def flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                 scale: float | None = None, out: torch.Tensor | None = None,
+                 config: FlashConfig | None = None) -> torch.Tensor:
+    """q, k, v: [T, H, D] (rows may be strided, e.g. views of a fused QKV) -> [T, H, D].
+    cu_seqlens: [B+1] int32 on q's device; max_seqlen: an upper bound on every sequence's length."""
+    check(q.dim() == 3 and q.shape == k.shape == v.shape,
+          f"q, k, v must share one [T, H, D] shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    check(q.dtype == k.dtype == v.dtype and q.dtype in (torch.float16, torch.bfloat16, torch.float32),
+          f"q, k, v need one dtype among fp16/bf16/fp32, got {q.dtype}, {k.dtype}, {v.dtype}")
+    check(all(x.stride(2) == 1 for x in (q, k, v)), "q, k, v need a contiguous last (head) dimension")
+    check(cu_seqlens.dim() == 1 and cu_seqlens.dtype == torch.int32 and cu_seqlens.device == q.device,
+          f"cu_seqlens must be a 1-D int32 tensor on {q.device}, got {cu_seqlens.dtype} on {cu_seqlens.device}")
+    t, h, d = q.shape
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    if out is None:
+        out = torch.empty(t, h, d, dtype=q.dtype, device=q.device)
+    check(out.shape == q.shape and out.dtype == q.dtype and out.stride(2) == 1, f"out must be {tuple(q.shape)} {q.dtype}")
+    if not kernel_ok(q, k, v, cu_seqlens):
+        from .attention import varlen_attention_ref
+        return out.copy_(varlen_attention_ref(q, k, v, cu_seqlens, scale))
+    b = cu_seqlens.numel() - 1
+    if t == 0 or b <= 0 or max_seqlen <= 0:
+        return out
+    cfg = config or default_config(d, max_seqlen)
+    num_mb = triton.cdiv(max_seqlen, cfg.block_m)
+    _flash_varlen_kernel[(b * h, num_mb)](
+        q, k, v, out, cu_seqlens, scale * 1.4426950408889634, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        v.stride(0), v.stride(1), out.stride(0), out.stride(1), h, num_mb, D=d, HEAD_DIM=max(16, next_pow2(d)),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out
