@@ -372,8 +372,8 @@ def section_correct(args):
                     "bf16_graphs": model_of(parts, torch.bfloat16),
                     "fp16_triton_kernelres": with_runner(m16, FastOptions(ffn1="triton", residual="kernel")),
                     "fp16_approx_gelu": with_runner(m16, FastOptions(approximate_gelu=True)),
-                    "fp16_flash2_cublas": with_runner(m16, FastOptions(attention="flash2", ffn1="cublas")),
-                    "fp16_tma_all_sizes_eager": with_runner(m16, FastOptions(tma_min_tokens=0, graphs=False))}
+                    "fp16_flash2": with_runner(m16, FastOptions(attention="flash2")),
+                    "fp16_tma_all_sizes_eager": with_runner(m16, FastOptions(ffn1="tma", tma_min_tokens=0, graphs=False))}
         for name in BATCHES:
             ids, batch = packed_batch(parts, name)
             want = ref.embed_batch(batch).cpu()
@@ -458,12 +458,11 @@ def section_time(args):
             }
             calls["ours_approx_gelu"] = (lambda mm: (lambda: mm.hidden_states(batch)))(
                 with_runner(ours, FastOptions(approximate_gelu=True)))
-            for label, opt in (("prev_defaults_flash2_cublas", FastOptions(attention="flash2", ffn1="cublas")),
-                               ("flash2_attn", FastOptions(attention="flash2"))):
+            for label, opt in (("flash2_attn", FastOptions(attention="flash2")),):
                 calls[f"ours_{label}"] = (lambda mm: (lambda: mm.hidden_states(batch)))(with_runner(ours, opt))
             if name == "offline_b256":
                 for label, opt in (("triton_ffn1", FastOptions(ffn1="triton", graphs=False)),
-                                   ("cublas_ffn1", FastOptions(ffn1="cublas", graphs=False)),
+                                   ("tma_ffn1", FastOptions(ffn1="tma", graphs=False)),
                                    ("kernel_residual", FastOptions(residual="kernel", graphs=False))):
                     m = with_runner(ours, opt)
                     calls[f"ablate_{label}"] = (lambda mm: (lambda: mm.hidden_states(batch)))(m)
@@ -580,7 +579,11 @@ def section_e2e(args):
                 torch.cuda.synchronize()
                 ts.append(time.perf_counter() - t0)
             return round(ntok / statistics.median(ts))
-        row["ours_encode_tok_s"] = timed(lambda: m.encode(texts))
+        # the first pass over these texts also captures a CUDA graph for each new batch shape (on its
+        # second sight) and compiles Triton variants; later passes are what a long batch job sees
+        row["ours_encode_first_pass_tok_s"] = timed(lambda: m.encode(texts), 1)
+        row["ours_encode_tok_s"] = timed(lambda: m.encode(texts), 3)
+        row["graph_stats_after"] = dict(getattr(m.runner, "stats", {}))
         for label, pc in (("pipe_256_1024", PipelineConfig(256, 1024)), ("pipe_256_4096", PipelineConfig(256, 4096)),
                           ("pipe_512_8192", PipelineConfig(512, 8192))):
             row[label + "_tok_s"] = timed(lambda: run_texts(m, texts, lambda b: m.embed_batch(b), m.dim, config=pc), 1)

@@ -40,9 +40,20 @@ def bias_act_ref(x: torch.Tensor, bias: torch.Tensor | None, act: str) -> torch.
 
 if triton is not None:
     @triton.jit
+    def _erf(z):
+        """erf(z) by Abramowitz & Stegun 7.1.26: |error| < 1.5e-7, the size of fp32's own rounding of
+        1 + erf. Why not libdevice's erff: it made the bias+GELU pass arithmetic-bound, 157 us against
+        111 us for ReLU or tanh-GELU and 109 us for a device copy ([35201, 3072] fp16 on an H200)."""
+        a = tl.abs(z)
+        t = tl.fdiv(1.0, 1.0 + 0.3275911 * a)
+        poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
+        e = 1.0 - poly * tl.math.exp2(-1.4426950408889634 * a * a)
+        return tl.where(z < 0, -e, e)
+
+    @triton.jit
     def _act(x, ACT: tl.constexpr):
         if ACT == 0:
-            return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+            return 0.5 * x * (1.0 + _erf(x * 0.7071067811865476))
         elif ACT == 1:
             z = 0.7978845608028654 * (x + 0.044715 * x * x * x)
             return 0.5 * x * (1.0 + (2.0 * tl.sigmoid(2.0 * z) - 1.0))   # tanh(z) = 2 sigmoid(2z) - 1
