@@ -233,10 +233,9 @@ def section_attention(args):
     memory-efficient kernel and cuDNN, all on packed [T, H, D]; GPU time and max deviation from flash."""
     import torch.nn.attention as tna
     from packformer.ops.attention import varlen_attention
-    from packformer.ops.flash_varlen import FlashConfig, default_config, flash_varlen
-    tiles = [FlashConfig(*c) for c in ((64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 2), (64, 128, 4, 2),
-                                        (128, 64, 8, 2), (128, 64, 4, 2), (128, 128, 8, 2), (128, 32, 4, 2),
-                                        (32, 32, 4, 2), (32, 64, 4, 2), (64, 64, 8, 2))]
+    from packformer.ops.flash_varlen import FlashConfig, default_config, flash_varlen, tile_table
+    tiles = [FlashConfig(*c) for c in ((64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 3),
+                                        (64, 128, 4, 3), (128, 64, 8, 3), (128, 64, 4, 3), (32, 64, 4, 3))]
     r = {"flash_impls": None, "rows": []}
     try:
         r["flash_impls"] = [str(tna.list_flash_attention_impls()), str(tna.current_flash_attention_impl())]
@@ -265,6 +264,8 @@ def section_attention(args):
                     False, False)[0],
             }
             cands["triton_default"] = lambda: flash_varlen(q, k, v, cu, max(lens))
+            tt = torch.from_numpy(tile_table(lens, default_config(hd, max(lens)).block_m)).to(DEV)
+            cands["triton_default_tiles"] = lambda: flash_varlen(q, k, v, cu, max(lens), tiles=tt)
             row["triton_default_config"] = str(default_config(hd, max(lens)))
             for c in tiles:
                 cands[f"triton_{c.block_m}x{c.block_n}w{c.num_warps}s{c.num_stages}"] = (
@@ -458,7 +459,8 @@ def section_time(args):
             }
             calls["ours_approx_gelu"] = (lambda mm: (lambda: mm.hidden_states(batch)))(
                 with_runner(ours, FastOptions(approximate_gelu=True)))
-            for label, opt in (("flash2_attn", FastOptions(attention="flash2")),):
+            for label, opt in (("flash2_attn", FastOptions(attention="flash2")),
+                               ("no_attention_tiles", FastOptions(attention_tiles=False))):
                 calls[f"ours_{label}"] = (lambda mm: (lambda: mm.hidden_states(batch)))(with_runner(ours, opt))
             if name == "offline_b256":
                 for label, opt in (("triton_ffn1", FastOptions(ffn1="triton", graphs=False)),

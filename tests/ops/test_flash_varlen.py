@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from packformer.ops.attention import varlen_attention_ref
-from packformer.ops.flash_varlen import FlashConfig, flash_varlen
+from packformer.ops.flash_varlen import FlashConfig, flash_varlen, tile_table
 
 
 def _packed(lens, heads=2, dim=16, dtype=torch.float32, device="cpu", seed=0):
@@ -24,6 +24,15 @@ def test_launcher_rejects_mismatched_shapes_dtypes_and_cu_seqlens():
         flash_varlen(q, k, v, cu.long(), 5)
 
 
+def test_tile_table_lists_every_query_block_once_longest_sequences_first():
+    lens = [3, 0, 130, 64, 65]
+    table = tile_table(lens, 64)
+    assert table.dtype.name == "int32" and table.shape == (1 + 0 + 3 + 1 + 2, 2)
+    assert sorted(map(tuple, table.tolist())) == [(0, 0), (2, 0), (2, 1), (2, 2), (3, 0), (4, 0), (4, 1)]
+    assert [lens[b] for b in table[:, 0]] == sorted((lens[b] for b in table[:, 0]), reverse=True)
+    assert tile_table([], 64).shape == (0, 2)
+
+
 def test_launcher_without_a_kernel_runs_the_reference():
     (q, k, v), cu = _packed([3, 0, 5])
     assert torch.allclose(flash_varlen(q, k, v, cu, 5), varlen_attention_ref(q, k, v, cu), atol=1e-6)
@@ -39,7 +48,7 @@ def test_kernel_under_triton_interpreter(run_interpreted):
         import torch
         from packformer.ops import _triton
         from packformer.ops.attention import varlen_attention_ref
-        from packformer.ops.flash_varlen import FlashConfig, flash_varlen
+        from packformer.ops.flash_varlen import FlashConfig, flash_varlen, tile_table
         assert _triton.INTERPRET
         g = torch.Generator().manual_seed(0)
         lens = [1, 7, 33, 0, 32, 20]                     # a 1-token, an empty, a block-exact and ragged ones
@@ -48,10 +57,11 @@ def test_kernel_under_triton_interpreter(run_interpreted):
             q, k, v = torch.randn(sum(lens), 3, 2, dim, generator=g).unbind(1)   # strided views, as in the encoder
             want = varlen_attention_ref(q, k, v, cu, scale=0.3)
             for cfg in (FlashConfig(16, 16, 4, 1), FlashConfig(32, 16, 4, 1)):
-                out = torch.full_like(q, float("nan"))
-                got = flash_varlen(q, k, v, cu, max(lens), scale=0.3, out=out, config=cfg)
-                assert got is out and torch.isfinite(got).all()
-                assert (got - want).abs().max().item() < 1e-5, (dim, cfg)
+                for tiles in (None, torch.from_numpy(tile_table(lens, cfg.block_m))):
+                    out = torch.full_like(q, float("nan"))
+                    got = flash_varlen(q, k, v, cu, max(lens), scale=0.3, out=out, config=cfg, tiles=tiles)
+                    assert got is out and torch.isfinite(got).all()
+                    assert (got - want).abs().max().item() < 1e-5, (dim, cfg, tiles is None)
         print("ok")
     """)
 
@@ -70,6 +80,9 @@ def test_gpu_matches_the_fp32_reference(dtype, dim, config):
     want = varlen_attention_ref(q, k, v, cu)
     tol = 2e-2 if dtype == torch.bfloat16 else 3e-3
     assert torch.isfinite(got).all() and (got.float() - want.float()).abs().max() <= tol
+    block_m = (config or FlashConfig()).block_m
+    tiles = torch.from_numpy(tile_table(LENS, block_m)).cuda()
+    assert torch.equal(flash_varlen(q, k, v, cu, max(LENS), config=config, tiles=tiles), got)
 
 
 @pytest.mark.gpu

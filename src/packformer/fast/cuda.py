@@ -24,7 +24,8 @@ from ..ops.attention import AttentionMeta, varlen_attention
 from ..ops.embedding import embed_layernorm
 from ..ops.gelu import bias_act
 from ..ops.layernorm import add_layernorm
-from ..ops.flash_varlen import flash_varlen
+from ..ops.flash_varlen import default_config as flash_config
+from ..ops.flash_varlen import flash_varlen, tile_table
 from ..ops.linear_act import linear_act, linear_act_tma
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ class FastOptions:
                                 # "tma": the TMA GEMM with the epilogue for T >= tma_min_tokens, else "cublas"
     tma_min_tokens: int = 16384
     attention: str = "triton"   # "triton": ops.flash_varlen | "flash2": torch's varlen_attn (FlashAttention-2)
+    attention_tiles: bool = True  # triton: enumerate the query blocks from the host lengths (eager runs)
     approximate_gelu: bool = False  # erf-GELU models: use cuBLASLt's tanh-GELU epilogue (|error| < 3e-4)
     residual: str = "addmm"     # "addmm": residual added by the GEMM (beta=1) | "kernel": added by the LN kernel
     graphs: bool = True         # CUDA graphs per token bucket for batches up to graph_max_tokens
@@ -79,21 +81,31 @@ class FastEncoder:
                             norm.weight if norm is not None else None, norm.bias if norm is not None else None,
                             norm.eps if norm is not None else 0.0)                          # [T, H]
         layers = self.encoder.layers
+        tiles = self._tiles(meta)
         if cfg.norm_first:
-            return self._pre_norm(x, meta, out)
+            return self._pre_norm(x, meta, tiles, out)
         for i, layer in enumerate(layers):
             last = out if i == len(layers) - 1 else None
-            x = self._sublayer(x, self._attention(layer, x, meta), layer.out, layer.norm1, None)
+            x = self._sublayer(x, self._attention(layer, x, meta, tiles), layer.out, layer.norm1, None)
             x = self._sublayer(x, self._ffn_hidden(layer, x), layer.ffn2, layer.norm2, last)
         return x
 
     # ---- steps --------------------------------------------------------------------------------
-    def _attention(self, layer, x: torch.Tensor, meta: AttentionMeta) -> torch.Tensor:
+    def _tiles(self, meta: AttentionMeta) -> torch.Tensor | None:
+        """The query-block table of flash_varlen, once per forward, where the host knows the lengths
+        (not while a CUDA graph is captured: its replays see other lengths)."""
+        if self.opt.attention != "triton" or not self.opt.attention_tiles or not meta.seqlens:
+            return None
+        cfg = flash_config(self.cfg.head_dim, meta.max_seqlen)
+        table = torch.from_numpy(tile_table(meta.seqlens, cfg.block_m))
+        return table.pin_memory().to(self.device, non_blocking=True)
+
+    def _attention(self, layer, x: torch.Tensor, meta: AttentionMeta, tiles: torch.Tensor | None) -> torch.Tensor:
         t = x.shape[0]
         qkv = F.linear(x, layer.qkv.weight, layer.qkv.bias)                              # [T, 3H]
         q, k, v = qkv.view(t, 3, layer.num_heads, layer.head_dim).unbind(1)                 # 3 x [T, nh, hd]
         if self.opt.attention == "triton":
-            return flash_varlen(q, k, v, meta.cu_seqlens, meta.max_seqlen).view(t, -1)      # [T, H]
+            return flash_varlen(q, k, v, meta.cu_seqlens, meta.max_seqlen, tiles=tiles).view(t, -1)  # [T, H]
         return varlen_attention(q, k, v, meta).reshape(t, -1)                               # [T, H]
 
     def _ffn_hidden(self, layer, x: torch.Tensor) -> torch.Tensor:
@@ -116,12 +128,12 @@ class FastEncoder:
         o = torch.mm(a, lin.weight.t())
         return add_layernorm(o, norm.weight, norm.bias, norm.eps, residual=x, x_bias=lin.bias, out=out)
 
-    def _pre_norm(self, x: torch.Tensor, meta: AttentionMeta, out) -> torch.Tensor:
+    def _pre_norm(self, x: torch.Tensor, meta: AttentionMeta, tiles, out) -> torch.Tensor:
         """x <- x + attn(LN1 x); x <- x + ffn(LN2 x); with each add fused into the next LayerNorm."""
         layers, final = self.encoder.layers, self.encoder.final_norm
         h = add_layernorm(x, layers[0].norm1.weight, layers[0].norm1.bias, layers[0].norm1.eps)
         for i, layer in enumerate(layers):
-            x, h = self._pre_sublayer(x, self._attention(layer, h, meta), layer.out, layer.norm2, None)
+            x, h = self._pre_sublayer(x, self._attention(layer, h, meta, tiles), layer.out, layer.norm2, None)
             nxt = layers[i + 1].norm1 if i + 1 < len(layers) else final
             f = self._ffn_hidden(layer, h)
             if nxt is None:   # last layer, no final norm: the plain residual sum is the output

@@ -7,10 +7,13 @@ tokens), so a 128-row tile is mostly padding for a third of them, and on a Hoppe
 sizes are chosen per problem; the GPU benchmark decides which kernel the fast path uses.
 
 - reference: `attention.varlen_attention_ref` (plain softmax in fp32, one sequence at a time).
-- `_flash_varlen_kernel`: one program per (sequence, head, query block); online softmax in fp32 with
-  exp2; the last key block is the only one masked. Programs whose query block starts past their
-  sequence's end return at once, so the grid can be sized from (slots, max_seqlen) alone: nothing is
-  read back to the host, and the launch is capturable in a CUDA graph (empty segments are fine).
+- `_flash_varlen_kernel`: one program per (head, query block of a sequence); online softmax in fp32
+  with exp2; the last key block is the only one masked. Two ways to enumerate the query blocks:
+  - a tile table (`tile_table`, built on the host from the lengths, once per forward): exactly the
+    blocks that exist, longest sequences first (their programs run longest, so the grid's tail is
+    short ones);
+  - without one, a dense (slots x max_seqlen / BLOCK_M) grid whose programs past their sequence's
+    end return at once: nothing is read back to the host, so this is what a CUDA graph captures.
 - `flash_varlen`: the launcher (checks shapes, dtypes and strides).
 """
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ._triton import check, kernel_ok, next_pow2, tl, triton
@@ -28,7 +32,7 @@ class FlashConfig:
     block_m: int = 64
     block_n: int = 64
     num_warps: int = 4
-    num_stages: int = 2
+    num_stages: int = 3
 
 
 def default_config(head_dim: int, max_seqlen: int) -> FlashConfig:
@@ -38,17 +42,33 @@ def default_config(head_dim: int, max_seqlen: int) -> FlashConfig:
     return FlashConfig(64, 64, 4, 3)
 
 
+def tile_table(seqlens: list[int] | np.ndarray, block_m: int) -> np.ndarray:
+    """[n, 2] int32 (sequence index, query block index) for every query block of every sequence,
+    longest sequences first."""
+    lens = np.asarray(seqlens, dtype=np.int64)
+    blocks = -(-lens // block_m)                                        # query blocks per sequence
+    order = np.argsort(-lens, kind="stable")
+    counts = blocks[order]
+    seq = np.repeat(order, counts)
+    first = np.repeat(np.cumsum(counts) - counts, counts)               # index of each sequence's block 0
+    return np.stack([seq, np.arange(seq.size) - first], axis=1).astype(np.int32)
+
+
 if triton is not None:
     @triton.jit
-    def _flash_varlen_kernel(Q, K, V, O, CU, qk_scale, stride_qt, stride_qh, stride_kt, stride_kh,
+    def _flash_varlen_kernel(Q, K, V, O, CU, TILES, qk_scale, stride_qt, stride_qh, stride_kt, stride_kh,
                              stride_vt, stride_vh, stride_ot, stride_oh, H, NUM_MB, D: tl.constexpr,
-                             HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        bh = tl.program_id(0)
-        # query blocks in reverse: the last blocks exist only for the longest sequences, whose programs
-        # run longest, so they start first and the grid's tail is short ones
-        mb = NUM_MB - 1 - tl.program_id(1)
-        b = bh // H
-        h = bh % H
+                             HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                             USE_TILES: tl.constexpr):
+        if USE_TILES:     # grid (heads, tiles): the table lists the blocks longest sequence first
+            h = tl.program_id(0)
+            b = tl.load(TILES + 2 * tl.program_id(1))
+            mb = tl.load(TILES + 2 * tl.program_id(1) + 1)
+        else:             # grid (slots * heads, NUM_MB), query blocks in reverse: the last blocks exist
+            bh = tl.program_id(0)     # only for the longest sequences, so those start first
+            mb = NUM_MB - 1 - tl.program_id(1)
+            b = bh // H
+            h = bh % H
         start = tl.load(CU + b)
         seqlen = tl.load(CU + b + 1) - start
         m0 = mb * BLOCK_M
@@ -97,9 +117,10 @@ if triton is not None:
 
 def flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
                  scale: float | None = None, out: torch.Tensor | None = None,
-                 config: FlashConfig | None = None) -> torch.Tensor:
+                 config: FlashConfig | None = None, tiles: torch.Tensor | None = None) -> torch.Tensor:
     """q, k, v: [T, H, D] (rows may be strided, e.g. views of a fused QKV) -> [T, H, D].
-    cu_seqlens: [B+1] int32 on q's device; max_seqlen: an upper bound on every sequence's length."""
+    cu_seqlens: [B+1] int32 on q's device; max_seqlen: an upper bound on every sequence's length.
+    tiles: optional `tile_table(lengths, config.block_m)` on q's device (skips the empty programs)."""
     check(q.dim() == 3 and q.shape == k.shape == v.shape,
           f"q, k, v must share one [T, H, D] shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     check(q.dtype == k.dtype == v.dtype and q.dtype in (torch.float16, torch.bfloat16, torch.float32),
@@ -120,8 +141,16 @@ def flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: 
         return out
     cfg = config or default_config(d, max_seqlen)
     num_mb = triton.cdiv(max_seqlen, cfg.block_m)
-    _flash_varlen_kernel[(b * h, num_mb)](
-        q, k, v, out, cu_seqlens, scale * 1.4426950408889634, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+    if tiles is not None:
+        check(tiles.dim() == 2 and tiles.shape[1] == 2 and tiles.dtype == torch.int32 and tiles.device == q.device,
+              "tiles must be tile_table(...) as an int32 [n, 2] tensor on q's device")
+        if tiles.shape[0] == 0:
+            return out
+    use_tiles = tiles is not None and tiles.shape[0] <= 65535     # the grid's second axis limit
+    grid = (h, tiles.shape[0]) if use_tiles else (b * h, num_mb)
+    _flash_varlen_kernel[grid](
+        q, k, v, out, cu_seqlens, tiles if use_tiles else cu_seqlens, scale * 1.4426950408889634, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         v.stride(0), v.stride(1), out.stride(0), out.stride(1), h, num_mb, D=d, HEAD_DIM=max(16, next_pow2(d)),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, USE_TILES=use_tiles, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages)
     return out
