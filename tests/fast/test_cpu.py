@@ -130,54 +130,7 @@ def test_bf16_embeddings_keep_cosine_0999_with_fp32(minilm_dir, ref_embeddings):
     assert _cos(m.encode(TEXTS), ref_embeddings).min() >= 0.999
 
 
-def test_int8_embeddings_stay_close_to_fp32(minilm_dir, reference):
-    # Measured, not the 0.99 everywhere: activations are quantized with one scale per batch
-    # (fbgemm dynamic int8), so short texts next to outlier tokens lose the most (NOTES-cpu.md).
-    from packformer.bench.workloads import generate_texts
-    texts = generate_texts(200) + TEXTS
-    m = packformer.load(minilm_dir, quantize="int8")
-    assert m.runner.linear_backend == "DynamicInt8Linear"
-    got = m.encode(texts)
-    assert np.isfinite(got).all()
-    cos = _cos(got, reference.encode(texts))
-    assert cos[:200].mean() >= 0.99
-    assert cos.min() >= 0.97
-
-
-def test_int8_keeps_most_classification_labels(minilm_dir):
-    from packformer.heads import ClassificationHead
-    from packformer.loading import load_parts
-    from packformer.engine import Model
-
-    def with_head(**kw):
-        parts = load_parts(minilm_dir)
-        torch.manual_seed(0)
-        parts.head = ClassificationHead(384, 4)
-        parts.config = parts.config.replace(num_labels=4)
-        return Model(parts, **kw)
-
-    texts = [f"{w} " * (1 + i % 7) + TEXTS[i % len(TEXTS)] for i, w in enumerate(("red green blue cat dog sun "
-                                                                                  "moon river sea sky").split() * 4)]
-    fp32, int8 = with_head().classify(texts), with_head(quantize="int8").classify(texts)
-    agreement = (fp32.argmax(1) == int8.argmax(1)).mean()
-    assert agreement >= 0.9
-
-
-@pytest.mark.parametrize("act", [None, "gelu", "gelu_tanh", "relu"])
-def test_an_int8_linear_tracks_the_fp32_linear_for_every_activation(act):
-    from packformer.fast.cpu_linear import act_
-    from packformer.fast.quant import DynamicInt8Linear
-    g = torch.Generator().manual_seed(0)
-    lin = torch.nn.Linear(96, 64)
-    x = torch.randn(33, 96, generator=g)
-    r = torch.randn(33, 64, generator=g)
-    with torch.inference_mode():
-        want = lin(x)
-        q = DynamicInt8Linear(lin)
-        got_act, got_res = q(x, act=act), q(x, residual=r)
-        want_act = act_(want.clone(), act)
-    assert torch.nn.functional.cosine_similarity(got_act, want_act, dim=1).min() >= 0.99
-    assert torch.nn.functional.cosine_similarity(got_res, want + r, dim=1).min() >= 0.99
+# int8: tests/fast/test_quant.py
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -1,0 +1,168 @@
+"""The int8 mode (`quantize="int8"`): per-row activation scales, so a text's embedding does not depend
+on its batch; cosine >= 0.99 with fp32 for every embedding on all-MiniLM-L6-v2; classification labels
+kept; and the oneDNN kernel computes exactly the quantization written out in plain torch."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import packformer
+from packformer.bench.workloads import generate_texts
+from packformer.fast.cpu_linear import act_
+from packformer.fast.quant import (BLOCK_ROWS, DynamicInt8Linear, calibrate_outliers, int8_linear_ref,
+                                   quantize_rows, quantize_rows_ref)
+
+SHORT = ["x", "yes .", "I !", "ok", "Hello world", "How are you!", "中", "😀 Berlin", "no ?", "42"]
+LONG = "The quick brown fox jumps over the lazy dog, and then it runs far away into the woods. "
+
+
+def _cos(a, b):
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+@pytest.fixture(scope="module")
+def int8_minilm(minilm_dir):
+    return packformer.load(minilm_dir, quantize="int8")
+
+
+@pytest.fixture(scope="module")
+def varied_texts():
+    # short texts (where quantization error shows most), generator texts, and long ones (> BLOCK_ROWS tokens
+    # in the batch, so the kernel's row blocks split sequences)
+    return SHORT + generate_texts(150) + [LONG * 4, LONG * 10]
+
+
+# ---- (1) a result never depends on what else shares its batch -----------------------------------
+
+def test_an_int8_embedding_alone_equals_the_same_text_inside_a_large_mixed_batch(int8_minilm, varied_texts):
+    batch = varied_texts + SHORT[::-1]
+    assert sum(len(x) for x in int8_minilm.tokenizer.encode_raw(batch)) > 3 * BLOCK_ROWS
+    together = int8_minilm.encode(batch, batch_size=len(batch))
+    for text in SHORT + [LONG * 4]:
+        alone = int8_minilm.encode([text])[0]
+        np.testing.assert_allclose(together[batch.index(text)], alone, atol=1e-6, rtol=0)
+
+
+def test_an_int8_linear_row_does_not_depend_on_the_other_rows():
+    # one row of huge activations next to ordinary rows: a per-tensor scale would crush the ordinary ones
+    g = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(64, 32)
+    x = torch.randn(BLOCK_ROWS + 37, 64, generator=g)
+    x[3] *= 1e4
+    q = DynamicInt8Linear(lin)
+    with torch.inference_mode():
+        together = q(x)
+        alone = torch.cat([q(x[i:i + 1]) for i in range(0, x.shape[0], 50)] + [q(x[i:i + 1]) for i in (3, 4)])
+        rows = torch.cat([together[i:i + 1] for i in range(0, x.shape[0], 50)] + [together[i:i + 1] for i in (3, 4)])
+    assert torch.equal(alone, rows)
+
+
+# ---- (2) accuracy vs fp32 on the real model --------------------------------------------------------
+
+def test_int8_keeps_cosine_099_with_fp32_for_every_embedding(minilm, int8_minilm, varied_texts):
+    assert int8_minilm.runner.linear_backend == "DynamicInt8Linear"
+    got = int8_minilm.encode(varied_texts)
+    assert np.isfinite(got).all()
+    cos = _cos(got, minilm.encode(varied_texts))
+    assert cos.min() >= 0.99, [(varied_texts[i][:30], float(cos[i])) for i in np.argsort(cos)[:5]]
+    assert cos.mean() >= 0.998
+
+
+def test_outlier_channels_are_found_on_the_model_not_the_batch(minilm_dir):
+    # all-MiniLM-L6-v2 carries a few huge residual-stream channels (99, 157, 223, 338 ...) in every token;
+    # the calibration finds them from random ids, the same every time
+    encoder = packformer.load(minilm_dir, fast=False).encoder
+    a, b = calibrate_outliers(encoder), calibrate_outliers(encoder)
+    qkv = encoder.layers[3].qkv
+    assert torch.equal(a[qkv], b[qkv]) and a[qkv].numel() == 8
+    assert {99, 157, 338} <= set(a[qkv].tolist())
+
+
+# ---- (3) classification ---------------------------------------------------------------------------
+
+def test_int8_keeps_classification_labels(minilm_dir):
+    from packformer.engine import Model
+    from packformer.heads import ClassificationHead
+    from packformer.loading import load_parts
+
+    def with_head(**kw):
+        parts = load_parts(minilm_dir)
+        torch.manual_seed(0)
+        parts.head = ClassificationHead(384, 4)
+        parts.config = parts.config.replace(num_labels=4)
+        return Model(parts, **kw)
+
+    texts = generate_texts(200) + SHORT
+    fp32, int8 = with_head().classify(texts), with_head(quantize="int8").classify(texts)
+    assert np.abs(fp32 - int8).max() <= 0.05
+    top2 = np.sort(fp32, axis=1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 0.05          # labels that a 0.05 logit error cannot flip
+    assert clear.mean() >= 0.5
+    assert (fp32.argmax(1) == int8.argmax(1))[clear].all()
+    assert (fp32.argmax(1) == int8.argmax(1)).mean() >= 0.97
+
+
+# ---- (4) the kernel computes the quantization of the plain-torch reference ------------------------
+
+def _rows(n, k, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, k, generator=g) * torch.rand(n, 1, generator=g) * 10
+    x[0] = 0                       # an all-zero row: scale clamps, output is the bias
+    if n > 2:
+        x[1] *= 1e-6               # tiny values
+        x[2, 5] = 1e3              # one outlier in a row
+    return x
+
+
+@pytest.mark.parametrize("n", [1, 7, BLOCK_ROWS, BLOCK_ROWS + 1, 2 * BLOCK_ROWS + 77])
+def test_row_quantization_matches_the_reference_except_at_rounding_ties(n):
+    x = _rows(n, 96)
+    u, s = quantize_rows(x)
+    q, s_ref = quantize_rows_ref(x)
+    assert u.dtype == torch.uint8 and s.shape == (n, 1)
+    torch.testing.assert_close(s, s_ref, rtol=1e-6, atol=0)
+    d = u.int() - 128 - q.int()
+    # x * (127 / amax) vs x / (amax / 127): the two roundings disagree only next to a .5 boundary
+    assert d.abs().max() <= 1 and (d != 0).float().mean() <= 1e-3
+
+
+@pytest.mark.parametrize("outliers", [None, [5, 17, 40]], ids=["no outliers", "3 fp32 channels"])
+@pytest.mark.parametrize("mode", [None, "gelu", "relu", "residual"])
+@pytest.mark.parametrize("n", [3, BLOCK_ROWS + 5])
+def test_the_int8_linear_matches_the_plain_torch_quantization(n, mode, outliers):
+    g = torch.Generator().manual_seed(1)
+    lin = torch.nn.Linear(96, 48)
+    x = _rows(n, 96, seed=2)
+    r = torch.randn(n, 48, generator=g)
+    out_idx = None if outliers is None else torch.tensor(outliers)
+    q = DynamicInt8Linear(lin, out_idx)
+    with torch.inference_mode():
+        if mode == "residual":
+            got, want = q(x, residual=r), int8_linear_ref(x, lin.weight, lin.bias, out_idx) + r
+        else:
+            got, want = q(x, act=mode), act_(int8_linear_ref(x, lin.weight, lin.bias, out_idx), mode)
+    # same integers; where a rounding tie went the other way, one LSB of x times |w| at most
+    lsb = (x.abs().amax(1, keepdim=True) / 127) * lin.weight.abs().amax() * 1.01
+    assert ((got - want).abs() <= 1e-5 * (1 + want.abs()) + lsb).all()
+    # ... which is rare: most outputs agree to float rounding
+    assert ((got - want).abs() <= 1e-5 * (1 + want.abs())).float().mean() >= 0.95
+
+
+def test_an_int8_linear_writes_into_a_given_output_block():
+    lin = torch.nn.Linear(32, 16)
+    x = _rows(40, 32)
+    q = DynamicInt8Linear(lin)
+    buf = torch.full((50, 16), float("nan"))
+    with torch.inference_mode():
+        y = q(x, out=buf[5:45])
+    assert y.data_ptr() == buf[5].data_ptr() and buf[:5].isnan().all() and buf[45:].isnan().all()
+    assert torch.equal(y, q(x))
+
+
+def test_int8_tracks_the_fp32_linear():
+    g = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(96, 64)
+    x = torch.randn(33, 96, generator=g)
+    with torch.inference_mode():
+        got, want = DynamicInt8Linear(lin)(x), lin(x)
+    assert F.cosine_similarity(got, want, dim=1).min() >= 0.999
