@@ -125,3 +125,10 @@ def test_on_cuda_results_match_cpu_and_come_back_in_order():
     assert got.device.type == "cpu" and got.dtype == torch.float32
     want = one_by_one(cpu, TEXTS)
     assert torch.nn.functional.cosine_similarity(got, want, dim=1).min() >= 0.9995
+
+
+def test_gpu_default_tokenizes_in_larger_chunks_than_cpu():
+    from packformer.pipeline import default_config
+    assert default_config(torch.device("cpu")) == PipelineConfig()
+    gpu = default_config(torch.device("cuda"))      # a device object needs no GPU to exist
+    assert gpu.chunk > PipelineConfig().chunk and gpu.first_chunk >= PipelineConfig().first_chunk
