@@ -126,26 +126,40 @@ def test_row_quantization_matches_the_reference_except_at_rounding_ties(n):
     assert d.abs().max() <= 1 and (d != 0).float().mean() <= 1e-3
 
 
+@pytest.mark.parametrize("qmax", [127, 63], ids=["8-bit weights", "7-bit weights"])
 @pytest.mark.parametrize("outliers", [None, [5, 17, 40]], ids=["no outliers", "3 fp32 channels"])
 @pytest.mark.parametrize("mode", [None, "gelu", "relu", "residual"])
 @pytest.mark.parametrize("n", [3, BLOCK_ROWS + 5])
-def test_the_int8_linear_matches_the_plain_torch_quantization(n, mode, outliers):
+def test_the_int8_linear_matches_the_plain_torch_quantization(n, mode, outliers, qmax):
     g = torch.Generator().manual_seed(1)
     lin = torch.nn.Linear(96, 48)
     x = _rows(n, 96, seed=2)
     r = torch.randn(n, 48, generator=g)
     out_idx = None if outliers is None else torch.tensor(outliers)
-    q = DynamicInt8Linear(lin, out_idx)
+    q = DynamicInt8Linear(lin, out_idx, weight_qmax=qmax)
     with torch.inference_mode():
+        ref = int8_linear_ref(x, lin.weight, lin.bias, out_idx, weight_qmax=qmax)
         if mode == "residual":
-            got, want = q(x, residual=r), int8_linear_ref(x, lin.weight, lin.bias, out_idx) + r
+            got, want = q(x, residual=r), ref + r
         else:
-            got, want = q(x, act=mode), act_(int8_linear_ref(x, lin.weight, lin.bias, out_idx), mode)
+            got, want = q(x, act=mode), act_(ref, mode)
     # same integers; where a rounding tie went the other way, one LSB of x times |w| at most
     lsb = (x.abs().amax(1, keepdim=True) / 127) * lin.weight.abs().amax() * 1.01
     assert ((got - want).abs() <= 1e-5 * (1 + want.abs()) + lsb).all()
     # ... which is rare: most outputs agree to float rounding
     assert ((got - want).abs() <= 1e-5 * (1 + want.abs())).float().mean() >= 0.95
+
+
+def test_weights_take_7_bits_on_cpus_without_vnni(monkeypatch):
+    # without VNNI/AMX, x86 sums pairs of u8 x s8 products in int16: 255 * 127 * 2 would saturate
+    from types import SimpleNamespace
+
+    import packformer.fast.quant as quant
+    monkeypatch.setattr(quant, "detect", lambda: SimpleNamespace(int8_native=False))
+    q = DynamicInt8Linear(torch.nn.Linear(16, 8))
+    assert q.weight_qmax == 63 and q.weight_int8.abs().max() == 63
+    monkeypatch.setattr(quant, "detect", lambda: SimpleNamespace(int8_native=True))
+    assert DynamicInt8Linear(torch.nn.Linear(16, 8)).weight_int8.abs().max() == 127
 
 
 def test_an_int8_linear_writes_into_a_given_output_block():

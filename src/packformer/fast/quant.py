@@ -1,7 +1,8 @@
 """int8 mode for the Linear layers of the CPU path (`packformer.load(..., quantize="int8")`).
 
 The quantization, per row so that a token's result never depends on what else shares its batch:
-- weights: int8, symmetric, one scale per output channel (`s_w = max|w| / 127`), quantized once at load;
+- weights: int8, symmetric, one scale per output channel (`s_w = max|w| / 127`), quantized once at load
+  (7-bit, `/ 63`, on CPUs without VNNI/AMX: their u8 x s8 pair sums go through int16 and would saturate);
 - activations: int8, symmetric, one scale per row (token) from the row's own range at run time
   (`s_x = max|x| / 127`, `q = round(x / s_x)`);
 - GEMM in integers with int32 accumulation, then `y = acc * s_x[:, None] * s_w[None, :] + bias`
@@ -30,6 +31,7 @@ import functools
 import torch
 from torch import nn
 
+from .cpu_features import detect
 from .cpu_linear import act_
 
 QUANTIZE_MODES = ("int8",)
@@ -41,16 +43,19 @@ CALIBRATION_LENGTHS = [8, 24, 64, 160]
 
 @functools.lru_cache(maxsize=1)
 def int8_available() -> bool:
-    """Whether this torch build has the oneDNN int8 ops, and they agree with integer math on a small case."""
+    """Whether this torch build has the oneDNN int8 ops and they agree with the integer math of
+    `int8_linear_ref`, also on rows of extreme values (where an int16 pair sum would saturate)."""
     try:
         if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")):
             return False
         g = torch.Generator().manual_seed(0)
         lin = nn.Linear(40, 24)
-        x = torch.randn(5, 40, generator=g)
+        with torch.no_grad():
+            lin.weight[:4] = torch.sign(torch.randn(4, 40, generator=g))               # weights at +-qmax
+        x = torch.cat([torch.randn(5, 40, generator=g), torch.sign(torch.randn(3, 40, generator=g))])
         with torch.inference_mode():
-            got = DynamicInt8Linear(lin)(x)
-            want = int8_linear_ref(x, lin.weight, lin.bias)
+            q = DynamicInt8Linear(lin)
+            got, want = q(x), int8_linear_ref(x, lin.weight, lin.bias, weight_qmax=q.weight_qmax)
         return bool(torch.allclose(got, want, atol=1e-5, rtol=1e-5))
     except Exception:  # pragma: no cover - depends on the torch build
         return False
@@ -70,10 +75,16 @@ def check_quantize(quantize: str | None) -> str | None:
 
 # ---- the reference: plain torch, readable, the definition of the quantization ----------------------
 
-def quantize_weight_ref(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[out, in] fp32 -> (int8 [out, in], fp32 scale [out]): symmetric, one scale per output channel."""
-    scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
-    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+def quantize_weight_ref(w: torch.Tensor, qmax: int = 127) -> tuple[torch.Tensor, torch.Tensor]:
+    """[out, in] fp32 -> (int8 [out, in] in [-qmax, qmax], fp32 scale [out]): symmetric, per output channel."""
+    scale = (w.abs().amax(dim=1) / qmax).clamp(min=1e-12)
+    return torch.round(w / scale[:, None]).clamp(-qmax, qmax).to(torch.int8), scale
+
+
+def default_weight_qmax() -> int:
+    """127 where the CPU sums int8 products in int32 (VNNI, AMX); 63 elsewhere, where AVX2/AVX-512
+    `vpmaddubsw` adds pairs of u8 x s8 products in int16: 255 * 63 * 2 < 32767 cannot saturate."""
+    return 127 if detect().int8_native else 63
 
 
 def quantize_rows_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,7 +94,7 @@ def quantize_rows_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def int8_linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                    outliers: torch.Tensor | None = None) -> torch.Tensor:
+                    outliers: torch.Tensor | None = None, weight_qmax: int = 127) -> torch.Tensor:
     """The int8 linear in plain torch: the `outliers` input channels in fp32, the others quantized (row
     scales taken over them only), integer products summed exactly (float64), then both scales."""
     x, w = x.float(), weight.detach().float()
@@ -92,7 +103,7 @@ def int8_linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         y += x[:, outliers].double() @ w[:, outliers].double().T
         x, w = x.index_fill(1, outliers, 0.0), w.index_fill(1, outliers, 0.0)
     xq, sx = quantize_rows_ref(x)
-    wq, sw = quantize_weight_ref(w)
+    wq, sw = quantize_weight_ref(w, weight_qmax)
     y += (xq.double() @ wq.double().T) * sx.double() * sw.double()[None, :]           # [T, out], exact sums
     y = y.float()
     return y if bias is None else y + bias.detach().float()
@@ -115,7 +126,8 @@ class DynamicInt8Linear:
     comes from the other channels. Called like the other CPU linears:
     `lin(x, act=None, residual=None, out=None)`."""
 
-    def __init__(self, linear: nn.Linear, outliers: torch.Tensor | None = None, block_rows: int = BLOCK_ROWS):
+    def __init__(self, linear: nn.Linear, outliers: torch.Tensor | None = None, block_rows: int = BLOCK_ROWS,
+                 weight_qmax: int | None = None):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.block_rows = block_rows
         w = linear.weight.detach().float()                                            # [out, in]
@@ -123,7 +135,8 @@ class DynamicInt8Linear:
         if self.outliers is not None:
             self.outlier_weight_t = w[:, self.outliers].t().contiguous()              # [k, out] fp32
             w = w.index_fill(1, self.outliers, 0.0)
-        self.weight_int8, self.weight_scale = quantize_weight_ref(w)                  # [out, in], [out]
+        self.weight_qmax = default_weight_qmax() if weight_qmax is None else weight_qmax
+        self.weight_int8, self.weight_scale = quantize_weight_ref(w, self.weight_qmax)  # [out, in], [out]
         self.packed = torch.ops.onednn.qlinear_prepack(self.weight_int8, None)        # oneDNN blocked layout
         self.weight_zero = torch.zeros(self.out_features, dtype=torch.int64)
         self.bias = None if linear.bias is None else linear.bias.detach().float().contiguous()
