@@ -8,7 +8,10 @@ import torch
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
-DEFAULT_MAX_BATCH_TOKENS = {"cpu": 8192, "cuda": 65536}
+# CPU: 4,096 tokens keep each batch's largest buffer (FFN1's [T, 4H] fp32) small enough for glibc to
+# recycle from its heap instead of mapping fresh zeroed pages per call; measured end to end on the 2-core
+# VM (1,500 texts, all-MiniLM-L6-v2): 10.8k tokens/s vs 9.5k at 8,192 (benchmarks/NOTES-cpu.md).
+DEFAULT_MAX_BATCH_TOKENS = {"cpu": 4096, "cuda": 65536}
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
