@@ -91,3 +91,22 @@ def test_bad_limits_are_one_clear_line(capsys):
     assert err.startswith("packformer serve: error:") and "max_batch_tokens (100)" in err
     assert main(["serve", "--max-concurrent-requests", "0"]) == 1
     assert "max_concurrent_requests must be positive" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_serves_on_a_gpu_with_graphs_captured_at_warm_up_and_the_offline_results():
+    import packformer
+
+    texts = [t for b in HEAVY[:3] for t in b] + ["short", "a b c", "x"]
+    with ServerProcess(["--device", "cuda", "--log-level", "warning"]) as srv:
+        with httpx.Client(base_url=srv.url, timeout=120) as c:
+            runner = c.get("/info").json()["runner"]
+            assert runner["path"] == "GraphRunner" and runner["graphs"] >= 1, runner   # captured before /health
+            one_by_one = [c.post("/embed", json={"inputs": t}).json()[0] for t in texts]
+        together = asyncio.run(_post_all(srv.url, [{"inputs": [t]} for t in texts]))
+        with httpx.Client(base_url=srv.url, timeout=120) as c:
+            assert c.get("/info").json()["runner"]["replays"] >= 1
+    want = packformer.load(device="cuda").encode(texts)
+    for got in (np.asarray(one_by_one), np.asarray([r.json()[0] for r in together])):
+        cos = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+        assert cos.min() >= 0.9999, cos.min()

@@ -91,7 +91,10 @@ gpu = pytest.mark.gpu
 @gpu
 def test_cuda_model_picks_the_fast_runner_and_fast_false_keeps_the_reference():
     parts = make_parts("minilm-l6", num_layers=2)
-    assert isinstance(Model(parts, device="cuda").runner, GraphRunner)
+    m = Model(parts, device="cuda")
+    assert isinstance(m.runner, GraphRunner)
+    runner = m.info()["runner"]
+    assert runner["path"] == "GraphRunner" and runner["options"]["attention"] == "triton" and runner["graphs"] == 0
     assert Model(parts, device="cuda", fast=False).runner.__class__.__name__ == "Encoder"
     assert Model(parts, device="cuda", dtype=torch.float32).runner.__class__.__name__ == "Encoder"
 

@@ -13,6 +13,7 @@ Pre-norm stacks (nn.TransformerEncoder norm_first=True) use the same kernels in 
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -70,6 +71,9 @@ class FastEncoder:
         # the TMA GEMM needs Hopper (sm90+) and 16-byte aligned rows (hidden and FFN sizes multiples of 8)
         self._tma = (self.opt.ffn1 == "tma" and torch.cuda.get_device_capability(self.device)[0] >= 9
                      and self.cfg.hidden_size % 8 == 0 and self.cfg.intermediate_size % 8 == 0)
+
+    def describe(self) -> dict:
+        return {"options": dataclasses.asdict(self.opt), "tma_ffn1": self._tma}
 
     def __call__(self, batch: PackedBatch, meta: AttentionMeta, out: torch.Tensor | None = None) -> torch.Tensor:
         cfg, emb = self.cfg, self.encoder.embeddings

@@ -153,6 +153,14 @@ class GraphRunner:
             self.stats["replay"] += 1
             return b["out"][:t].clone()
 
+    def describe(self) -> dict:
+        """For Model.info() / the server's /info: the captured graphs and how batches ran so far."""
+        d = {"graphs": len(self.graphs), "graph_max_tokens": self.buckets[-1], "replays": self.stats["replay"],
+             "eager_runs": self.stats["eager"], "captures": self.stats["capture"]}
+        if hasattr(self.forward, "describe"):
+            d.update(self.forward.describe())
+        return d
+
     def _buffers(self) -> dict[str, torch.Tensor]:
         if self._bufs is None:
             n = self.buckets[-1]

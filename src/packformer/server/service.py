@@ -192,6 +192,7 @@ class InferenceService:
     def info(self) -> dict:
         m, s = self._model_info, self.settings
         from .. import __version__
+        from ..fast import describe_runner
         return {
             "model_id": self.model_name, "model_type": "classifier" if self.model.head is not None else "embedding",
             "version": __version__, "source": str(m["source"]), "format": m["format"],
@@ -200,6 +201,7 @@ class InferenceService:
             "labels": m["labels"], "max_batch_tokens": s.max_batch_tokens, "max_batch_requests": s.max_batch_requests,
             "max_concurrent_requests": s.max_concurrent_requests, "max_client_batch_size": s.max_client_batch_size,
             "auto_truncate": s.auto_truncate, "payload_limit": s.payload_limit, "state": self.worker.state,
+            "runner": describe_runner(self.model.runner, self.model.encoder),   # live: graphs, replays
         }
 
 
