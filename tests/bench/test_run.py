@@ -34,7 +34,8 @@ def result():
     torch.set_num_threads(1)
     try:
         return run_bench(tiny_parts(), workloads="tutorial_small,serve_b32", texts=generate_texts(12),
-                         peers=EXACT_PEERS + ["hf_int8_dynamic", "sentence_transformers"], iterations=2,
+                         peers=EXACT_PEERS + ["hf_int8_dynamic", "packformer_int8", "sentence_transformers"],
+                         iterations=2,
                          warmup=1, log=None)
     finally:
         torch.set_num_threads(n)
@@ -64,8 +65,10 @@ def test_every_peer_ran_and_agrees_with_the_reference(result):
             assert p["agreement"]["agrees"], (w["name"], name, p["agreement"])
             assert p["agreement"]["rows"] == ("sequence" if w["kind"] == "texts" else "token")
         # lossy by design: it runs, and its error is measured, not hidden
-        q = w["peers"]["hf_int8_dynamic"]
-        assert q["status"] == "ok" and q["agreement"]["max_abs_diff"] > 0
+        for name in ("hf_int8_dynamic", "packformer_int8"):
+            q = w["peers"][name]
+            assert q["status"] == "ok" and q["agreement"]["max_abs_diff"] > 0 and "int8" in q["agreement"]["criterion"]
+        assert w["peers"]["packformer_int8"]["agreement"]["agrees"], w["peers"]["packformer_int8"]["agreement"]
 
 
 def test_sentence_transformers_runs_end_to_end_on_texts_only(result):

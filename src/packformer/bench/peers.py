@@ -68,6 +68,7 @@ class Engine:
     name: str = ""
     dtype: torch.dtype = torch.float32
     notes: str = ""
+    int8: bool = False           # int8 Linear layers: agreement judged by compare(..., int8=True)
 
     def prepare(self, inputs: IdInputs | TextInputs) -> Callable[[], Any]:
         raise NotImplementedError
@@ -206,6 +207,14 @@ def build_packformer(ctx: PeerContext, fast: bool) -> Engine:
     return PackformerEngine(model, "packformer" if fast else "packformer_ref")
 
 
+def build_packformer_int8(ctx: PeerContext) -> Engine:
+    if ctx.dtype != torch.float32:
+        raise NotApplicable("packformer_int8 quantizes an fp32 model: run bench with --dtype float32")
+    eng = PackformerEngine(Model(_copy_parts(ctx.parts), device=ctx.device, quantize="int8"), "packformer_int8")
+    eng.int8, eng.notes = True, "packformer, quantize='int8' (per-token activation scales, lossy)"
+    return eng
+
+
 def build_hf_eager(ctx):
     m = _hf(ctx, "eager", torch.float32)
     return PaddedEngine("hf_eager_fp32", _hf_call(m), ctx.parts, ctx.device, torch.float32, keep=m,
@@ -232,8 +241,10 @@ def build_hf_int8(ctx):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         q = quantize_dynamic(m, {torch.nn.Linear}, dtype=torch.qint8)
-    return PaddedEngine("hf_int8_dynamic", _hf_call(q), ctx.parts, ctx.device, torch.float32, keep=q,
-                        notes="transformers sdpa, torch dynamic int8 quantization of every nn.Linear (lossy)")
+    eng = PaddedEngine("hf_int8_dynamic", _hf_call(q), ctx.parts, ctx.device, torch.float32, keep=q,
+                       notes="transformers sdpa, torch dynamic int8 quantization of every nn.Linear (lossy)")
+    eng.int8 = True
+    return eng
 
 
 def _bt(ctx: PeerContext, nested: bool, grad: bool, name: str, notes: str) -> Engine:
@@ -342,6 +353,8 @@ PEERS: dict[str, PeerSpec] = {p.name: p for p in [
     PeerSpec("packformer", lambda c: build_packformer(c, True), description="packformer, fast path (model.runner)"),
     PeerSpec("packformer_ref", lambda c: build_packformer(c, False),
              description="packformer, readable reference encoder (fast=False)"),
+    PeerSpec("packformer_int8", build_packformer_int8, devices=("cpu",),
+             description="packformer with quantize='int8' (CPU; lossy, judged by cosine >= 0.99)"),
     PeerSpec("hf_eager_fp32", build_hf_eager, _TF, "pip install transformers", description="transformers eager, fp32"),
     PeerSpec("hf_sdpa", build_hf_sdpa, _TF, "pip install transformers", description="transformers sdpa"),
     PeerSpec("hf_sdpa_compiled", build_hf_sdpa_compiled, _TF, "pip install transformers",
@@ -357,7 +370,7 @@ PEERS: dict[str, PeerSpec] = {p.name: p for p in [
              "pip install onnxruntime onnx transformers", devices=("cpu",),
              description="ONNX export of the transformers model, ONNX Runtime (CPU)"),
 ]}
-ALIASES = {"hf_eager": "hf_eager_fp32", "hf": "hf_sdpa", "bt": "bt_nested", "ort": "onnxruntime",
+ALIASES = {"hf_eager": "hf_eager_fp32", "hf": "hf_sdpa", "int8": "packformer_int8", "bt": "bt_nested", "ort": "onnxruntime",
            "st": "sentence_transformers", "onnx": "onnxruntime"}
 DEFAULT_PEERS = {
     "cpu": ["hf_eager_fp32", "hf_sdpa", "hf_int8_dynamic", "bt_nested", "onnxruntime", "sentence_transformers"],

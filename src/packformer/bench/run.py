@@ -193,7 +193,7 @@ def _run_peer(eng: P.Engine, w: Workload, inputs, ref: torch.Tensor, dev: torch.
         log(f"  FAILED {eng.name} on {w.name}: {msg}")
         return {"status": "failed", "error": msg}
     del raw
-    agree = compare(out, ref, eng.dtype, "sequence" if w.is_text else "token")
+    agree = compare(out, ref, eng.dtype, "sequence" if w.is_text else "token", int8=eng.int8)
     entry = {"status": "ok", "dtype": str(eng.dtype).replace("torch.", ""), "notes": eng.notes,
              "timing": t.to_dict(), "tokens_per_s": round(w.real_tokens / (t.median_ms * 1e-3), 1),
              "agreement": agree}
