@@ -36,10 +36,10 @@ class FlashConfig:
 
 
 def default_config(head_dim: int, max_seqlen: int) -> FlashConfig:
-    """Tiles chosen on an H200 by benchmarks/gpu_fastpath.py --sections attention (NOTES-gpu.md): 64x64
-    with 3 stages was fastest on serve_b32 and offline_b256 for head sizes 32 and 64 (128-row tiles
-    lost 10-20% to padding on these short sequences)."""
-    return FlashConfig(64, 64, 4, 3)
+    """Tiles chosen on an H200 by benchmarks/gpu_fastpath.py --sections attention (NOTES-gpu.md): 64 query
+    rows, 3 stages (128-row tiles lost 10-20% to padding on these short sequences); 64 keys per step for
+    head size 64, 32 for head size 32 (MiniLM offline_b256 with the tile table: 88 vs 103 us)."""
+    return FlashConfig(64, 32 if head_dim <= 32 else 64, 4, 3)
 
 
 def tile_table(seqlens: list[int] | np.ndarray, block_m: int) -> np.ndarray:
