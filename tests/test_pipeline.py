@@ -132,3 +132,21 @@ def test_gpu_default_tokenizes_in_larger_chunks_than_cpu():
     assert default_config(torch.device("cpu")) == PipelineConfig()
     gpu = default_config(torch.device("cuda"))      # a device object needs no GPU to exist
     assert gpu.chunk > PipelineConfig().chunk and gpu.first_chunk >= PipelineConfig().first_chunk
+
+
+def test_gpu_encode_caps_torch_threads_for_the_call_and_restores_them():
+    from packformer.pipeline import HOST_THREADS_ON_GPU, host_threads_for_gpu
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with host_threads_for_gpu():
+            assert torch.get_num_threads() == HOST_THREADS_ON_GPU
+            with host_threads_for_gpu():                     # nested: the outer call restores
+                assert torch.get_num_threads() == HOST_THREADS_ON_GPU
+            assert torch.get_num_threads() == HOST_THREADS_ON_GPU
+        assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError), host_threads_for_gpu():
+            raise RuntimeError("a failed call restores too")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -6,6 +6,8 @@ padded [B, L, ...] tensor into packed rows once on entry, `pad_input` scatters t
 """
 from __future__ import annotations
 
+import itertools
+
 from dataclasses import dataclass, replace
 from typing import Sequence
 
@@ -91,10 +93,10 @@ def pack(sequences: Sequence[Sequence[int]], position_offset: int = 0,
          order: Sequence[int] | None = None) -> PackedBatch:
     """Pack lists of token ids (special tokens already added) into a PackedBatch."""
     lengths = [len(s) for s in sequences]
-    flat = np.fromiter((t for s in sequences for t in s), dtype=np.int64, count=sum(lengths))
+    flat = np.fromiter(itertools.chain.from_iterable(sequences), dtype=np.int64, count=sum(lengths))
     tt = None
     if token_types is not None:
-        tt = torch.from_numpy(np.fromiter((t for s in token_types for t in s), dtype=np.int64,
+        tt = torch.from_numpy(np.fromiter(itertools.chain.from_iterable(token_types), dtype=np.int64,
                                           count=sum(lengths)))
     return PackedBatch(
         input_ids=torch.from_numpy(flat),
