@@ -178,8 +178,10 @@ def section_ops(args):
         log("LN", row)
     from packformer.ops.linear_act import linear_act_tma
     configs = {"128x256x64w8s3": TileConfig(128, 256, 64, 8, 8, 3), "128x128x64w8s4": TileConfig(128, 128, 64, 8, 8, 4),
-               "128x128x64w4s4": TileConfig(128, 128, 64, 8, 4, 4), "64x128x64w4s4": TileConfig(64, 128, 64, 8, 4, 4)}
-    for t in (64, 2209, 35201):
+               "128x128x64w4s4": TileConfig(128, 128, 64, 8, 4, 4), "64x128x64w4s4": TileConfig(64, 128, 64, 8, 4, 4),
+               "128x256x64w8s3g16": TileConfig(128, 256, 64, 16, 8, 3), "256x128x64w8s3": TileConfig(256, 128, 64, 8, 8, 3),
+               "128x192x64w8s3": TileConfig(128, 192, 64, 8, 8, 3), "128x256x32w8s4": TileConfig(128, 256, 32, 8, 8, 4)}
+    for t in (2209, 35201):
         for n, k in ((1536, 384), (3072, 768), (4096, 1024)):
             x, wt, bias = rnd(t, k), rnd(n, k) / k ** 0.5, rnd(n)
             h = torch.empty(t, n, device=DEV, dtype=torch.float16)
@@ -270,6 +272,9 @@ def section_attention(args):
             for c in tiles:
                 cands[f"triton_{c.block_m}x{c.block_n}w{c.num_warps}s{c.num_stages}"] = (
                     lambda c=c: flash_varlen(q, k, v, cu, max(lens), config=c))
+                tc = torch.from_numpy(tile_table(lens, c.block_m)).to(DEV)
+                cands[f"triton_tiles_{c.block_m}x{c.block_n}w{c.num_warps}s{c.num_stages}"] = (
+                    lambda c=c, tc=tc: flash_varlen(q, k, v, cu, max(lens), config=c, tiles=tc))
             if name == "offline_b256":
                 cands["triton_default_max512"] = lambda: flash_varlen(q, k, v, cu, 512)
             for cname, fn in cands.items():
