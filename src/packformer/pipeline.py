@@ -1,11 +1,12 @@
 """The `encode()` / `classify()` pipeline: tokenization of the next chunk of texts overlaps the device
 work of the current one.
 
-On a GPU the model runs at millions of tokens/s while the fast tokenizer manages about one million on 16
+On a GPU the model runs at many millions of tokens/s while the fast tokenizer manages a few million on 16
 cores, so tokenizing everything first and then running the model leaves the GPU idle for most of the
 call. Here a background thread tokenizes texts in chunks (the Rust tokenizer releases the GIL and
 spreads a chunk over all cores), while the calling thread packs each tokenized chunk into batches under
-the token budget, copies them to the device from pinned memory without blocking, launches the model,
+the token budget, stages them in reused pinned buffers and copies them to the device without blocking
+(torch's CPU threads capped for the call: they only copy), launches the model,
 and copies results back asynchronously. Results are scattered into input order at the end of a short
 in-flight window, so host memory stays bounded and the device never waits for the host to read back.
 
