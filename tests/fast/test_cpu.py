@@ -57,6 +57,17 @@ def test_fp32_hidden_states_match_the_reference_within_1e5_in_any_batch_order(fa
     assert (got - want).abs().max() <= 1e-5
 
 
+def test_batches_over_one_block_of_rows_match_the_reference(fast, reference):
+    # more tokens than BLOCK_ROWS: the FFN runs block by block and QKV fills one buffer per forward
+    from packformer.fast.cpu import BLOCK_ROWS
+    g = np.random.default_rng(3)
+    ids = [[101] + g.integers(1000, 30000, size=int(n)).tolist() + [102] for n in g.integers(5, 120, size=60)]
+    batch = pack(ids)
+    assert batch.num_tokens > 2 * BLOCK_ROWS and batch.num_tokens % BLOCK_ROWS
+    got, want = fast.hidden_states(batch), reference.hidden_states(batch)
+    assert (got - want).abs().max() <= 1e-5
+
+
 @pytest.mark.parametrize("linear", ["onednn", "aten"])
 def test_both_linear_backends_match_the_reference(fast, reference, linear):
     runner = build_runner(fast, linear=linear)

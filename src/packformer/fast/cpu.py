@@ -41,6 +41,9 @@ class CpuPathOptions:
     linear: str = "auto"              # "auto" | "onednn" | "aten" (fp32/bf16 GEMM backend; for A/B runs)
 
 
+BLOCK_ROWS = 1024   # rows per FFN / QKV block of the fp32 and bf16 paths (measured: 1,024-2,048 alike)
+
+
 class _Layer:
     """One encoder layer on packed rows [T, H]."""
 
@@ -55,9 +58,14 @@ class _Layer:
         self.ffn2: CpuLinear = lin(layer.ffn2)
         self.norm1 = (layer.norm1.weight.detach(), layer.norm1.bias.detach(), layer.norm1.eps)
         self.norm2 = (layer.norm2.weight.detach(), layer.norm2.bias.detach(), layer.norm2.eps)
-        # int8 linears write into a given output: the FFN then runs block by block of rows, so its
-        # [rows, 4H] intermediate stays in cache instead of making a [T, 4H] round trip through memory
-        self.ffn_block_rows = getattr(self.ffn1, "block_rows", None)
+        # The FFN runs block by block of rows, and the QKV projection fills one [T, 3H] buffer per forward
+        # block by block: each block's output is small enough for glibc to recycle from its heap, while a
+        # whole-batch [T, 4H] or [T, 3H] output is above its largest mmap threshold (32 MB) and comes back
+        # as fresh pages that the kernel zeroes on first touch, every layer. MiniLM offline_b128, fp32, 2
+        # threads: 1,031 -> 866 ms (benchmarks/NOTES-cpu.md). int8 linears write into a given output; the
+        # others return their block, copied into place.
+        self.writes_out = hasattr(self.ffn1, "block_rows")
+        self.block_rows = getattr(self.ffn1, "block_rows", BLOCK_ROWS)
 
     def _norm(self, x: torch.Tensor, p) -> torch.Tensor:
         w, b, eps = p
@@ -65,17 +73,28 @@ class _Layer:
 
     def _attention(self, x: torch.Tensor, meta: AttentionMeta, qkv_out: torch.Tensor | None) -> torch.Tensor:
         t = x.shape[0]
-        qkv = self.qkv(x) if qkv_out is None else self.qkv(x, out=qkv_out)          # [T, 3H]
+        if qkv_out is None:
+            qkv = self.qkv(x)                                                        # [T, 3H]
+        elif self.writes_out:
+            qkv = self.qkv(x, out=qkv_out)
+        else:
+            qkv = qkv_out
+            for r0 in range(0, t, self.block_rows):
+                qkv[r0:r0 + self.block_rows] = self.qkv(x[r0:r0 + self.block_rows])
         q, k, v = qkv.view(t, 3, self.num_heads, self.head_dim).unbind(1)           # 3 x [T, nh, hd] views
         return _cpu_grouped_sdpa(q, k, v, meta, self.scale).reshape(t, -1)           # [T, H]
 
     def _ffn(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        if self.ffn_block_rows is None:
+        if x.shape[0] <= self.block_rows:
             return self.ffn2(self.ffn1(x, act=self.act), residual=residual)
         out = torch.empty_like(residual)                                             # [T, H]
-        for r0 in range(0, x.shape[0], self.ffn_block_rows):
-            r1 = r0 + self.ffn_block_rows
-            self.ffn2(self.ffn1(x[r0:r1], act=self.act), residual=residual[r0:r1], out=out[r0:r1])
+        for r0 in range(0, x.shape[0], self.block_rows):
+            r1 = r0 + self.block_rows
+            h = self.ffn1(x[r0:r1], act=self.act)                                    # [rows, 4H]
+            if self.writes_out:
+                self.ffn2(h, residual=residual[r0:r1], out=out[r0:r1])
+            else:
+                out[r0:r1] = self.ffn2(h, residual=residual[r0:r1])
         return out
 
     def __call__(self, x: torch.Tensor, meta: AttentionMeta, qkv_out: torch.Tensor | None = None) -> torch.Tensor:
@@ -155,9 +174,10 @@ class CpuRunner:
             return torch.empty(0, self.config.hidden_size, dtype=self.dtype)
         batch, meta, perm = _length_sorted(batch, meta)
         x = self._embed(batch)                                                       # [T, H]
-        # int8: one QKV buffer for all layers. A fresh [T, 3H] output per layer is mapped and page-faulted
-        # anew every time (42 MB at offline_b128, ~12 ms per first touch on one core)
-        qkv_out = torch.empty(x.shape[0], 3 * self.config.hidden_size) if self.options.quantize else None
+        # one QKV buffer for all layers (int8, and batches over BLOCK_ROWS): a fresh [T, 3H] output per
+        # layer is mapped and page-faulted anew every time (42 MB at offline_b128, ~12 ms per first touch)
+        big = self.options.quantize or x.shape[0] > BLOCK_ROWS
+        qkv_out = torch.empty(x.shape[0], 3 * self.config.hidden_size, dtype=x.dtype) if big else None
         for layer in self.layers:
             x = layer(x, meta, qkv_out)
         if self.final_norm is not None:
