@@ -58,12 +58,12 @@ def test_fp32_hidden_states_match_the_reference_within_1e5_in_any_batch_order(fa
 
 
 def test_batches_over_one_block_of_rows_match_the_reference(fast, reference):
-    # more tokens than BLOCK_ROWS: the FFN runs block by block and QKV fills one buffer per forward
-    from packformer.fast.cpu import BLOCK_ROWS
+    # more tokens than BLOCK_ABOVE: the FFN runs block by block and QKV fills one buffer per forward
+    from packformer.fast.cpu import BLOCK_ABOVE, BLOCK_ROWS
     g = np.random.default_rng(3)
-    ids = [[101] + g.integers(1000, 30000, size=int(n)).tolist() + [102] for n in g.integers(5, 120, size=60)]
+    ids = [[101] + g.integers(1000, 30000, size=int(n)).tolist() + [102] for n in g.integers(5, 150, size=80)]
     batch = pack(ids)
-    assert batch.num_tokens > 2 * BLOCK_ROWS and batch.num_tokens % BLOCK_ROWS
+    assert batch.num_tokens > BLOCK_ABOVE and batch.num_tokens % BLOCK_ROWS
     got, want = fast.hidden_states(batch), reference.hidden_states(batch)
     assert (got - want).abs().max() <= 1e-5
 
