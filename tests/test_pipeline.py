@@ -135,19 +135,22 @@ def test_gpu_default_tokenizes_in_larger_chunks_than_cpu():
 
 
 def test_gpu_encode_caps_torch_threads_for_the_call_and_restores_them():
-    from packformer.pipeline import HOST_THREADS_ON_GPU, host_threads_for_gpu
+    from packformer.pipeline import HOST_THREADS_ON_GPU, host_threads_for
+    cuda = torch.device("cuda")                         # a device object needs no GPU to exist
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        with host_threads_for_gpu():
+        with host_threads_for(cuda):
             assert torch.get_num_threads() == HOST_THREADS_ON_GPU
-            with host_threads_for_gpu():                     # nested: the outer call restores
+            with host_threads_for(cuda):                     # nested: the outer call restores
                 assert torch.get_num_threads() == HOST_THREADS_ON_GPU
             assert torch.get_num_threads() == HOST_THREADS_ON_GPU
         assert torch.get_num_threads() == 2
-        with pytest.raises(RuntimeError), host_threads_for_gpu():
+        with pytest.raises(RuntimeError), host_threads_for(cuda):
             raise RuntimeError("a failed call restores too")
         assert torch.get_num_threads() == 2
+        with host_threads_for(torch.device("cpu")):         # on CPU the model needs its threads
+            assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
 

@@ -47,13 +47,14 @@ HOST_THREADS_ON_GPU = 1    # torch intra-op threads while encode() feeds a GPU
 
 
 @contextmanager
-def host_threads_for_gpu() -> Iterator[None]:
+def host_threads_for(device: torch.device) -> Iterator[None]:
     """While encode() feeds a GPU, torch's CPU pool only copies small tensors (pinning, read-back), and
     its idle threads spin on the cores the Rust tokenizer needs: on a 16-core H200 host, encode() of
     20,000 texts ran at 1.81M tokens/s with 16 torch threads and 2.11M with 1 (benchmarks/NOTES-gpu.md).
-    The cap is set for the call and restored after it; with OpenMP it is the calling thread's setting."""
+    The cap is set for the call and restored after it; with OpenMP it is the calling thread's setting.
+    On CPU the model itself needs the pool: nothing changes."""
     saved = torch.get_num_threads()
-    if saved > HOST_THREADS_ON_GPU:
+    if torch.device(device).type == "cuda" and saved > HOST_THREADS_ON_GPU:
         torch.set_num_threads(HOST_THREADS_ON_GPU)
     try:
         yield
@@ -177,10 +178,8 @@ def run_texts(model, texts: list[str], fn: Callable[[PackedBatch], torch.Tensor]
 
     `fn` maps a PackedBatch on the host (pinned on CUDA) to [B, width] on the model's device, in the
     batch's own sequence order."""
-    if model.device.type == "cuda":
-        with host_threads_for_gpu():
-            return _run_texts(model, texts, fn, width, batch_size, truncate, show_progress_bar, config)
-    return _run_texts(model, texts, fn, width, batch_size, truncate, show_progress_bar, config)
+    with host_threads_for(model.device):
+        return _run_texts(model, texts, fn, width, batch_size, truncate, show_progress_bar, config)
 
 
 def _run_texts(model, texts, fn, width, batch_size, truncate, show_progress_bar, config) -> torch.Tensor:
@@ -220,12 +219,11 @@ def _run_texts(model, texts, fn, width, batch_size, truncate, show_progress_bar,
 
     def launch(seqs: list[list[int]], index: list[int]) -> None:
         batch = pack(seqs, offset)
-        if staging is None:
-            readback.add(fn(batch), torch.as_tensor(index, dtype=torch.long))
-            return
-        batch, slot = staging.stage(batch)
+        if staging is not None:
+            batch, slot = staging.stage(batch)
         result = fn(batch)
-        staging.launched(slot)
+        if staging is not None:
+            staging.launched(slot)
         readback.add(result, torch.as_tensor(index, dtype=torch.long))
 
     # The last, partly filled batch of a chunk waits for the next chunk's texts, so every batch but the

@@ -23,7 +23,6 @@ import torch
 
 from ..batch import PackedBatch
 from ..engine import Model
-from ..heads import pool
 from ..loaders.parts import ModelParts
 from . import convert
 from .workloads import pad_ids
@@ -370,8 +369,8 @@ PEERS: dict[str, PeerSpec] = {p.name: p for p in [
              "pip install onnxruntime onnx transformers", devices=("cpu",),
              description="ONNX export of the transformers model, ONNX Runtime (CPU)"),
 ]}
-ALIASES = {"hf_eager": "hf_eager_fp32", "hf": "hf_sdpa", "int8": "packformer_int8", "bt": "bt_nested", "ort": "onnxruntime",
-           "st": "sentence_transformers", "onnx": "onnxruntime"}
+ALIASES = {"hf_eager": "hf_eager_fp32", "hf": "hf_sdpa", "int8": "packformer_int8", "bt": "bt_nested",
+           "ort": "onnxruntime", "st": "sentence_transformers", "onnx": "onnxruntime"}
 DEFAULT_PEERS = {
     "cpu": ["hf_eager_fp32", "hf_sdpa", "hf_int8_dynamic", "bt_nested", "onnxruntime", "sentence_transformers"],
     "cuda": ["hf_eager_fp32", "hf_sdpa", "hf_sdpa_compiled", "bt_nested", "bt_dense", "bt_slowpath",

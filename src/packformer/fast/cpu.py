@@ -146,7 +146,6 @@ class CpuRunner:
         else:
             def lin(m, outlier_channels=True):
                 return make_linear(m, self.dtype, options.linear)
-        self.linear_backend = type(lin(encoder.layers[0].out)).__name__ if cfg.num_layers else "none"
         emb = encoder.embeddings
         self.word = emb.word.weight.detach().to(self.dtype)
         self.position = emb.position.weight.detach().to(self.dtype)
@@ -154,6 +153,7 @@ class CpuRunner:
         self.emb_norm = None if emb.norm is None else (emb.norm.weight.detach().to(self.dtype),
                                                        emb.norm.bias.detach().to(self.dtype), emb.norm.eps)
         self.layers = [_Layer(l, cfg, lin) for l in encoder.layers]
+        self.linear_backend = type(self.layers[0].out).__name__ if self.layers else "none"
         fn = encoder.final_norm
         self.final_norm = None if fn is None else (fn.weight.detach().to(self.dtype),
                                                    fn.bias.detach().to(self.dtype), fn.eps)
