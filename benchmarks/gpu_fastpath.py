@@ -15,6 +15,7 @@ import json
 import math
 import os
 import platform
+import random
 import shutil
 import statistics
 import sys
@@ -425,6 +426,49 @@ def _weights_mb(module):
     return sum(p.numel() * p.element_size() for p in module.parameters()) / 2**20
 
 
+def interleaved_ms(calls: dict, rounds: int, warmup: int = 3, max_seconds: float = 20.0) -> dict:
+    """Median wall ms per call (synchronised, host work included) of every call, timed in interleaved
+    rounds in a new random order each round: a drift of the card's clocks or the host's load, and the
+    slowdown of whatever runs right after a heavy call (an H100 after the padded GEMM floor), fall on
+    every variant alike. Timed one variant after another, the first timed ran up to 20% slow on small
+    batches. A call that raises is reported as an error."""
+    times: dict = {k: [] for k in calls}
+    errors: dict = {}
+    for name, fn in calls.items():
+        try:
+            for _ in range(warmup):
+                fn()
+            torch.cuda.synchronize()
+        except Exception as e:  # noqa: BLE001
+            errors[name] = f"error: {e!r}"[:300]
+    t_end = time.perf_counter() + max_seconds
+    rng = random.Random(0)
+    names = [k for k in calls if k not in errors]
+    for r in range(rounds):
+        rng.shuffle(names)
+        for name in names:
+            fn = calls[name]
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+        if r >= 4 and time.perf_counter() > t_end:
+            break
+    out = {k: round(statistics.median(v), 4) for k, v in times.items() if v}
+    out.update(errors)
+    return out
+
+
+def _peak_extra_mb(fn) -> float:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
 def section_time(args):
     """ms per batch (median) for ours and peers; ablations of the fused variants on offline_b256."""
     out = []
@@ -453,7 +497,8 @@ def section_time(args):
             meta = AttentionMeta.build(dev.cu_seqlens, dev.max_seqlen, lens)
             row = {"shape": shape, "batch": name, "tokens": sum(lens), "padded_tokens": padded.numel()}
             calls = {
-                "floor_real": floor.runner([sum(lens)]),
+                "floor_real": floor.runner([sum(lens)]),               # the GEMMs as one CUDA graph
+                "floor_real_eager": floor.runner([sum(lens)], graph=False),
                 "floor_padded": floor.runner([padded.numel()]),
                 "ours": lambda: ours.hidden_states(batch),
                 "ours_runner_only": lambda: ours.runner(dev, meta),
@@ -465,7 +510,9 @@ def section_time(args):
             calls["ours_approx_gelu"] = (lambda mm: (lambda: mm.hidden_states(batch)))(
                 with_runner(ours, FastOptions(approximate_gelu=True)))
             for label, opt in (("flash2_attn", FastOptions(attention="flash2")),
-                               ("no_attention_tiles", FastOptions(attention_tiles=False))):
+                               ("no_attention_tiles", FastOptions(attention_tiles=False)),
+                               ("triton_ffn1_all", FastOptions(ffn1="triton")),
+                               ("tma_ffn1_all", FastOptions(tma_min_tokens=0))):
                 calls[f"ours_{label}"] = (lambda mm: (lambda: mm.hidden_states(batch)))(with_runner(ours, opt))
             if name == "offline_b256":
                 for label, opt in (("triton_ffn1", FastOptions(ffn1="triton", graphs=False)),
@@ -474,21 +521,16 @@ def section_time(args):
                     m = with_runner(ours, opt)
                     calls[f"ablate_{label}"] = (lambda mm: (lambda: mm.hidden_states(batch)))(m)
             with torch.inference_mode():
-                for cname, fn in calls.items():
-                    try:
-                        t, _ = measure(fn, DEV, iterations=args.iters, warmup=3, max_seconds=3.0)
-                        row[cname] = round(t.median_ms, 4)
-                        if name == "offline_b256" and cname in ("ours", "hf_sdpa", "ours_eager"):
-                            w = wmb["hf_sdpa" if cname == "hf_sdpa" else "ours"]
-                            row[cname + "_peak_extra_mb"] = round(t.peak_extra_mb, 1)
-                            row[cname + "_mem_mb"] = round(w + t.peak_extra_mb, 1)
-                    except Exception as e:  # noqa: BLE001
-                        row[cname] = f"error: {e!r}"[:300]
+                row.update(interleaved_ms(calls, rounds=args.iters))
+                if name == "offline_b256":
+                    for cname in ("ours", "hf_sdpa", "ours_eager"):
+                        w = wmb["hf_sdpa" if cname == "hf_sdpa" else "ours"]
+                        row[cname + "_peak_extra_mb"] = round(_peak_extra_mb(calls[cname]), 1)
+                        row[cname + "_mem_mb"] = round(w + row[cname + "_peak_extra_mb"], 1)
             key = ours.runner.key_for(sum(lens), lens, max(lens), False)
             if key in ours.runner.graphs:   # the replay alone: the graph's GPU time, launch gaps included
                 g = ours.runner.graphs[key]
-                t, _ = measure(g.graph.replay, DEV, iterations=args.iters, warmup=2, max_seconds=2.0)
-                row["ours_graph_replay_only"] = round(t.median_ms, 4)
+                row["ours_graph_replay_only"] = interleaved_ms({"r": g.graph.replay}, rounds=args.iters)["r"]
                 row["graph_bucket_tokens"] = key[0]
             f = row.get("floor_real")
             if isinstance(f, float) and isinstance(row.get("ours"), float):
@@ -540,6 +582,100 @@ def section_profile(args):
         out[name] = {"ms_per_forward_by_category": {k: round(v, 4) for k, v in sorted(cats.items(), key=lambda x: -x[1])},
                      "top_kernels_ms": sorted(kernels, reverse=True)[:12]}
         log("profile", name, out[name]["ms_per_forward_by_category"])
+    return out
+
+
+def section_graph_ab(args):
+    """Small batches in CUDA graphs, A/B in one process: the attention tile table inside the graph
+    (default) vs the dense grid (attention_tiles=False). GPU time of the replays (CUDA events around 50
+    replays, A and B alternating), and the whole call (host staging included), interleaved."""
+    out = {}
+    for shape in ("bert-base", "xlmr-large"):
+        parts = get_parts(shape, args.minilm)
+        a = model_of(parts, torch.float16, head=False)
+        b = with_runner(a, FastOptions(attention_tiles=False))
+        for name in ("tutorial_small", "serve_b32"):
+            ids, batch = packed_batch(parts, name)
+            batch = batch.pin_memory()
+            lens = [len(s) for s in ids]
+            with torch.inference_mode():
+                for m in (a, b):
+                    for _ in range(3):
+                        m.hidden_states(batch)
+                key = a.runner.key_for(sum(lens), lens, max(lens), False)
+                ga, gb = a.runner.graphs[key].graph, b.runner.graphs[key].graph
+                gpu = {"tiles": [], "dense": []}
+                for _ in range(9):
+                    for label, g in (("tiles", ga), ("dense", gb)):
+                        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                        e0.record()
+                        for _ in range(50):
+                            g.replay()
+                        e1.record()
+                        e1.synchronize()
+                        gpu[label].append(e0.elapsed_time(e1) / 50)
+                full = interleaved_ms({"tiles": lambda: a.hidden_states(batch),
+                                       "dense": lambda: b.hidden_states(batch)}, rounds=400, max_seconds=10)
+            row = {"replay_gpu_ms_tiles": round(statistics.median(gpu["tiles"]), 4),
+                   "replay_gpu_ms_dense": round(statistics.median(gpu["dense"]), 4),
+                   "full_ms_tiles": full["tiles"], "full_ms_dense": full["dense"]}
+            out[f"{shape}/{name}"] = row
+            log("graph_ab", shape, name, row)
+        del a, b
+        torch.cuda.empty_cache()
+    return out
+
+
+def section_host(args):
+    """Host work per call on small batches (graph replays): wall time vs the replay alone, the host's
+    own time to enqueue a call, and a cProfile of the calls (top functions by own time)."""
+    import cProfile
+    import io
+    import pstats
+    out = {}
+    for shape in ("bert-base", "xlmr-large"):
+        parts = get_parts(shape, args.minilm)
+        m = model_of(parts, torch.float16, head=False)
+        for name in ("tutorial_small", "serve_b32"):
+            ids, batch = packed_batch(parts, name)
+            batch = batch.pin_memory()
+            lens = [len(s) for s in ids]
+            with torch.inference_mode():
+                for _ in range(3):
+                    m.hidden_states(batch)
+                torch.cuda.synchronize()
+                g = m.runner.graphs[m.runner.key_for(sum(lens), lens, max(lens), False)]
+                full, _ = measure(lambda: m.hidden_states(batch), DEV, iterations=200, warmup=5, max_seconds=2.0)
+                replay, _ = measure(g.graph.replay, DEV, iterations=200, warmup=5, max_seconds=2.0)
+                launch = []
+                for _ in range(100):
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    g.graph.replay()
+                    launch.append((time.perf_counter() - t0) * 1e3)
+                enq = []
+                for _ in range(100):
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    m.hidden_states(batch)
+                    enq.append((time.perf_counter() - t0) * 1e3)
+                torch.cuda.synchronize()
+                prof = cProfile.Profile()
+                prof.enable()
+                for _ in range(200):
+                    m.hidden_states(batch)
+                    torch.cuda.synchronize()
+                prof.disable()
+            buf = io.StringIO()
+            pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(18)
+            row = {"full_ms": round(full.median_ms, 4), "replay_only_ms": round(replay.median_ms, 4),
+                   "host_enqueue_ms": round(statistics.median(enq), 4),
+                   "replay_launch_host_ms": round(statistics.median(launch), 4), "graph_tiles": g.tiles,
+                   "cprofile_200_calls": buf.getvalue()[-6000:]}
+            out[f"{shape}/{name}"] = row
+            log("host", shape, name, {k: v for k, v in row.items() if k != "cprofile_200_calls"})
+        del m
+        torch.cuda.empty_cache()
     return out
 
 
@@ -615,7 +751,7 @@ def section_e2e(args):
 
 
 SECTIONS = {"env": section_env, "ops": section_ops, "attention": section_attention, "overlap": section_overlap, "gelu": section_gelu, "correct": section_correct, "time": section_time,
-            "profile": section_profile, "e2e": section_e2e}
+            "profile": section_profile, "host": section_host, "graph_ab": section_graph_ab, "e2e": section_e2e}
 
 
 def main():

@@ -109,7 +109,7 @@ class Model(nn.Module):
     @torch.inference_mode()
     def hidden_states(self, batch: PackedBatch) -> torch.Tensor:
         """PackedBatch (any device) -> hidden states [T, H] on the model's device and dtype."""
-        seqlens = batch.seqlens.tolist() if batch.device.type == "cpu" else None
+        seqlens = np.diff(batch.cu_seqlens.numpy()).tolist() if batch.device.type == "cpu" else None
         if seqlens is not None and self.device.type != "cpu" and hasattr(self.runner, "run_host"):
             return self.runner.run_host(batch, seqlens)     # CUDA graphs: host rows go straight to the graph
         if batch.device != self.device:

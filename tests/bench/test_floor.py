@@ -1,4 +1,5 @@
 """The GEMM floor runs exactly the four matmuls per layer with the model's own weights."""
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -29,3 +30,19 @@ def test_floor_runner_is_the_last_layers_ffn_on_the_last_pass(monkeypatch):
     # 2 passes (a zero-token pass is dropped) x 3 layers x 4 GEMMs, each on [T, H] (FFN2 on [T, I])
     assert len(seen) == 2 * 3 * 4
     assert seen[:4] == [(7, 16), (7, 16), (7, 16), (7, 40)]
+
+
+def test_a_graph_floor_needs_a_gpu():
+    f = GemmFloor(Encoder(CFG), "cpu", torch.float32)
+    with pytest.raises(ValueError, match="CUDA"):
+        f.runner([4], graph=True)
+
+
+@pytest.mark.gpu
+def test_gpu_floor_replays_one_graph_with_the_eager_result():
+    enc = Encoder(CFG)
+    f = GemmFloor(enc, "cuda", torch.float16)
+    eager = f.runner([7, 5], graph=False)()
+    replay = f.runner([7, 5])                  # the default on a GPU: a CUDA graph
+    assert replay.__name__ == "replay"
+    assert torch.equal(replay(), eager)

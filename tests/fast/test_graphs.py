@@ -31,3 +31,28 @@ def test_padded_cu_seqlens_refuses_what_does_not_fit():
         padded_cu_seqlens([100], 64, 4)
     with pytest.raises(ValueError, match="do not fit"):
         padded_cu_seqlens([1] * 5, 64, 4)
+
+
+@pytest.mark.parametrize("rows, tiles", [(2, 0), (3, 0), (2, 7), (3, 6)])
+def test_one_input_buffer_holds_ids_positions_types_cu_seqlens_and_tiles_side_by_side(rows, tiles):
+    import torch
+    from packformer.fast.graphs import _Captured
+    n, slots = 64, 5
+    size = _Captured.size(n, rows, slots, tiles)
+    cap = _Captured(graph=None, n=n, slots=slots, rows=rows, tiles=tiles, inputs=torch.zeros(size, dtype=torch.long))
+    host = np.zeros(size, dtype=np.int64)
+    ids, pos, tt, cu, table = cap.split(host, np.int32)
+    assert (tt is None) == (rows == 2) and (table is None) == (tiles == 0)
+    assert cu.dtype == np.int32 and cu.shape == (slots + 1,) and (table is None or table.shape == (tiles, 2))
+    # every view writes its own bytes of the one buffer, none overlapping
+    for i, v in enumerate(x for x in (ids, pos, tt, cu, table) if x is not None):
+        v[...] = i + 1
+    seen = {i + 1 for i in range(sum(x is not None for x in (ids, pos, tt, cu, table)))}
+    assert set(np.unique(host.view(np.int32))) - {0} == seen
+    # the device-side split (torch) sees the same layout
+    cap.inputs.copy_(torch.from_numpy(host))
+    t_ids, t_pos, t_tt, t_cu, t_table = cap.split(cap.inputs, torch.int32)
+    assert (t_ids == 1).all() and (t_pos == 2).all() and t_cu.dtype == torch.int32
+    assert torch.equal(t_cu, torch.from_numpy(cu.copy()))
+    if table is not None:
+        assert torch.equal(t_table, torch.from_numpy(table.copy()))

@@ -138,7 +138,8 @@ def run_bench(model: str | Path | ModelParts | None = None, workloads: Sequence[
             f = {}
             for kind, counts in (("real", real), ("padded", padded)):
                 t, _ = measure(gf.runner(counts), dev, iterations, warmup, max_seconds)
-                f[kind] = {"tokens": sum(counts), "passes": len(counts), "timing": t.to_dict(),
+                f[kind] = {"tokens": sum(counts), "passes": len(counts), "cuda_graph": dev.type == "cuda",
+                           "timing": t.to_dict(),
                            "tflops": round(gf.flops(sum(counts)) / (t.median_ms * 1e-3) / 1e12, 3)}
             entries[w.name]["floor"] = f
             log(f"  floor                 {w.name:<14} real {f['real']['timing']['median_ms']:10.2f} ms   "

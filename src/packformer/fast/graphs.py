@@ -5,12 +5,15 @@ A graph has static shapes, so a batch of T tokens in B sequences runs in the gra
 bucket N >= T (buckets 64 apart up to 512, then about 8 per doubling: under 11% padding) with room for
 S >= B sequences (a power of two). The N - T padding tokens form a dummy segment, cut into pieces of
 at most 128 tokens, that attends only to itself: real tokens never see it, and it costs little attention.
-Unused sequence slots are empty segments (cu_seqlens repeats N). Everything else in the encoder is
+Unused sequence slots are empty segments (cu_seqlens repeats N). Where the runner's attention runs from a
+table of query blocks (`graph_tiles`), the graph holds a fixed-size one that each replay refills with
+cu_seqlens, in one host-to-device copy; its spare rows exit at once. Everything else in the encoder is
 row-wise, so the real rows are exactly what an eager run computes.
 
 Graphs are captured lazily, on a key's second use (a one-off shape is not worth a capture), into one
-shared memory pool; inputs and the output live in static buffers sized for the largest bucket, so each
-extra graph costs almost no memory. A batch larger than `max_tokens`, or past `max_graphs` keys, runs
+shared memory pool; the output lives in one static buffer sized for the largest bucket, and each graph's
+inputs (ids, positions, cu_seqlens, tile table: a few KB) in one static buffer of its own, refilled from
+a pinned host copy by a single host-to-device copy per replay, so each extra graph costs almost no memory. A batch larger than `max_tokens`, or past `max_graphs` keys, runs
 eagerly. Replays happen on the caller's current stream, one at a time (a lock), and the output is
 cloned out of the static buffer so a later replay cannot overwrite what a caller holds.
 """
@@ -48,31 +51,54 @@ def seq_bucket(num_seqs: int) -> int:
 def padded_cu_seqlens(seqlens: list[int], n_tokens: int, n_slots: int, chunk: int = DUMMY_CHUNK) -> np.ndarray:
     """[n_slots + 1] int32 cu_seqlens: the real sequences, then [T, n_tokens) cut into dummy segments of
     at most `chunk` tokens, then empty segments. Raises ValueError if it does not fit."""
-    t = int(sum(seqlens))
+    b = len(seqlens)
+    if b > n_slots:
+        raise ValueError(f"{b} sequences do not fit a graph of {n_slots} segments")
+    cu = np.empty(n_slots + 1, dtype=np.int32)
+    cu[0] = 0
+    np.cumsum(seqlens, out=cu[1:b + 1])
+    t = int(cu[b])
     pad = n_tokens - t
     n_dummy = -(-pad // chunk) if pad > 0 else 0
-    if pad < 0 or len(seqlens) + n_dummy > n_slots:
-        raise ValueError(f"{len(seqlens)} sequences of {t} tokens do not fit a graph of {n_tokens} tokens "
+    if pad < 0 or b + n_dummy > n_slots:
+        raise ValueError(f"{b} sequences of {t} tokens do not fit a graph of {n_tokens} tokens "
                          f"and {n_slots} segments")
-    cu = np.full(n_slots + 1, n_tokens, dtype=np.int32)
-    cu[0] = 0
-    np.cumsum(np.asarray(seqlens, dtype=np.int64), out=cu[1:len(seqlens) + 1], dtype=np.int32)
-    for j in range(n_dummy):
-        cu[len(seqlens) + 1 + j] = min(n_tokens, t + (j + 1) * chunk)
+    cu[b + 1:b + 1 + n_dummy] = np.minimum(np.arange(t + chunk, t + chunk * (n_dummy + 1), chunk), n_tokens)
+    cu[b + 1 + n_dummy:] = n_tokens
     return cu
 
 
 @dataclass
 class _Captured:
+    """One captured graph and its static inputs.
+
+    `inputs` (int64, on the device) holds everything a replay changes, so that one host-to-device copy
+    refills it: ids [n] | positions [n] | token types [n] (if used) | meta, where meta is int32
+    [slots + 1 + 2 * tiles]: cu_seqlens, then the attention tile table (if the runner uses one).
+    """
     graph: torch.cuda.CUDAGraph
-    cu: torch.Tensor           # [slots + 1] int32, static, on the device
     n: int
     slots: int
-    # two pinned host copies of cu_seqlens, used in turn: one may still be waiting for its copy to the
+    rows: int                  # 2 (ids, positions) or 3 (and token types)
+    tiles: int                 # rows of the attention tile table; 0: none
+    inputs: torch.Tensor
+    # two pinned host copies of `inputs`, used in turn: one may still be waiting for its copy to the
     # device (which is asynchronous) while the next batch fills the other; each event marks its copy done
-    host_cu: tuple = ()
+    host: tuple = ()
     copied: tuple = ()
     turn: int = 0
+
+    @staticmethod
+    def size(n: int, rows: int, slots: int, tiles: int) -> int:
+        return rows * n + -(-(slots + 1 + 2 * tiles) // 2)
+
+    def split(self, buf, int32):
+        """Views (ids, positions, token types or None, cu_seqlens, tile table or None) into `buf`, the
+        device `inputs` or a host copy (torch or numpy; `int32` is that library's dtype)."""
+        n, r, k = self.n, self.rows, self.slots + 1
+        meta = buf[r * n:].view(int32)
+        table = meta[k:k + 2 * self.tiles].reshape(self.tiles, 2) if self.tiles else None
+        return buf[:n], buf[n:2 * n], buf[2 * n:3 * n] if r == 3 else None, meta[:k], table
 
 
 class GraphRunner:
@@ -93,7 +119,7 @@ class GraphRunner:
         self.stats: Counter = Counter()          # "replay", "eager", "capture"
         self._pool = None
         self._lock = threading.Lock()
-        self._bufs: dict[str, torch.Tensor] | None = None
+        self._out: torch.Tensor | None = None
 
     # ---- choosing ------------------------------------------------------------------------------
     def key_for(self, num_tokens: int, seqlens: list[int], max_seqlen: int, has_token_types: bool) -> tuple | None:
@@ -113,9 +139,9 @@ class GraphRunner:
 
     @torch.inference_mode()
     def run_host(self, batch: PackedBatch, seqlens: list[int]) -> torch.Tensor:
-        """A batch still on the host (pinned, ideally): a replay copies its rows straight into the graph's
-        static inputs, one host-to-device copy each, with no device copy of the batch in between; an
-        eager run moves the batch to the device first."""
+        """A batch still on the host: a replay stages its rows with the rest of the graph's inputs and
+        copies them in one host-to-device copy, with no device copy of the batch in between; an eager
+        run moves the batch to the device first."""
         def eager():
             dev = batch.to(self.device, non_blocking=True)
             return dev, AttentionMeta.build(dev.cu_seqlens, dev.max_seqlen, seqlens)
@@ -133,25 +159,28 @@ class GraphRunner:
                 self.stats["eager"] += 1
                 return self.forward(*eager_inputs())
             t = batch.num_tokens
-            b = self._buffers()
-            dst, src = [b["ids"][:t], b["pos"][:t]], [batch.input_ids, batch.positions]
-            if batch.token_type_ids is not None:
-                dst.append(b["tt"][:t])
-                src.append(batch.token_type_ids)
-            if src[0].device == self.device:
-                torch._foreach_copy_(dst, src, non_blocking=True)     # one launch for the input rows
-            else:
-                for d, s_ in zip(dst, src):
-                    d.copy_(s_, non_blocking=True)
             g.turn ^= 1
-            host, done = g.host_cu[g.turn], g.copied[g.turn]
+            host, done = g.host[g.turn], g.copied[g.turn]
             done.synchronize()                  # its previous copy (two batches ago) has long finished
-            host.numpy()[:] = padded_cu_seqlens(seqlens, g.n, g.slots)
-            g.cu.copy_(host, non_blocking=True)
+            ids, pos, tt, cu, table = g.split(host.numpy(), np.int32)
+            cu[:] = padded_cu_seqlens(seqlens, g.n, g.slots)
+            if table is not None:
+                self.forward.fill_graph_tiles(table, np.diff(cu))
+            src = [batch.input_ids, batch.positions] + ([batch.token_type_ids] if tt is not None else [])
+            if src[0].device.type == "cpu":     # host rows: staged with the rest, one copy for all
+                for dst, rows in zip((ids, pos, tt), src):
+                    dst[:t] = rows.numpy()
+                    dst[t:] = 0                 # the dummy segment: any valid id / position
+                g.inputs.copy_(host, non_blocking=True)
+            else:                               # rows on the device: device copies, then the meta part
+                d_ids, d_pos, d_tt, _, _ = g.split(g.inputs, torch.int32)
+                torch._foreach_copy_([d[:t] for d in (d_ids, d_pos, d_tt)[:len(src)]], src, non_blocking=True)
+                k = g.rows * g.n
+                g.inputs[k:].copy_(host[k:], non_blocking=True)
             done.record()
             g.graph.replay()
             self.stats["replay"] += 1
-            return b["out"][:t].clone()
+            return self._output()[:t].clone()
 
     def describe(self) -> dict:
         """For Model.info() / the server's /info: the captured graphs and how batches ran so far."""
@@ -161,26 +190,31 @@ class GraphRunner:
             d.update(self.forward.describe())
         return d
 
-    def _buffers(self) -> dict[str, torch.Tensor]:
-        if self._bufs is None:
-            n = self.buckets[-1]
-            kw = dict(device=self.device, dtype=torch.long)
-            self._bufs = {"ids": torch.zeros(n, **kw), "pos": torch.zeros(n, **kw), "tt": torch.zeros(n, **kw),
-                          "out": torch.zeros(n, self.hidden, device=self.device, dtype=self.dtype)}
-        return self._bufs
+    def _output(self) -> torch.Tensor:
+        """The static output rows, shared by every graph (sized for the largest bucket)."""
+        if self._out is None:
+            self._out = torch.zeros(self.buckets[-1], self.hidden, device=self.device, dtype=self.dtype)
+        return self._out
 
     def _capture(self, key: tuple) -> _Captured:
         n, slots, has_tt = key
-        b = self._buffers()
-        # during the warm-up every segment is empty (attention touches nothing); replays refill `cu`
-        cu = torch.zeros(slots + 1, dtype=torch.int32, device=self.device)
-        static = PackedBatch(input_ids=b["ids"][:n], positions=b["pos"][:n], cu_seqlens=cu,
-                             max_seqlen=min(self.max_seqlen, n), token_type_ids=b["tt"][:n] if has_tt else None)
-        meta = AttentionMeta(cu_seqlens=cu, max_seqlen=static.max_seqlen, seqlens=[])
-        out = b["out"][:n]
+        rows = 3 if has_tt else 2
+        tiles = self.forward.graph_tiles(n, slots) if hasattr(self.forward, "graph_tiles") else 0
+        size = _Captured.size(n, rows, slots, tiles)
+        cap = _Captured(graph=torch.cuda.CUDAGraph(), n=n, slots=slots, rows=rows, tiles=tiles,
+                        inputs=torch.zeros(size, dtype=torch.long, device=self.device))
+        ids, pos, tt, cu, table = cap.split(cap.inputs, torch.int32)
+        # during the warm-up every segment is empty and every tile spare (attention touches nothing);
+        # replays refill both
+        if table is not None:
+            table.fill_(-1)
+        static = PackedBatch(input_ids=ids, positions=pos, cu_seqlens=cu, max_seqlen=min(self.max_seqlen, n),
+                             token_type_ids=tt)
+        meta = AttentionMeta(cu_seqlens=cu, max_seqlen=static.max_seqlen, seqlens=[], tiles=table)
+        out = self._output()[:n]
+        graph = cap.graph
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
-        graph = torch.cuda.CUDAGraph()
         # capture_begin/end rather than the `torch.cuda.graph` context, which also runs gc.collect() and
         # empty_cache(): with a large Python heap (an encode() of many texts) that took tens of ms per capture
         with torch.cuda.stream(side):
@@ -194,11 +228,10 @@ class GraphRunner:
         torch.cuda.current_stream(self.device).wait_stream(side)
         if self._pool is None:
             self._pool = graph.pool()
-        host = tuple(torch.zeros(slots + 1, dtype=torch.int32, pin_memory=True) for _ in range(2))
-        events = (torch.cuda.Event(), torch.cuda.Event())
-        for e in events:
+        cap.host = tuple(torch.zeros(size, dtype=torch.long, pin_memory=True) for _ in range(2))
+        cap.copied = (torch.cuda.Event(), torch.cuda.Event())
+        for e in cap.copied:
             e.record()
-        cap = _Captured(graph=graph, cu=cu, n=n, slots=slots, host_cu=host, copied=events)
         self.graphs[key] = cap
         self.stats["capture"] += 1
         log.debug("captured CUDA graph for %d tokens, %d segments", n, slots)

@@ -12,6 +12,8 @@ sizes are chosen per problem; the GPU benchmark decides which kernel the fast pa
   - a tile table (`tile_table`, built on the host from the lengths, once per forward): exactly the
     blocks that exist, longest sequences first (their programs run longest, so the grid's tail is
     short ones);
+  - the same table at a fixed size (`fill_tile_table`: spare rows are -1 and exit at once), which a
+    CUDA graph captures and each replay refills;
   - without one, a dense (slots x max_seqlen / BLOCK_M) grid whose programs past their sequence's
     end return at once: nothing is read back to the host, so this is what a CUDA graph captures.
 - `flash_varlen`: the launcher (checks shapes, dtypes and strides).
@@ -37,24 +39,68 @@ class FlashConfig:
 
 def default_config(head_dim: int, max_seqlen: int) -> FlashConfig:
     """Tiles chosen on an H200 by benchmarks/gpu_fastpath.py --sections attention (NOTES-gpu.md): 64 query
-    rows, 3 stages (128-row tiles lost 10-20% to padding on these short sequences); 64 keys per step for
-    head size 64, 32 for head size 32 (MiniLM offline_b256 with the tile table: 88 vs 103 us)."""
-    return FlashConfig(64, 32 if head_dim <= 32 else 64, 4, 3)
+    rows, 3 stages (128-row tiles lost 10-20% to padding on these short sequences); 32 keys per step up
+    to head size 64: for head size 32 (MiniLM offline_b256) 88 vs 103 us with 64 keys; for head size 64
+    the same on offline_b256 (131 us) and 10% faster on serve_b32 (12.5 vs 14.0 us)."""
+    return FlashConfig(64, 32 if head_dim <= 64 else 64, 4, 3)
 
 
 def tile_table(seqlens: list[int] | np.ndarray, block_m: int) -> np.ndarray:
     """[n, 2] int32 (sequence index, query block index) for every query block of every sequence,
     longest sequences first."""
+    seq, mb = _tile_rows(seqlens, block_m)
+    out = np.empty((seq.size, 2), dtype=np.int32)
+    out[:, 0], out[:, 1] = seq, mb
+    return out
+
+
+def _tile_rows(seqlens, block_m: int) -> tuple[np.ndarray, np.ndarray]:
     lens = np.asarray(seqlens, dtype=np.int64)
-    blocks = -(-lens // block_m)                                        # query blocks per sequence
+    counts_by_seq = (lens + (block_m - 1)) // block_m                   # query blocks per sequence
     order = np.argsort(-lens, kind="stable")
-    counts = blocks[order]
+    counts = counts_by_seq[order]
+    ends = np.cumsum(counts)
     seq = np.repeat(order, counts)
-    first = np.repeat(np.cumsum(counts) - counts, counts)               # index of each sequence's block 0
-    return np.stack([seq, np.arange(seq.size) - first], axis=1).astype(np.int32)
+    return seq, np.arange(seq.size) - np.repeat(ends - counts, counts)  # block index within its sequence
+
+
+def tile_capacity(num_tokens: int, num_seqs: int, block_m: int) -> int:
+    """Rows a tile table can need for `num_seqs` sequences of `num_tokens` tokens in all: each sequence
+    has at most one partly filled query block."""
+    return -(-num_tokens // block_m) + num_seqs
+
+
+def fill_tile_table(out: np.ndarray, seqlens: list[int] | np.ndarray, block_m: int) -> None:
+    """Write `tile_table(seqlens, block_m)` into the fixed-size int32 [capacity, 2] `out` (a CUDA graph's
+    table), the spare rows marked -1 so that their programs exit at once."""
+    seq, mb = _tile_rows(seqlens, block_m)
+    n = seq.size
+    if n > out.shape[0]:
+        raise ValueError(f"{n} query blocks do not fit a table of {out.shape[0]} rows")
+    out[:n, 0], out[:n, 1] = seq, mb
+    out[n:] = -1
 
 
 if triton is not None:
+    @triton.jit
+    def _attend_block(q, k_base, v_base, rows, seqlen, d_ok, m_i, l_i, acc, qk_scale, stride_kt, stride_vt,
+                      MASKED: tl.constexpr):
+        """One online-softmax step over the key rows `rows` [BN]: returns the updated (max, sum, acc).
+        MASKED: the block runs past the sequence's end (only its last block does)."""
+        ok = rows < seqlen
+        kv_mask = (ok[:, None] & d_ok[None, :]) if MASKED else d_ok[None, :]
+        k = tl.load(k_base + rows[:, None] * stride_kt, mask=kv_mask, other=0.0)                 # [BN, HD]
+        s = tl.dot(q, tl.trans(k)) * qk_scale                                                     # [BM, BN]
+        if MASKED:
+            s = tl.where(ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + rows[:, None] * stride_vt, mask=kv_mask, other=0.0)                  # [BN, HD]
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        return m_new, l_i, acc
+
     @triton.jit
     def _flash_varlen_kernel(Q, K, V, O, CU, TILES, qk_scale, stride_qt, stride_qh, stride_kt, stride_kh,
                              stride_vt, stride_vh, stride_ot, stride_oh, H, NUM_MB, D: tl.constexpr,
@@ -63,6 +109,8 @@ if triton is not None:
         if USE_TILES:     # grid (heads, tiles): the table lists the blocks longest sequence first
             h = tl.program_id(0)
             b = tl.load(TILES + 2 * tl.program_id(1))
+            if b < 0:     # a spare row of a fixed-size table (CUDA graphs): nothing to do
+                return
             mb = tl.load(TILES + 2 * tl.program_id(1) + 1)
         else:             # grid (slots * heads, NUM_MB), query blocks in reverse: the last blocks exist
             bh = tl.program_id(0)     # only for the longest sequences, so those start first
@@ -88,28 +136,11 @@ if triton is not None:
         acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
         full_end = (seqlen // BLOCK_N) * BLOCK_N
         for n0 in range(0, full_end, BLOCK_N):            # key blocks fully inside the sequence: no mask
-            rows = n0 + offs_n
-            k = tl.load(k_base + rows[:, None] * stride_kt, mask=d_ok[None, :], other=0.0)        # [BN, HD]
-            s = tl.dot(q, tl.trans(k)) * qk_scale                                                 # [BM, BN]
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.math.exp2(s - m_new[:, None])
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_base + rows[:, None] * stride_vt, mask=d_ok[None, :], other=0.0)        # [BN, HD]
-            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-            m_i = m_new
+            m_i, l_i, acc = _attend_block(q, k_base, v_base, n0 + offs_n, seqlen, d_ok, m_i, l_i, acc, qk_scale,
+                                          stride_kt, stride_vt, MASKED=False)
         if full_end < seqlen:                              # the ragged last key block
-            rows = full_end + offs_n
-            ok = rows < seqlen
-            k = tl.load(k_base + rows[:, None] * stride_kt, mask=ok[:, None] & d_ok[None, :], other=0.0)
-            s = tl.dot(q, tl.trans(k)) * qk_scale
-            s = tl.where(ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.math.exp2(s - m_new[:, None])
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_base + rows[:, None] * stride_vt, mask=ok[:, None] & d_ok[None, :], other=0.0)
-            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+            m_i, l_i, acc = _attend_block(q, k_base, v_base, full_end + offs_n, seqlen, d_ok, m_i, l_i, acc,
+                                          qk_scale, stride_kt, stride_vt, MASKED=True)
         acc = acc / l_i[:, None]
         o_ptrs = O + (row0 + offs_m[:, None]) * stride_ot + h * stride_oh + offs_d[None, :]
         tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=(offs_m[:, None] < seqlen) & d_ok[None, :])
@@ -120,7 +151,8 @@ def flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: 
                  config: FlashConfig | None = None, tiles: torch.Tensor | None = None) -> torch.Tensor:
     """q, k, v: [T, H, D] (rows may be strided, e.g. views of a fused QKV) -> [T, H, D].
     cu_seqlens: [B+1] int32 on q's device; max_seqlen: an upper bound on every sequence's length.
-    tiles: optional `tile_table(lengths, config.block_m)` on q's device (skips the empty programs)."""
+    tiles: optional `tile_table(lengths, config.block_m)` on q's device (skips the empty programs), or a
+    fixed-size one from `fill_tile_table` whose spare rows (-1) do nothing."""
     check(q.dim() == 3 and q.shape == k.shape == v.shape,
           f"q, k, v must share one [T, H, D] shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     check(q.dtype == k.dtype == v.dtype and q.dtype in (torch.float16, torch.bfloat16, torch.float32),
