@@ -266,7 +266,9 @@ def section_attention(args):
                     q.contiguous(), k.contiguous(), v.contiguous(), None, cu, cu, max(lens), max(lens), False, 0.0,
                     False, False)[0],
             }
-            cands["triton_default"] = lambda: flash_varlen(q, k, v, cu, max(lens))
+            cands["triton_default"] = lambda: flash_varlen(q, k, v, cu, max(lens))        # blocks from cu_seqlens
+            cands["triton_default_dense"] = lambda: flash_varlen(q, k, v, cu, max(lens), dense=True)
+            cands["triton_default_dense_max512"] = lambda: flash_varlen(q, k, v, cu, 512, dense=True)
             tt = torch.from_numpy(tile_table(lens, default_config(hd, max(lens)).block_m)).to(DEV)
             cands["triton_default_tiles"] = lambda: flash_varlen(q, k, v, cu, max(lens), tiles=tt)
             row["triton_default_config"] = str(default_config(hd, max(lens)))
@@ -586,9 +588,9 @@ def section_profile(args):
 
 
 def section_graph_ab(args):
-    """Small batches in CUDA graphs, A/B in one process: the attention tile table inside the graph
-    (default) vs the dense grid (attention_tiles=False). GPU time of the replays (CUDA events around 50
-    replays, A and B alternating), and the whole call (host staging included), interleaved."""
+    """Small batches in CUDA graphs, A/B in one process: attention programs that find their query block
+    from cu_seqlens (default) vs the dense grid (attention_tiles=False). GPU time of the replays (CUDA
+    events around 50 replays, A and B alternating), and the whole call (host staging included), interleaved."""
     out = {}
     for shape in ("bert-base", "xlmr-large"):
         parts = get_parts(shape, args.minilm)
@@ -604,9 +606,9 @@ def section_graph_ab(args):
                         m.hidden_states(batch)
                 key = a.runner.key_for(sum(lens), lens, max(lens), False)
                 ga, gb = a.runner.graphs[key].graph, b.runner.graphs[key].graph
-                gpu = {"tiles": [], "dense": []}
+                gpu = {"self_index": [], "dense": []}
                 for _ in range(9):
-                    for label, g in (("tiles", ga), ("dense", gb)):
+                    for label, g in (("self_index", ga), ("dense", gb)):
                         e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                         e0.record()
                         for _ in range(50):
@@ -614,11 +616,11 @@ def section_graph_ab(args):
                         e1.record()
                         e1.synchronize()
                         gpu[label].append(e0.elapsed_time(e1) / 50)
-                full = interleaved_ms({"tiles": lambda: a.hidden_states(batch),
+                full = interleaved_ms({"self_index": lambda: a.hidden_states(batch),
                                        "dense": lambda: b.hidden_states(batch)}, rounds=400, max_seconds=10)
-            row = {"replay_gpu_ms_tiles": round(statistics.median(gpu["tiles"]), 4),
+            row = {"replay_gpu_ms_self_index": round(statistics.median(gpu["self_index"]), 4),
                    "replay_gpu_ms_dense": round(statistics.median(gpu["dense"]), 4),
-                   "full_ms_tiles": full["tiles"], "full_ms_dense": full["dense"]}
+                   "full_ms_self_index": full["self_index"], "full_ms_dense": full["dense"]}
             out[f"{shape}/{name}"] = row
             log("graph_ab", shape, name, row)
         del a, b
@@ -670,7 +672,7 @@ def section_host(args):
             pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(18)
             row = {"full_ms": round(full.median_ms, 4), "replay_only_ms": round(replay.median_ms, 4),
                    "host_enqueue_ms": round(statistics.median(enq), 4),
-                   "replay_launch_host_ms": round(statistics.median(launch), 4), "graph_tiles": g.tiles,
+                   "replay_launch_host_ms": round(statistics.median(launch), 4),
                    "cprofile_200_calls": buf.getvalue()[-6000:]}
             out[f"{shape}/{name}"] = row
             log("host", shape, name, {k: v for k, v in row.items() if k != "cprofile_200_calls"})

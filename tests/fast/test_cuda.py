@@ -136,14 +136,12 @@ def test_graph_replay_equals_eager_and_batch_composition_does_not_matter():
     for _ in range(3):
         g = m.runner(dev, meta)
     assert m.runner.stats["replay"] >= 1
-    assert sum(lens) >= 1024 and all(c.tiles > 0 for c in m.runner.graphs.values())  # attention from its table
     assert torch.allclose(g.float(), e.float(), atol=2e-2) and min_cos(g, e) >= 0.99999
-    # the same batch in a graph with the dense attention grid: the same rows
+    # the same batch in a graph with the dense attention grid: the same rows (the same per-block math)
     dense = GraphRunner(FastEncoder(m.encoder, FastOptions(attention_tiles=False)), 8192, 512, 768)
     for _ in range(2):
         d = dense(dev, meta)
-    assert dense.stats["replay"] == 1 and all(c.tiles == 0 for c in dense.graphs.values())
-    assert torch.equal(d, g)
+    assert dense.stats["replay"] == 1 and torch.equal(d, g)
     # a host batch replays the same graph, its rows copied straight into the graph's inputs
     replays = m.runner.stats["replay"]
     assert torch.equal(m.hidden_states(batch), g) and m.runner.stats["replay"] == replays + 1
@@ -151,17 +149,6 @@ def test_graph_replay_equals_eager_and_batch_composition_does_not_matter():
     alone = m.hidden_states(batch.select([7]))
     s, n = int(batch.cu_seqlens[7]), lens[7]
     assert min_cos(alone, g[s:s + n]) >= 0.9999 and (alone.float() - g[s:s + n].float()).abs().max() < 5e-2
-
-
-@gpu
-def test_small_graphs_keep_the_dense_attention_grid():
-    parts = make_parts("minilm-l6", num_layers=2)
-    ref, m = twin(parts, torch.float16)
-    batch = random_batch([30, 200, 7], 30522, seed=4)       # 237 tokens: under graph_tiles_min_tokens
-    for _ in range(3):
-        got = m.embed_batch(batch)
-    assert m.runner.stats["replay"] == 2 and all(c.tiles == 0 for c in m.runner.graphs.values())
-    assert min_cos(got, ref.embed_batch(batch)) >= 0.9995
 
 
 @gpu

@@ -33,26 +33,21 @@ def test_padded_cu_seqlens_refuses_what_does_not_fit():
         padded_cu_seqlens([1] * 5, 64, 4)
 
 
-@pytest.mark.parametrize("rows, tiles", [(2, 0), (3, 0), (2, 7), (3, 6)])
-def test_one_input_buffer_holds_ids_positions_types_cu_seqlens_and_tiles_side_by_side(rows, tiles):
+@pytest.mark.parametrize("rows", [2, 3])
+def test_one_input_buffer_holds_ids_positions_types_and_cu_seqlens_side_by_side(rows):
     import torch
     from packformer.fast.graphs import _Captured
     n, slots = 64, 5
-    size = _Captured.size(n, rows, slots, tiles)
-    cap = _Captured(graph=None, n=n, slots=slots, rows=rows, tiles=tiles, inputs=torch.zeros(size, dtype=torch.long))
+    size = _Captured.size(n, rows, slots)
+    cap = _Captured(graph=None, n=n, slots=slots, rows=rows, inputs=torch.zeros(size, dtype=torch.long))
     host = np.zeros(size, dtype=np.int64)
-    ids, pos, tt, cu, table = cap.split(host, np.int32)
-    assert (tt is None) == (rows == 2) and (table is None) == (tiles == 0)
-    assert cu.dtype == np.int32 and cu.shape == (slots + 1,) and (table is None or table.shape == (tiles, 2))
-    # every view writes its own bytes of the one buffer, none overlapping
-    for i, v in enumerate(x for x in (ids, pos, tt, cu, table) if x is not None):
+    ids, pos, tt, cu = cap.split(host, np.int32)
+    assert (tt is None) == (rows == 2) and cu.dtype == np.int32 and cu.shape == (slots + 1,)
+    views = [v for v in (ids, pos, tt, cu) if v is not None]
+    for i, v in enumerate(views):          # every view writes its own bytes of the one buffer
         v[...] = i + 1
-    seen = {i + 1 for i in range(sum(x is not None for x in (ids, pos, tt, cu, table)))}
-    assert set(np.unique(host.view(np.int32))) - {0} == seen
-    # the device-side split (torch) sees the same layout
-    cap.inputs.copy_(torch.from_numpy(host))
-    t_ids, t_pos, t_tt, t_cu, t_table = cap.split(cap.inputs, torch.int32)
-    assert (t_ids == 1).all() and (t_pos == 2).all() and t_cu.dtype == torch.int32
-    assert torch.equal(t_cu, torch.from_numpy(cu.copy()))
-    if table is not None:
-        assert torch.equal(t_table, torch.from_numpy(table.copy()))
+    assert set(np.unique(host.view(np.int32))) - {0} == set(range(1, len(views) + 1))
+    cap.inputs.copy_(torch.from_numpy(host))               # the device-side split sees the same layout
+    t_ids, t_pos, t_tt, t_cu = cap.split(cap.inputs, torch.int32)
+    assert (t_ids == 1).all() and (t_pos == 2).all() and (t_tt is None or (t_tt == 3).all())
+    assert t_cu.dtype == torch.int32 and torch.equal(t_cu, torch.from_numpy(cu.copy()))

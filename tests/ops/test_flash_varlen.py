@@ -1,11 +1,10 @@
 """Triton varlen flash attention: the launcher's checks on CPU, the kernel under the Triton interpreter
 (tiny shapes) and on a GPU against the fp32 per-sequence reference and torch's own varlen flash kernel."""
-import numpy as np
 import pytest
 import torch
 
 from packformer.ops.attention import varlen_attention_ref
-from packformer.ops.flash_varlen import FlashConfig, fill_tile_table, flash_varlen, tile_capacity, tile_table
+from packformer.ops.flash_varlen import FlashConfig, flash_varlen, tile_table
 
 
 def _packed(lens, heads=2, dim=16, dtype=torch.float32, device="cpu", seed=0):
@@ -34,25 +33,6 @@ def test_tile_table_lists_every_query_block_once_longest_sequences_first():
     assert tile_table([], 64).shape == (0, 2)
 
 
-def test_fixed_size_table_is_the_table_then_spare_rows_of_minus_one():
-    lens = [3, 0, 130, 64, 65]
-    cap = tile_capacity(sum(lens), len(lens), 64)
-    assert cap >= len(tile_table(lens, 64)) and cap == 5 + 5
-    out = np.full((cap, 2), 7, dtype=np.int32)
-    fill_tile_table(out, lens, 64)
-    assert np.array_equal(out[:7], tile_table(lens, 64)) and (out[7:] == -1).all()
-    with pytest.raises(ValueError, match="do not fit"):
-        fill_tile_table(np.zeros((6, 2), dtype=np.int32), lens, 64)
-
-
-def test_capacity_bounds_every_split_of_the_tokens():
-    rng = np.random.default_rng(0)
-    for _ in range(200):
-        lens = rng.integers(0, 300, size=rng.integers(1, 40))
-        for bm in (32, 64, 128):
-            assert len(tile_table(lens, bm)) <= tile_capacity(int(lens.sum()), len(lens), bm)
-
-
 def test_launcher_without_a_kernel_runs_the_reference():
     (q, k, v), cu = _packed([3, 0, 5])
     assert torch.allclose(flash_varlen(q, k, v, cu, 5), varlen_attention_ref(q, k, v, cu), atol=1e-6)
@@ -68,7 +48,7 @@ def test_kernel_under_triton_interpreter(run_interpreted):
         import torch
         from packformer.ops import _triton
         from packformer.ops.attention import varlen_attention_ref
-        from packformer.ops.flash_varlen import FlashConfig, fill_tile_table, flash_varlen, tile_table
+        from packformer.ops.flash_varlen import FlashConfig, flash_varlen, tile_table
         assert _triton.INTERPRET
         g = torch.Generator().manual_seed(0)
         lens = [1, 7, 33, 0, 32, 20]                     # a 1-token, an empty, a block-exact and ragged ones
@@ -77,13 +57,14 @@ def test_kernel_under_triton_interpreter(run_interpreted):
             q, k, v = torch.randn(sum(lens), 3, 2, dim, generator=g).unbind(1)   # strided views, as in the encoder
             want = varlen_attention_ref(q, k, v, cu, scale=0.3)
             for cfg in (FlashConfig(16, 16, 4, 1), FlashConfig(32, 16, 4, 1)):
-                spare = torch.full((len(tile_table(lens, cfg.block_m)) + 3, 2), 0, dtype=torch.int32)
-                fill_tile_table(spare.numpy(), lens, cfg.block_m)   # a graph's table: 3 spare rows of -1
-                for tiles in (None, torch.from_numpy(tile_table(lens, cfg.block_m)), spare):
+                # the host table, the grid that finds its blocks from cu_seqlens, the dense grid
+                for tiles, dense in ((torch.from_numpy(tile_table(lens, cfg.block_m)), False), (None, False),
+                                     (None, True)):
                     out = torch.full_like(q, float("nan"))
-                    got = flash_varlen(q, k, v, cu, max(lens), scale=0.3, out=out, config=cfg, tiles=tiles)
+                    got = flash_varlen(q, k, v, cu, max(lens), scale=0.3, out=out, config=cfg, tiles=tiles,
+                                       dense=dense)
                     assert got is out and torch.isfinite(got).all()
-                    assert (got - want).abs().max().item() < 1e-5, (dim, cfg, tiles is None)
+                    assert (got - want).abs().max().item() < 1e-5, (dim, cfg, tiles is None, dense)
         print("ok")
     """)
 
@@ -105,9 +86,7 @@ def test_gpu_matches_the_fp32_reference(dtype, dim, config):
     block_m = (config or FlashConfig()).block_m
     tiles = torch.from_numpy(tile_table(LENS, block_m)).cuda()
     assert torch.equal(flash_varlen(q, k, v, cu, max(LENS), config=config, tiles=tiles), got)
-    spare = np.zeros((tile_capacity(sum(LENS), len(LENS), block_m), 2), dtype=np.int32)
-    fill_tile_table(spare, LENS, block_m)
-    assert torch.equal(flash_varlen(q, k, v, cu, max(LENS), config=config, tiles=torch.from_numpy(spare).cuda()), got)
+    assert torch.equal(flash_varlen(q, k, v, cu, max(LENS), config=config, dense=True), got)
 
 
 @pytest.mark.gpu

@@ -17,7 +17,6 @@ import dataclasses
 import logging
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -28,7 +27,7 @@ from ..ops.embedding import embed_layernorm
 from ..ops.gelu import bias_act
 from ..ops.layernorm import add_layernorm
 from ..ops.flash_varlen import default_config as flash_config
-from ..ops.flash_varlen import fill_tile_table, flash_varlen, tile_capacity, tile_table
+from ..ops.flash_varlen import flash_varlen, tile_table
 from ..ops.linear_act import linear_act, linear_act_tma
 
 log = logging.getLogger(__name__)
@@ -43,10 +42,8 @@ class FastOptions:
                                 # "tma": the TMA GEMM with the epilogue for T >= tma_min_tokens, else "cublas"
     tma_min_tokens: int = 16384
     attention: str = "triton"   # "triton": ops.flash_varlen | "flash2": torch's varlen_attn (FlashAttention-2)
-    attention_tiles: bool = True  # triton: enumerate the query blocks from the host lengths (eager runs)
-    graph_tiles_min_tokens: int = 1024  # ... and in CUDA graphs of at least this many tokens, from a table each
-                                # replay refills (smaller graphs: the dense grid's few spare programs cost
-                                # less than the table's host work; NOTES-gpu.md)
+    attention_tiles: bool = True  # triton: one program per query block, from a table of the host lengths
+                                # (eager) or found from cu_seqlens in the kernel (graphs); False: dense grid
     approximate_gelu: bool = False  # erf-GELU models: use cuBLASLt's tanh-GELU epilogue (|error| < 3e-4)
     residual: str = "addmm"     # "addmm": residual added by the GEMM (beta=1) | "kernel": added by the LN kernel
     graphs: bool = True         # CUDA graphs per token bucket for batches up to graph_max_tokens
@@ -75,8 +72,7 @@ class FastEncoder:
         # the TMA GEMM needs Hopper (sm90+) and 16-byte aligned rows (hidden and FFN sizes multiples of 8)
         self._tma = (self.opt.ffn1 == "tma" and torch.cuda.get_device_capability(self.device)[0] >= 9
                      and self.cfg.hidden_size % 8 == 0 and self.cfg.intermediate_size % 8 == 0)
-        # one flash_varlen tile config for every forward, so a tile table (built here or by a graph
-        # replay) always matches the kernel's query-block size
+        # one flash_varlen tile config for every forward, so the tile table always matches the kernel
         self._flash = flash_config(self.cfg.head_dim, self.cfg.max_tokens_per_sequence)
 
     def describe(self) -> dict:
@@ -103,25 +99,10 @@ class FastEncoder:
         return x
 
     # ---- steps --------------------------------------------------------------------------------
-    def _uses_tiles(self) -> bool:
-        return self.opt.attention == "triton" and self.opt.attention_tiles
-
-    def graph_tiles(self, num_tokens: int, num_slots: int) -> int:
-        """Rows of the fixed-size query-block table a CUDA graph of this shape needs (0: none used)."""
-        if not self._uses_tiles() or num_tokens < self.opt.graph_tiles_min_tokens:
-            return 0
-        return tile_capacity(num_tokens, num_slots, self._flash.block_m)
-
-    def fill_graph_tiles(self, table: np.ndarray, seqlens: np.ndarray) -> None:
-        """Refill a graph's table (int32 [graph_tiles(...), 2], host side) for a replay's segments."""
-        fill_tile_table(table, seqlens, self._flash.block_m)
-
     def _tiles(self, meta: AttentionMeta) -> torch.Tensor | None:
-        """The query-block table of flash_varlen, once per forward, where the host knows the lengths;
-        a CUDA graph brings its own fixed-size table in `meta.tiles`, refilled by each replay."""
-        if meta.tiles is not None:
-            return meta.tiles
-        if not self._uses_tiles() or not meta.seqlens:
+        """The query-block table of flash_varlen, once per forward, where the host knows the lengths
+        (not while a CUDA graph is captured: there the kernel finds its blocks from cu_seqlens)."""
+        if self.opt.attention != "triton" or not self.opt.attention_tiles or not meta.seqlens:
             return None
         table = torch.from_numpy(tile_table(meta.seqlens, self._flash.block_m))
         # a few KB from pageable memory: the driver stages it at once, with no wait on the device;
@@ -133,8 +114,8 @@ class FastEncoder:
         qkv = F.linear(x, layer.qkv.weight, layer.qkv.bias)                              # [T, 3H]
         q, k, v = qkv.view(t, 3, layer.num_heads, layer.head_dim).unbind(1)                 # 3 x [T, nh, hd]
         if self.opt.attention == "triton":
-            return flash_varlen(q, k, v, meta.cu_seqlens, meta.max_seqlen, config=self._flash,
-                                tiles=tiles).view(t, -1)                                    # [T, H]
+            return flash_varlen(q, k, v, meta.cu_seqlens, meta.max_seqlen, config=self._flash, tiles=tiles,
+                                dense=not self.opt.attention_tiles).view(t, -1)             # [T, H]
         return varlen_attention(q, k, v, meta).reshape(t, -1)                               # [T, H]
 
     def _ffn_hidden(self, layer, x: torch.Tensor) -> torch.Tensor:

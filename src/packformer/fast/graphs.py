@@ -5,14 +5,12 @@ A graph has static shapes, so a batch of T tokens in B sequences runs in the gra
 bucket N >= T (buckets 64 apart up to 512, then about 8 per doubling: under 11% padding) with room for
 S >= B sequences (a power of two). The N - T padding tokens form a dummy segment, cut into pieces of
 at most 128 tokens, that attends only to itself: real tokens never see it, and it costs little attention.
-Unused sequence slots are empty segments (cu_seqlens repeats N). Where the runner's attention runs from a
-table of query blocks (`graph_tiles`), the graph holds a fixed-size one that each replay refills with
-cu_seqlens, in one host-to-device copy; its spare rows exit at once. Everything else in the encoder is
+Unused sequence slots are empty segments (cu_seqlens repeats N). Everything else in the encoder is
 row-wise, so the real rows are exactly what an eager run computes.
 
 Graphs are captured lazily, on a key's second use (a one-off shape is not worth a capture), into one
 shared memory pool; the output lives in one static buffer sized for the largest bucket, and each graph's
-inputs (ids, positions, cu_seqlens, tile table: a few KB) in one static buffer of its own, refilled from
+inputs (ids, positions, token types, cu_seqlens: a few KB) in one static buffer of its own, refilled from
 a pinned host copy by a single host-to-device copy per replay, so each extra graph costs almost no memory. A batch larger than `max_tokens`, or past `max_graphs` keys, runs
 eagerly. Replays happen on the caller's current stream, one at a time (a lock), and the output is
 cloned out of the static buffer so a later replay cannot overwrite what a caller holds.
@@ -73,14 +71,12 @@ class _Captured:
     """One captured graph and its static inputs.
 
     `inputs` (int64, on the device) holds everything a replay changes, so that one host-to-device copy
-    refills it: ids [n] | positions [n] | token types [n] (if used) | meta, where meta is int32
-    [slots + 1 + 2 * tiles]: cu_seqlens, then the attention tile table (if the runner uses one).
+    refills it: ids [n] | positions [n] | token types [n] (if used) | cu_seqlens as int32 [slots + 1].
     """
     graph: torch.cuda.CUDAGraph
     n: int
     slots: int
     rows: int                  # 2 (ids, positions) or 3 (and token types)
-    tiles: int                 # rows of the attention tile table; 0: none
     inputs: torch.Tensor
     # two pinned host copies of `inputs`, used in turn: one may still be waiting for its copy to the
     # device (which is asynchronous) while the next batch fills the other; each event marks its copy done
@@ -89,16 +85,15 @@ class _Captured:
     turn: int = 0
 
     @staticmethod
-    def size(n: int, rows: int, slots: int, tiles: int) -> int:
-        return rows * n + -(-(slots + 1 + 2 * tiles) // 2)
+    def size(n: int, rows: int, slots: int) -> int:
+        return rows * n + -(-(slots + 1) // 2)
 
     def split(self, buf, int32):
-        """Views (ids, positions, token types or None, cu_seqlens, tile table or None) into `buf`, the
-        device `inputs` or a host copy (torch or numpy; `int32` is that library's dtype)."""
-        n, r, k = self.n, self.rows, self.slots + 1
-        meta = buf[r * n:].view(int32)
-        table = meta[k:k + 2 * self.tiles].reshape(self.tiles, 2) if self.tiles else None
-        return buf[:n], buf[n:2 * n], buf[2 * n:3 * n] if r == 3 else None, meta[:k], table
+        """Views (ids, positions, token types or None, cu_seqlens) into `buf`, the device `inputs` or a
+        host copy (torch or numpy; `int32` is that library's dtype)."""
+        n, r = self.n, self.rows
+        cu = buf[r * n:].view(int32)[:self.slots + 1]
+        return buf[:n], buf[n:2 * n], buf[2 * n:3 * n] if r == 3 else None, cu
 
 
 class GraphRunner:
@@ -162,10 +157,8 @@ class GraphRunner:
             g.turn ^= 1
             host, done = g.host[g.turn], g.copied[g.turn]
             done.synchronize()                  # its previous copy (two batches ago) has long finished
-            ids, pos, tt, cu, table = g.split(host.numpy(), np.int32)
+            ids, pos, tt, cu = g.split(host.numpy(), np.int32)
             cu[:] = padded_cu_seqlens(seqlens, g.n, g.slots)
-            if table is not None:
-                self.forward.fill_graph_tiles(table, np.diff(cu))
             src = [batch.input_ids, batch.positions] + ([batch.token_type_ids] if tt is not None else [])
             if src[0].device.type == "cpu":     # host rows: staged with the rest, one copy for all
                 for dst, rows in zip((ids, pos, tt), src):
@@ -173,7 +166,7 @@ class GraphRunner:
                     dst[t:] = 0                 # the dummy segment: any valid id / position
                 g.inputs.copy_(host, non_blocking=True)
             else:                               # rows on the device: device copies, then the meta part
-                d_ids, d_pos, d_tt, _, _ = g.split(g.inputs, torch.int32)
+                d_ids, d_pos, d_tt, _ = g.split(g.inputs, torch.int32)
                 torch._foreach_copy_([d[:t] for d in (d_ids, d_pos, d_tt)[:len(src)]], src, non_blocking=True)
                 k = g.rows * g.n
                 g.inputs[k:].copy_(host[k:], non_blocking=True)
@@ -199,18 +192,14 @@ class GraphRunner:
     def _capture(self, key: tuple) -> _Captured:
         n, slots, has_tt = key
         rows = 3 if has_tt else 2
-        tiles = self.forward.graph_tiles(n, slots) if hasattr(self.forward, "graph_tiles") else 0
-        size = _Captured.size(n, rows, slots, tiles)
-        cap = _Captured(graph=torch.cuda.CUDAGraph(), n=n, slots=slots, rows=rows, tiles=tiles,
+        size = _Captured.size(n, rows, slots)
+        cap = _Captured(graph=torch.cuda.CUDAGraph(), n=n, slots=slots, rows=rows,
                         inputs=torch.zeros(size, dtype=torch.long, device=self.device))
-        ids, pos, tt, cu, table = cap.split(cap.inputs, torch.int32)
-        # during the warm-up every segment is empty and every tile spare (attention touches nothing);
-        # replays refill both
-        if table is not None:
-            table.fill_(-1)
+        ids, pos, tt, cu = cap.split(cap.inputs, torch.int32)
+        # during the warm-up every segment is empty (attention touches nothing); replays refill `cu`
         static = PackedBatch(input_ids=ids, positions=pos, cu_seqlens=cu, max_seqlen=min(self.max_seqlen, n),
                              token_type_ids=tt)
-        meta = AttentionMeta(cu_seqlens=cu, max_seqlen=static.max_seqlen, seqlens=[], tiles=table)
+        meta = AttentionMeta(cu_seqlens=cu, max_seqlen=static.max_seqlen, seqlens=[])
         out = self._output()[:n]
         graph = cap.graph
         side = torch.cuda.Stream(self.device)

@@ -32,9 +32,6 @@ class AttentionMeta:
     seqlens: list[int]                # host copy, used by the CPU path to slice without syncs
     # CPU: sequences grouped by equal length -> (length, [starts]) so one SDPA call serves a group
     groups: list[tuple[int, list[int]]] | None = None
-    # CUDA graphs: a fixed-size query-block table on the device that each replay refills
-    # (ops.flash_varlen.fill_tile_table); None: the fast path builds one from `seqlens` if it uses one
-    tiles: torch.Tensor | None = None
 
     @classmethod
     def build(cls, cu_seqlens: torch.Tensor, max_seqlen: int, seqlens: list[int] | None = None) -> "AttentionMeta":
