@@ -6,8 +6,8 @@ count it shows what padding costs. Attention, norms, activations and host work a
 so no engine can be faster than the real-count floor by more than those.
 
 On a GPU the GEMMs replay as one CUDA graph: launched one by one from Python, a small batch's 48
-GEMMs are bound by the host's launches (bert-base serve_b32 on an H200: 1.58 ms eager vs 0.76 ms of
-GPU work), which would make the floor easy to beat and the ratios to it meaningless.
+GEMMs are bound by the host's launches (bert-base serve_b32 on an H200: 0.8–1.6 ms eager, 0.69–0.71 ms
+as a graph), which would make the floor easy to beat and the ratios to it flattering.
 """
 from __future__ import annotations
 
