@@ -12,8 +12,9 @@ Graphs are captured lazily, on a key's second use (a one-off shape is not worth 
 shared memory pool; the output lives in one static buffer sized for the largest bucket, and each graph's
 inputs (ids, positions, token types, cu_seqlens: a few KB) in one static buffer of its own, refilled from
 a pinned host copy by a single host-to-device copy per replay, so each extra graph costs almost no
-memory. A batch larger than `max_tokens`, or past `max_graphs` keys, runs Replays happen on the caller's current stream, one at a time (a lock), and the output is
-cloned out of the static buffer so a later replay cannot overwrite what a caller holds.
+memory. A batch larger than `max_tokens`, or past `max_graphs` keys, runs eagerly. Replays happen on the
+caller's current stream, one at a time (a lock), and the output is cloned out of the static buffer so a
+later replay cannot overwrite what a caller holds.
 """
 from __future__ import annotations
 
