@@ -52,20 +52,14 @@ def default_config(head_dim: int, max_seqlen: int) -> FlashConfig:
 def tile_table(seqlens: list[int] | np.ndarray, block_m: int) -> np.ndarray:
     """[n, 2] int32 (sequence index, query block index) for every query block of every sequence,
     longest sequences first."""
-    seq, mb = _tile_rows(seqlens, block_m)
-    out = np.empty((seq.size, 2), dtype=np.int32)
-    out[:, 0], out[:, 1] = seq, mb
-    return out
-
-
-def _tile_rows(seqlens, block_m: int) -> tuple[np.ndarray, np.ndarray]:
     lens = np.asarray(seqlens, dtype=np.int64)
-    counts_by_seq = (lens + (block_m - 1)) // block_m                   # query blocks per sequence
     order = np.argsort(-lens, kind="stable")
-    counts = counts_by_seq[order]
-    ends = np.cumsum(counts)
+    counts = ((lens + (block_m - 1)) // block_m)[order]                 # query blocks per sequence
     seq = np.repeat(order, counts)
-    return seq, np.arange(seq.size) - np.repeat(ends - counts, counts)  # block index within its sequence
+    out = np.empty((seq.size, 2), dtype=np.int32)
+    out[:, 0] = seq
+    out[:, 1] = np.arange(seq.size) - np.repeat(np.cumsum(counts) - counts, counts)   # block within its sequence
+    return out
 
 
 if triton is not None:
