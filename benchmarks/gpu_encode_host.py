@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 import packformer
+from packformer.bench.timing import measure
 from packformer.bench.workloads import generate_texts
 from packformer.pipeline import PipelineConfig, run_texts
 
@@ -40,15 +41,8 @@ def main() -> int:
     res["tokenizer_alone_tok_s"] = round(n / (time.perf_counter() - t0))
 
     def rate(fn, reps=3):
-        fn()
-        ts = []
-        for _ in range(reps):
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            fn()
-            torch.cuda.synchronize()
-            ts.append(time.perf_counter() - t)
-        return round(n / sorted(ts)[len(ts) // 2])
+        t, _ = measure(fn, "cuda", iterations=reps, warmup=1)     # median of `reps` synchronised calls
+        return round(n / (t.median_ms * 1e-3))
 
     default_threads = torch.get_num_threads()
     for threads in (default_threads, 4, 1):

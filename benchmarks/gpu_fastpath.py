@@ -462,15 +462,6 @@ def interleaved_ms(calls: dict, rounds: int, warmup: int = 3, max_seconds: float
     return out
 
 
-def _peak_extra_mb(fn) -> float:
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
-
-
 def section_time(args):
     """ms per batch (median) for ours and peers; ablations of the fused variants on offline_b256."""
     out = []
@@ -527,7 +518,8 @@ def section_time(args):
                 if name == "offline_b256":
                     for cname in ("ours", "hf_sdpa", "ours_eager"):
                         w = wmb["hf_sdpa" if cname == "hf_sdpa" else "ours"]
-                        row[cname + "_peak_extra_mb"] = round(_peak_extra_mb(calls[cname]), 1)
+                        t, _ = measure(calls[cname], DEV, iterations=1, warmup=0)    # its peak memory
+                        row[cname + "_peak_extra_mb"] = round(t.peak_extra_mb, 1)
                         row[cname + "_mem_mb"] = round(w + row[cname + "_peak_extra_mb"], 1)
             key = ours.runner.key_for(sum(lens), lens, max(lens), False)
             if key in ours.runner.graphs:   # the replay alone: the graph's GPU time, launch gaps included
@@ -587,6 +579,26 @@ def section_profile(args):
     return out
 
 
+def _warm_graph(m, batch, lens):
+    """Run `batch` until its CUDA graph is captured; returns the captured graph."""
+    for _ in range(3):
+        m.hidden_states(batch)
+    torch.cuda.synchronize()
+    return m.runner.graphs[m.runner.key_for(sum(lens), lens, max(lens), False)]
+
+
+def _host_ms(fn, n=100) -> float:
+    """Median host time of `fn` without waiting for the GPU (what the host spends enqueuing it)."""
+    ts = []
+    for _ in range(n):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t0) * 1e3)
+    torch.cuda.synchronize()
+    return round(statistics.median(ts), 4)
+
+
 def section_graph_ab(args):
     """Small batches in CUDA graphs, A/B in one process: attention programs that find their query block
     from cu_seqlens (default) vs the dense grid (attention_tiles=False). GPU time of the replays (CUDA
@@ -601,11 +613,7 @@ def section_graph_ab(args):
             batch = batch.pin_memory()
             lens = [len(s) for s in ids]
             with torch.inference_mode():
-                for m in (a, b):
-                    for _ in range(3):
-                        m.hidden_states(batch)
-                key = a.runner.key_for(sum(lens), lens, max(lens), False)
-                ga, gb = a.runner.graphs[key].graph, b.runner.graphs[key].graph
+                ga, gb = _warm_graph(a, batch, lens).graph, _warm_graph(b, batch, lens).graph
                 gpu = {"self_index": [], "dense": []}
                 for _ in range(9):
                     for label, g in (("self_index", ga), ("dense", gb)):
@@ -643,25 +651,11 @@ def section_host(args):
             batch = batch.pin_memory()
             lens = [len(s) for s in ids]
             with torch.inference_mode():
-                for _ in range(3):
-                    m.hidden_states(batch)
-                torch.cuda.synchronize()
-                g = m.runner.graphs[m.runner.key_for(sum(lens), lens, max(lens), False)]
+                g = _warm_graph(m, batch, lens)
                 full, _ = measure(lambda: m.hidden_states(batch), DEV, iterations=200, warmup=5, max_seconds=2.0)
                 replay, _ = measure(g.graph.replay, DEV, iterations=200, warmup=5, max_seconds=2.0)
-                launch = []
-                for _ in range(100):
-                    torch.cuda.synchronize()
-                    t0 = time.perf_counter()
-                    g.graph.replay()
-                    launch.append((time.perf_counter() - t0) * 1e3)
-                enq = []
-                for _ in range(100):
-                    torch.cuda.synchronize()
-                    t0 = time.perf_counter()
-                    m.hidden_states(batch)
-                    enq.append((time.perf_counter() - t0) * 1e3)
-                torch.cuda.synchronize()
+                launch = _host_ms(g.graph.replay)
+                enq = _host_ms(lambda: m.hidden_states(batch))
                 prof = cProfile.Profile()
                 prof.enable()
                 for _ in range(200):
@@ -671,8 +665,7 @@ def section_host(args):
             buf = io.StringIO()
             pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(18)
             row = {"full_ms": round(full.median_ms, 4), "replay_only_ms": round(replay.median_ms, 4),
-                   "host_enqueue_ms": round(statistics.median(enq), 4),
-                   "replay_launch_host_ms": round(statistics.median(launch), 4),
+                   "host_enqueue_ms": enq, "replay_launch_host_ms": launch,
                    "cprofile_200_calls": buf.getvalue()[-6000:]}
             out[f"{shape}/{name}"] = row
             log("host", shape, name, {k: v for k, v in row.items() if k != "cprofile_200_calls"})
@@ -716,14 +709,8 @@ def section_e2e(args):
         m.encode(warm)
 
         def timed(fn, reps=2):
-            ts = []
-            for _ in range(reps):
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                fn()
-                torch.cuda.synchronize()
-                ts.append(time.perf_counter() - t0)
-            return round(ntok / statistics.median(ts))
+            t, _ = measure(fn, DEV, iterations=reps, warmup=0)        # median of `reps` synchronised calls
+            return round(ntok / (t.median_ms * 1e-3))
         # the first pass over these texts also captures a CUDA graph for each new batch shape (on its
         # second sight) and compiles Triton variants; later passes are what a long batch job sees
         row["ours_encode_first_pass_tok_s"] = timed(lambda: m.encode(texts), 1)
