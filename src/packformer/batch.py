@@ -47,12 +47,6 @@ class PackedBatch:
                        cu_seqlens=mv(self.cu_seqlens), token_type_ids=mv(self.token_type_ids),
                        order=self.order)
 
-    def pin_memory(self) -> "PackedBatch":
-        def pin(t):
-            return None if t is None else t.pin_memory()
-        return replace(self, input_ids=pin(self.input_ids), positions=pin(self.positions),
-                       cu_seqlens=pin(self.cu_seqlens), token_type_ids=pin(self.token_type_ids))
-
     def select(self, seq_indices: Sequence[int]) -> "PackedBatch":
         """A new packed batch holding only the given sequences, in the given order."""
         lens = self.seqlens.tolist()
