@@ -1,4 +1,4 @@
-"""The standard batches are exactly WORKLOADS.md's: fixed lengths, fixed seeds, non-special ids."""
+"""The standard workloads are fixed: recorded lengths, fixed seeds, non-special ids, seeded texts."""
 import numpy as np
 import pytest
 import torch
@@ -15,7 +15,7 @@ def test_tutorial_batches_have_the_tutorials_lengths():
 
 @pytest.mark.parametrize("name, n, cap, pad_pct", [("serve_b32", 32, 512, 64), ("offline_b256", 256, 512, 73),
                                                    ("offline_b128", 128, 256, 72)])
-def test_generated_batches_match_the_padding_workloads_md_states(name, n, cap, pad_pct):
+def test_generated_batches_have_their_stated_padding(name, n, cap, pad_pct):
     lens = W.lengths(name)
     assert len(lens) == n and min(lens) >= 8 and max(lens) <= cap
     assert round(100 * (1 - sum(lens) / (n * max(lens)))) == pad_pct
@@ -25,7 +25,7 @@ def test_generated_batches_match_the_padding_workloads_md_states(name, n, cap, p
 @pytest.mark.parametrize("name, tokens, longest", [("serve_b32", 2209, 191), ("offline_b256", 35201, 512),
                                                    ("offline_b128", 9125, 256)])
 def test_generated_batches_are_the_recorded_ones(name, tokens, longest):
-    # pins the generator: WORKLOADS.md's CPU notes count 9,125 tokens in offline_b128
+    # pins the generator: recorded results count 9,125 tokens in offline_b128
     lens = W.lengths(name)
     assert (sum(lens), max(lens)) == (tokens, longest)
 
@@ -78,10 +78,19 @@ def test_bad_workload_requests_say_what_is_wrong():
         W.build_workload("serve_b32", preset("bert-base"), max_len=128)
 
 
-def test_the_tutorials_long_paragraph_is_quoted_verbatim():
-    from pathlib import Path
-    seed = Path("/work/shared/seed/better_transformer_tutorial.zh.txt")
-    if not seed.exists():
-        pytest.skip("the tutorial seed is not on this machine")
-    assert f'"""{W.TUTORIAL_LONG_PARAGRAPH}"""' in seed.read_text(encoding="utf-8")
+def test_generated_texts_are_2_to_220_words_and_follow_their_seed():
+    texts = W.generate_texts(1500)
+    words = np.array([len(t.split()) for t in texts])
+    assert words.min() >= 2 and words.max() <= 220 and 18 <= np.median(words) <= 30
+    assert W.generate_texts(1500, seed=7) == texts                 # seed 7 is the standard workload
+    other = W.generate_texts(1500, seed=11)
+    assert other == W.generate_texts(1500, seed=11) and other != texts
+    assert W.generate_texts(20000)[:1500] == texts                 # texts_1500 opens texts_20000
+
+
+def test_the_tutorials_inputs_are_its_two_batches():
     assert W.TUTORIAL_SMALL_BATCH == ["Hello world", "How are you!"]
+    assert W.TUTORIAL_BIG_BATCH == [*W.TUTORIAL_SMALL_BATCH, W.TUTORIAL_LONG_PARAGRAPH]
+    p = W.TUTORIAL_LONG_PARAGRAPH
+    assert p.startswith("`Well, Prince, so Genoa and Lucca") and p.endswith("used only by the elite.")
+    assert len(p.split()) == 171 and p.count("\n") == 14

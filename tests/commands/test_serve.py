@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 from packformer.cli import main
-from packformer.server.launch import ServerProcess
-from packformer.server.loadgen import workload_texts
+from packformer.bench.launch import ServerProcess
+from packformer.bench.workloads import generate_texts
 
 # requests heavy enough (8 texts of 90-220 words) that several are in flight at once on any machine
-LONG_TEXTS = [t for t in workload_texts(6000, seed=5) if len(t.split()) >= 90]
+LONG_TEXTS = [t for t in generate_texts(6000, seed=5) if len(t.split()) >= 90]
 HEAVY = [LONG_TEXTS[i: i + 8] for i in range(0, 8 * 24, 8)]
 
 

@@ -22,7 +22,7 @@ import uvicorn  # noqa: E402
 
 from packformer.server import ServerSettings, create_app  # noqa: E402
 from packformer.server.formats import from_base64  # noqa: E402
-from packformer.server.launch import ServerProcess, free_port  # noqa: E402
+from packformer.bench.launch import ServerProcess, free_port  # noqa: E402
 
 SETTINGS = dict(max_batch_tokens=2048, max_client_batch_size=8)
 

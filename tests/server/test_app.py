@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import uvicorn
 
+from packformer.bench.launch import free_port
 from packformer.server import ServerSettings, create_app
-from packformer.server.launch import free_port
 
 POISON = 4242
 

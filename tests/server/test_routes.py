@@ -14,10 +14,10 @@ import openai
 import pytest
 
 import packformer
+from packformer.bench.launch import ServerProcess
+from packformer.bench.workloads import generate_texts
 from packformer.loading import builtin_model_dir
 from packformer.server.formats import shorten
-from packformer.server.launch import ServerProcess
-from packformer.server.loadgen import workload_texts
 
 KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -152,7 +152,7 @@ def _metric(text: str, name: str) -> float:
 
 
 def test_200_concurrent_mixed_requests_equal_single_requests(server, http, minilm):
-    texts = workload_texts(600, seed=11)
+    texts = generate_texts(600, seed=11)
     g = np.random.default_rng(3)
     requests, i = [], 0
     for k in range(200):                                          # 1..3 texts each

@@ -1,5 +1,5 @@
-"""The standard batches of WORKLOADS.md, built exactly (same generator, same seeds), and the
-tutorial's inputs, so that figures are comparable across runs and machines.
+"""The standard workloads, built exactly (same generator, same seeds), and the tutorial's inputs, so
+that figures are comparable across runs and machines.
 
 A workload is either token ids (the standard batches: every peer sees the same ids, padded or
 packed) or texts (end to end: tokenization is part of what is timed).
@@ -16,7 +16,7 @@ import torch
 from ..batch import PackedBatch, pack
 from ..config import EncoderConfig
 
-# The tutorial's inputs, verbatim (../shared/seed/, In [2]).
+# The inputs of PyTorch's Better Transformer tutorial, verbatim.
 TUTORIAL_SMALL_BATCH = [
     "Hello world",
     "How are you!",
@@ -39,13 +39,13 @@ St. Petersburg, used only by the elite."""
 TUTORIAL_BIG_BATCH = [*TUTORIAL_SMALL_BATCH, TUTORIAL_LONG_PARAGRAPH]
 
 ID_WORKLOADS = ("tutorial_small", "tutorial_big", "serve_b32", "offline_b256", "offline_b128")
-# End-to-end text workloads: N texts of the WORKLOADS.md text generator.
+# End-to-end text workloads: `generate_texts(N)`.
 TEXT_WORKLOADS = {"texts_1500": 1500, "texts_20000": 20000}
 ID_SEED = 1          # seed of the random token ids (the lengths have their own, seed 0)
 
 
 def lengths(name: str) -> list[int]:
-    """Token lengths per sequence (special tokens included), exactly as WORKLOADS.md defines them."""
+    """Token lengths per sequence (special tokens included); fixed by seed 0, so every run sees the same."""
     g = np.random.default_rng(0)
     if name == "tutorial_small":   # the tutorial's small batch
         return [4, 6]
@@ -60,9 +60,10 @@ def lengths(name: str) -> list[int]:
     raise ValueError(f"unknown workload {name!r}; known: {', '.join(ID_WORKLOADS + tuple(TEXT_WORKLOADS))}")
 
 
-def generate_texts(n: int) -> list[str]:
-    """The end-to-end text generator of WORKLOADS.md (seed 7): lognormal lengths, median ~24 words."""
-    g = np.random.default_rng(7)
+def generate_texts(n: int, seed: int = 7) -> list[str]:
+    """The end-to-end texts (offline workloads and bench-serve alike): lognormal lengths of 2 to 220
+    words, median ~24, from a small fixed vocabulary. Seed 7 gives the standard text workloads."""
+    g = np.random.default_rng(seed)
     vocab = ("river model token batch packed padding engine layer vector query answer city market music "
              "garden winter history science paper review quickly slowly under over between").split()
     return [" ".join(g.choice(vocab, size=int(min(220, max(2, math.exp(g.normal(math.log(24), 0.9)))))))

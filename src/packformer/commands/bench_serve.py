@@ -26,7 +26,7 @@ def add_parser(sub):
     p.add_argument("--texts-per-request", type=int, default=1, help="texts in one request (default: 1)")
     p.add_argument("--num-texts", type=int, default=None,
                    help="distinct texts, cycled by the requests (default: requests x texts-per-request)")
-    p.add_argument("--seed", type=int, default=7, help="seed of the WORKLOADS.md text generator (default: 7)")
+    p.add_argument("--seed", type=int, default=7, help="seed of the benchmark text generator (default: 7)")
     p.add_argument("--no-baseline", action="store_true", help="skip the FastAPI + SentenceTransformer server")
     p.add_argument("--no-offline", action="store_true", help="skip offline encode() throughput")
     p.add_argument("--server-arg", action="append", default=[],
@@ -77,18 +77,19 @@ def _timed(fn) -> float:
 
 def run(args) -> int:
     import packformer
-    from ..server.launch import ServerProcess
-    from ..server.loadgen import run_level, workload_texts
+    from ..bench.launch import ServerProcess
+    from ..bench.loadgen import run_level
+    from ..bench.workloads import generate_texts
 
     tpr = args.texts_per_request
     n_texts = args.num_texts or args.requests * tpr
-    texts = workload_texts(n_texts, args.seed)
+    texts = generate_texts(n_texts, args.seed)
     model = packformer.load(args.model, device=args.device, dtype=args.dtype)
     lengths = [len(s) for s in model.token_ids(texts)]
     payloads = [{"inputs": texts[i: i + tpr]} for i in range(0, len(texts), tpr)]
     tokens = [sum(lengths[i: i + tpr]) for i in range(0, len(texts), tpr)]
     total_tokens = sum(lengths)
-    print(f"bench-serve: {len(texts)} texts of the WORKLOADS generator (seed {args.seed}), {total_tokens} tokens, "
+    print(f"bench-serve: {len(texts)} generated texts (seed {args.seed}), {total_tokens} tokens, "
           f"{len(payloads)} distinct requests of {tpr} text(s); {args.requests} requests per level, "
           f"at most {args.duration:g} s each", file=sys.stderr)
     results: dict = {"machine": machine(), "note": args.note, "model": str(model.source),
@@ -146,7 +147,7 @@ def run(args) -> int:
             print("  baseline skipped: it needs a model folder, not a random preset", file=sys.stderr)
         else:
             with ServerProcess([folder, "--device", args.device],
-                               command=[sys.executable, "-m", "packformer.server.baseline"]) as srv:
+                               command=[sys.executable, "-m", "packformer.bench.serve_baseline"]) as srv:
                 results["baseline"] = levels(srv.url + "/embed", None, "FastAPI+SentenceTransformer", srv.proc.pid)
             from sentence_transformers import SentenceTransformer
             st = SentenceTransformer(folder, device=args.device)

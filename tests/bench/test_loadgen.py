@@ -1,5 +1,5 @@
 """The bench-serve load generator: bounded in requests and in time, counts tokens of successes only,
-tallies errors by status, and the WORKLOADS.md text generator."""
+tallies errors by status."""
 from __future__ import annotations
 
 import asyncio
@@ -11,8 +11,8 @@ import numpy as np
 import uvicorn
 from fastapi import FastAPI, Response
 
-from packformer.server.launch import free_port
-from packformer.server.loadgen import LevelResult, run_level, workload_texts
+from packformer.bench.launch import free_port
+from packformer.bench.loadgen import LevelResult, run_level
 
 
 @contextmanager
@@ -67,13 +67,6 @@ def test_unreachable_server_is_an_error_not_a_hang():
                   duration_s=30, timeout_s=10)
     assert r.ok == 0 and sum(r.errors.values()) == 4
     assert np.isnan(r.percentile_ms(50))
-
-
-def test_workload_texts_follow_the_shared_generator():
-    texts = workload_texts(1500)
-    assert texts == workload_texts(1500) and len(texts) == 1500
-    words = np.array([len(t.split()) for t in texts])
-    assert words.min() >= 2 and words.max() <= 220 and 18 <= np.median(words) <= 30
 
 
 def test_empty_result_summary():

@@ -7,21 +7,11 @@ spends several times less CPU per request.
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
 import numpy as np
-
-
-def workload_texts(n: int, seed: int = 7) -> list[str]:
-    """The end-to-end text generator of WORKLOADS.md (lognormal word counts, median about 24 words)."""
-    g = np.random.default_rng(seed)
-    vocab = ("river model token batch packed padding engine layer vector query answer city market music "
-             "garden winter history science paper review quickly slowly under over between").split()
-    return [" ".join(g.choice(vocab, size=int(min(220, max(2, math.exp(g.normal(math.log(24), 0.9)))))))
-            for _ in range(n)]
 
 
 @dataclass

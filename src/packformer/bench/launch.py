@@ -1,4 +1,4 @@
-"""Start and stop a server in a subprocess on a free localhost port (for bench-serve and the tests)."""
+"""Start and stop a server in a subprocess on a free localhost port (for bench-serve and the server tests)."""
 from __future__ import annotations
 
 import os
