@@ -1,7 +1,8 @@
 """The encoder on packed tokens: every tensor is [T, ...], T = all real tokens of the batch.
 
-This file is the readable reference. Speed tricks (fused kernels, CUDA graphs, compile,
-quantization) are applied outside it, in `ops/` and `runtime.py`, so this stays one screen per block.
+This file is the readable reference. Speed tricks are applied outside it, on its weights, so this
+stays one screen per block: fast/cpu.py (fused oneDNN linears, int8 quantization), fast/cuda.py (Triton
+kernels, varlen flash attention), fast/graphs.py (CUDA graphs per token bucket), the kernels in ops/.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Agreement uses DESIGN.md's numbers: fp32 max abs 1e-4; half precision by cosine."""
+"""Agreement thresholds: fp32 within 1e-4 (max abs) of the reference; half precision and int8 by cosine."""
 import pytest
 import torch
 

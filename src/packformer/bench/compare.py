@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import torch
 
-# DESIGN.md: fp32 within 1e-4 (max abs) of the reference; fp16/bf16 cosine >= 0.9995 per embedding.
+# The accuracy bar: fp32 within 1e-4 (max abs) of the reference; fp16/bf16 cosine >= 0.9995 per embedding.
 # Per-token hidden states in half precision are noisier than pooled embeddings: 0.999 per token.
 FP32_MAX_ABS = 1e-4
 LOWP_MIN_COS_POOLED = 0.9995
 LOWP_MIN_COS_TOKEN = 0.999
-# int8 Linear layers (lossy by design, issue 6): cosine >= 0.99 per embedding, 0.98 per token
+# int8 Linear layers (lossy by design, quantize="int8"): cosine >= 0.99 per embedding, 0.98 per token
 INT8_MIN_COS_POOLED = 0.99
 INT8_MIN_COS_TOKEN = 0.98
 

@@ -1,4 +1,4 @@
-"""PyTorch's Better Transformer tutorial (../shared/seed/), as one experiment, with packformer beside it.
+"""PyTorch's Better Transformer tutorial, as one experiment, with packformer beside it.
 
 Same model (XLM-R large + RobertaClassificationHead(num_classes=2)), same inputs (the small and the
 big batch, padded with the pad id 1 as `to_tensor(..., padding_value=1)` does), same runs (slow path,

@@ -1,5 +1,5 @@
 """`packformer bench`: packformer against the tools a user would run instead, on the standard batches
-of WORKLOADS.md or your own texts, with the GEMM floor; table, JSON and PNG."""
+(packformer.bench.workloads) or your own texts, with the GEMM floor; table, JSON and PNG."""
 from __future__ import annotations
 
 import json
