@@ -156,7 +156,7 @@ def _bench_ms(fn, iters=30):
 
 
 def section_ops(args):
-    """Which variant of each fused step is fastest (the defaults of FastOptions follow this)."""
+    """Which variant of each fused step is fastest (the CUDA fast path's choices follow this)."""
     from packformer.ops.gelu import bias_act
     from packformer.ops.layernorm import add_layernorm
     from packformer.ops.linear_act import TileConfig, linear_act
@@ -387,11 +387,7 @@ def section_correct(args):
         ref = model_of(parts, torch.float32, fast=False)
         m16 = model_of(parts, torch.float16)
         variants = {"fp16_graphs": m16, "fp16_eager": with_runner(m16, FastOptions(graphs=False)),
-                    "bf16_graphs": model_of(parts, torch.bfloat16),
-                    "fp16_triton_kernelres": with_runner(m16, FastOptions(ffn1="triton", residual="kernel")),
-                    "fp16_approx_gelu": with_runner(m16, FastOptions(approximate_gelu=True)),
-                    "fp16_flash2": with_runner(m16, FastOptions(attention="flash2")),
-                    "fp16_tma_all_sizes_eager": with_runner(m16, FastOptions(ffn1="tma", tma_min_tokens=0, graphs=False))}
+                    "bf16_graphs": model_of(parts, torch.bfloat16)}
         for name in BATCHES:
             ids, batch = packed_batch(parts, name)
             want = ref.embed_batch(batch).cpu()
@@ -472,7 +468,7 @@ def interleaved_ms(calls: dict, rounds: int, warmup: int = 3, max_seconds: float
 
 
 def section_time(args):
-    """ms per batch (median) for ours and peers; ablations of the fused variants on offline_b256."""
+    """ms per batch (median) for ours (graphs and eager) and peers."""
     out = []
     for shape in ("bert-base", "xlmr-large"):
         parts = get_parts(shape, args.minilm)
@@ -509,19 +505,6 @@ def section_time(args):
                 "hf_sdpa": lambda: hf(input_ids=padded, attention_mask=mask).last_hidden_state,
                 "bt_nested": lambda: bt.features(padded),
             }
-            calls["ours_approx_gelu"] = (lambda mm: (lambda: mm.hidden_states(batch)))(
-                with_runner(ours, FastOptions(approximate_gelu=True)))
-            for label, opt in (("flash2_attn", FastOptions(attention="flash2")),
-                               ("no_attention_tiles", FastOptions(attention_tiles=False)),
-                               ("triton_ffn1_all", FastOptions(ffn1="triton")),
-                               ("tma_ffn1_all", FastOptions(tma_min_tokens=0))):
-                calls[f"ours_{label}"] = (lambda mm: (lambda: mm.hidden_states(batch)))(with_runner(ours, opt))
-            if name == "offline_b256":
-                for label, opt in (("triton_ffn1", FastOptions(ffn1="triton", graphs=False)),
-                                   ("tma_ffn1", FastOptions(ffn1="tma", graphs=False)),
-                                   ("kernel_residual", FastOptions(residual="kernel", graphs=False))):
-                    m = with_runner(ours, opt)
-                    calls[f"ablate_{label}"] = (lambda mm: (lambda: mm.hidden_states(batch)))(m)
             with torch.inference_mode():
                 row.update(interleaved_ms(calls, rounds=args.iters))
                 if name == "offline_b256":
@@ -606,43 +589,6 @@ def _host_ms(fn, n=100) -> float:
         ts.append((time.perf_counter() - t0) * 1e3)
     torch.cuda.synchronize()
     return round(statistics.median(ts), 4)
-
-
-def section_graph_ab(args):
-    """Small batches in CUDA graphs, A/B in one process: attention programs that find their query block
-    from cu_seqlens (default) vs the dense grid (attention_tiles=False). GPU time of the replays (CUDA
-    events around 50 replays, A and B alternating), and the whole call (host staging included), interleaved."""
-    out = {}
-    for shape in ("bert-base", "xlmr-large"):
-        parts = get_parts(shape, args.minilm)
-        a = model_of(parts, torch.float16, head=False)
-        b = with_runner(a, FastOptions(attention_tiles=False))
-        for name in ("tutorial_small", "serve_b32"):
-            ids, batch = packed_batch(parts, name)
-            batch = pinned(batch)
-            lens = [len(s) for s in ids]
-            with torch.inference_mode():
-                ga, gb = _warm_graph(a, batch, lens).graph, _warm_graph(b, batch, lens).graph
-                gpu = {"self_index": [], "dense": []}
-                for _ in range(9):
-                    for label, g in (("self_index", ga), ("dense", gb)):
-                        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                        e0.record()
-                        for _ in range(50):
-                            g.replay()
-                        e1.record()
-                        e1.synchronize()
-                        gpu[label].append(e0.elapsed_time(e1) / 50)
-                full = interleaved_ms({"self_index": lambda: a.hidden_states(batch),
-                                       "dense": lambda: b.hidden_states(batch)}, rounds=400, max_seconds=10)
-            row = {"replay_gpu_ms_self_index": round(statistics.median(gpu["self_index"]), 4),
-                   "replay_gpu_ms_dense": round(statistics.median(gpu["dense"]), 4),
-                   "full_ms_self_index": full["self_index"], "full_ms_dense": full["dense"]}
-            out[f"{shape}/{name}"] = row
-            log("graph_ab", shape, name, row)
-        del a, b
-        torch.cuda.empty_cache()
-    return out
 
 
 def section_host(args):
@@ -749,7 +695,7 @@ def section_e2e(args):
 
 
 SECTIONS = {"env": section_env, "ops": section_ops, "attention": section_attention, "overlap": section_overlap, "gelu": section_gelu, "correct": section_correct, "time": section_time,
-            "profile": section_profile, "host": section_host, "graph_ab": section_graph_ab, "e2e": section_e2e}
+            "profile": section_profile, "host": section_host, "e2e": section_e2e}
 
 
 def main():
@@ -779,7 +725,7 @@ def main():
     log("wrote", out)
     print(json.dumps({k: v for k, v in RESULTS["sections"].items() if k in ("env",)}, default=str))
     for row in RESULTS["sections"].get("time", []) if isinstance(RESULTS["sections"].get("time"), list) else []:
-        print({k: row.get(k) for k in ("shape", "batch", "floor_real", "ours", "ours_approx_gelu", "ours_eager", "hf_sdpa", "bt_nested",
+        print({k: row.get(k) for k in ("shape", "batch", "floor_real", "ours", "ours_eager", "hf_sdpa", "bt_nested",
                                        "ours_over_floor", "speedup_vs_hf_sdpa", "speedup_vs_bt_nested",
                                        "mem_ratio_vs_hf_sdpa") if k in row})
     if RESULTS["errors"]:

@@ -13,7 +13,6 @@ Pre-norm stacks (nn.TransformerEncoder norm_first=True) use the same kernels in 
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -22,61 +21,54 @@ import torch.nn.functional as F
 
 from ..batch import PackedBatch
 from ..model import Encoder
-from ..ops.attention import AttentionMeta, varlen_attention
+from ..ops.attention import AttentionMeta
 from ..ops.embedding import embed_layernorm
 from ..ops.gelu import bias_act
 from ..ops.layernorm import add_layernorm
 from ..ops.flash_varlen import default_config as flash_config
 from ..ops.flash_varlen import flash_varlen, tile_table
-from ..ops.linear_act import linear_act, linear_act_tma
+from ..ops.linear_act import linear_act_tma
 
 log = logging.getLogger(__name__)
 
 
+# FFN1 goes through the TMA GEMM (bias + activation in its epilogue) from this many tokens on; on smaller
+# batches cuBLAS followed by the bias_act kernel measured faster on an H100/H200 (benchmarks/NOTES-gpu.md).
+TMA_MIN_TOKENS = 16384
+
+
 @dataclass
 class FastOptions:
-    """Which fused variant runs each step; defaults are the fastest measured on an H100/H200 (NOTES-gpu.md)."""
+    """How `build_runner` runs the fused encoder: `graphs` replays a CUDA graph per token bucket for
+    batches of up to `graph_max_tokens` tokens (larger ones run eagerly); `graphs=False` runs every batch
+    eagerly, which holds no graph memory and shows each kernel on its own in a profiler."""
 
-    ffn1: str = "tma"           # "cublas": cuBLAS GEMM, then bias+act (a cuBLASLt epilogue where that is exact,
-                                # else the bias_act kernel) | "triton": our GEMM with a bias+act epilogue |
-                                # "tma": the TMA GEMM with the epilogue for T >= tma_min_tokens, else "cublas"
-    tma_min_tokens: int = 16384
-    attention: str = "triton"   # "triton": ops.flash_varlen | "flash2": torch's varlen_attn (FlashAttention-2)
-    attention_tiles: bool = True  # triton: one program per query block, from a table of the host lengths
-                                # (eager) or found from cu_seqlens in the kernel (graphs); False: dense grid
-    approximate_gelu: bool = False  # erf-GELU models: use cuBLASLt's tanh-GELU epilogue (|error| < 3e-4)
-    residual: str = "addmm"     # "addmm": residual added by the GEMM (beta=1) | "kernel": added by the LN kernel
-    graphs: bool = True         # CUDA graphs per token bucket for batches up to graph_max_tokens
+    graphs: bool = True
     graph_max_tokens: int = 8192
 
     def __post_init__(self):
-        if self.ffn1 not in ("triton", "cublas", "tma"):
-            raise ValueError(f"ffn1 must be 'triton', 'tma' or 'cublas', got {self.ffn1!r}")
-        if self.attention not in ("flash2", "triton"):
-            raise ValueError(f"attention must be 'flash2' or 'triton', got {self.attention!r}")
-        if self.residual not in ("addmm", "kernel"):
-            raise ValueError(f"residual must be 'addmm' or 'kernel', got {self.residual!r}")
+        if self.graph_max_tokens < 1:
+            raise ValueError(f"graph_max_tokens must be at least 1, got {self.graph_max_tokens}")
 
 
 class FastEncoder:
     """Callable `(PackedBatch on device, AttentionMeta, out=None) -> [T, H]` over `encoder`'s weights."""
 
-    def __init__(self, encoder: Encoder, options: FastOptions | None = None):
+    def __init__(self, encoder: Encoder):
         self.encoder = encoder
         self.cfg = encoder.config
-        self.opt = options or FastOptions()
         p = next(encoder.parameters())
         if p.device.type != "cuda" or p.dtype not in (torch.float16, torch.bfloat16):
             raise ValueError(f"the CUDA fast path runs fp16/bf16 weights on a GPU, got {p.dtype} on {p.device}")
         self.dtype, self.device = p.dtype, p.device
         # the TMA GEMM needs Hopper (sm90+) and 16-byte aligned rows (hidden and FFN sizes multiples of 8)
-        self._tma = (self.opt.ffn1 == "tma" and torch.cuda.get_device_capability(self.device)[0] >= 9
-                     and self.cfg.hidden_size % 8 == 0 and self.cfg.intermediate_size % 8 == 0)
+        self._tma = (torch.cuda.get_device_capability(self.device)[0] >= 9 and self.cfg.hidden_size % 8 == 0
+                     and self.cfg.intermediate_size % 8 == 0)
         # one flash_varlen tile config for every forward, so the tile table always matches the kernel
         self._flash = flash_config(self.cfg.head_dim, self.cfg.max_tokens_per_sequence)
 
     def describe(self) -> dict:
-        return {"options": dataclasses.asdict(self.opt), "tma_ffn1": self._tma}
+        return {"tma_ffn1": self._tma}
 
     def __call__(self, batch: PackedBatch, meta: AttentionMeta, out: torch.Tensor | None = None) -> torch.Tensor:
         cfg, emb = self.cfg, self.encoder.embeddings
@@ -102,7 +94,7 @@ class FastEncoder:
     def _tiles(self, meta: AttentionMeta) -> torch.Tensor | None:
         """The query-block table of flash_varlen, once per forward, where the host knows the lengths
         (not while a CUDA graph is captured: there the kernel finds its blocks from cu_seqlens)."""
-        if self.opt.attention != "triton" or not self.opt.attention_tiles or not meta.seqlens:
+        if not meta.seqlens:
             return None
         table = torch.from_numpy(tile_table(meta.seqlens, self._flash.block_m))
         # a few KB from pageable memory: the driver stages it at once, with no wait on the device;
@@ -113,30 +105,23 @@ class FastEncoder:
         t = x.shape[0]
         qkv = F.linear(x, layer.qkv.weight, layer.qkv.bias)                              # [T, 3H]
         q, k, v = qkv.view(t, 3, layer.num_heads, layer.head_dim).unbind(1)                 # 3 x [T, nh, hd]
-        if self.opt.attention == "triton":
-            return flash_varlen(q, k, v, meta.cu_seqlens, meta.max_seqlen, config=self._flash, tiles=tiles,
-                                dense=not self.opt.attention_tiles).view(t, -1)             # [T, H]
-        return varlen_attention(q, k, v, meta).reshape(t, -1)                               # [T, H]
+        return flash_varlen(q, k, v, meta.cu_seqlens, meta.max_seqlen, config=self._flash,
+                            tiles=tiles).view(t, -1)                                        # [T, H]
 
     def _ffn_hidden(self, layer, x: torch.Tensor) -> torch.Tensor:
         w, b, act = layer.ffn1.weight, layer.ffn1.bias, layer.act
-        if self.opt.ffn1 == "triton":
-            return linear_act(x, w, b, act)                                                 # [T, F]
-        if act == "relu" or act == "gelu_tanh" or (act == "gelu" and self.opt.approximate_gelu):
+        if act == "relu" or act == "gelu_tanh":
             # cuBLASLt's RELU_BIAS / GELU_BIAS epilogues (its GELU is the tanh form): no extra pass
             return torch._addmm_activation(b, x, w.t(), use_gelu=act != "relu")
-        if self._tma and x.shape[0] >= self.opt.tma_min_tokens and x.is_contiguous():
+        if self._tma and x.shape[0] >= TMA_MIN_TOKENS and x.is_contiguous():
             return linear_act_tma(x, w, b, act)                                             # [T, F]
         h = F.linear(x, w)                                                                  # [T, F]
         return bias_act(h, b, act, out=h)                                                   # erf GELU, in place
 
     def _sublayer(self, x: torch.Tensor, a: torch.Tensor, lin, norm, out) -> torch.Tensor:
         """Post-norm: LN(x + a W^T + b). x is our own activation, so it may be overwritten."""
-        if self.opt.residual == "addmm":
-            s = x.addmm_(a, lin.weight.t())                                                 # x += a W^T
-            return add_layernorm(s, norm.weight, norm.bias, norm.eps, x_bias=lin.bias, out=out)
-        o = torch.mm(a, lin.weight.t())
-        return add_layernorm(o, norm.weight, norm.bias, norm.eps, residual=x, x_bias=lin.bias, out=out)
+        s = x.addmm_(a, lin.weight.t())                                                     # x += a W^T
+        return add_layernorm(s, norm.weight, norm.bias, norm.eps, x_bias=lin.bias, out=out)
 
     def _pre_norm(self, x: torch.Tensor, meta: AttentionMeta, tiles, out) -> torch.Tensor:
         """x <- x + attn(LN1 x); x <- x + ffn(LN2 x); with each add fused into the next LayerNorm."""
@@ -155,14 +140,9 @@ class FastEncoder:
 
     def _pre_sublayer(self, x, a, lin, norm, out):
         """(x + a W^T + b, LN(x + a W^T + b)); the sum overwrites x (our own residual stream)."""
-        if self.opt.residual == "addmm":
-            s = x.addmm_(a, lin.weight.t())
-            y, s = add_layernorm(s, norm.weight, norm.bias, norm.eps, x_bias=lin.bias, return_sum=True,
-                                 out=out, sum_out=s)
-            return s, y
-        o = torch.mm(a, lin.weight.t())
-        y, s = add_layernorm(o, norm.weight, norm.bias, norm.eps, residual=x, x_bias=lin.bias, return_sum=True,
-                             out=out, sum_out=x)
+        s = x.addmm_(a, lin.weight.t())
+        y, s = add_layernorm(s, norm.weight, norm.bias, norm.eps, x_bias=lin.bias, return_sum=True,
+                             out=out, sum_out=s)
         return s, y
 
 
@@ -173,7 +153,7 @@ def build_runner(model, options: FastOptions | None = None):
         log.info("CUDA fast path needs fp16/bf16 (got %s): running the reference encoder", model.dtype)
         return model.encoder
     opt = options or FastOptions()
-    fast = FastEncoder(model.encoder, opt)
+    fast = FastEncoder(model.encoder)
     if not opt.graphs:
         return fast
     from .graphs import GraphRunner

@@ -2,13 +2,16 @@
 
 The [T, N] intermediate (N = 4H) is the largest tensor of a layer; applying bias and GELU while the
 tile is still in registers saves a full read and write of it (cuBLAS's own GELU epilogue is the tanh
-approximation, which BERT's erf GELU is not). Whether this Triton GEMM is as fast as cuBLAS plus a
-separate `bias_act` pass is for the GPU benchmark to decide (benchmarks/NOTES-gpu.md): on an H100 the
-pointer-based kernel reached about 55% of cuBLAS, so the fast path uses cuBLAS + `bias_act` by default.
+approximation, which BERT's erf GELU is not). The CUDA fast path (fast/cuda.py) runs an erf-GELU FFN1
+through `linear_act_tma` on Hopper for batches of at least 16,384 tokens, where the whole forward
+measured faster on an H100/H200 (benchmarks/NOTES-gpu.md); smaller batches and other GPUs run cuBLAS
+followed by `bias_act`. The pointer-based `linear_act` reached about 55% of cuBLAS's rate on an H100,
+so the library itself does not call it.
 
 - `linear_act_ref`: plain torch in fp32 (the specification).
 - `_linear_act_kernel`: Triton tiled GEMM (grouped tile order), fp32 accumulator, fused epilogue.
-- `linear_act`: the launcher (checks shapes/dtypes; tile config by problem size).
+- `linear_act`: its launcher (checks shapes/dtypes; tile config by problem size).
+- `_linear_act_tma_kernel` / `linear_act_tma`: the Hopper variant, tiles moved by the TMA engine.
 """
 from __future__ import annotations
 
@@ -122,8 +125,8 @@ if triton is not None:
 
 def linear_act_tma(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: str = "gelu",
                    config: TileConfig | None = None, persistent: bool = True) -> torch.Tensor:
-    """`linear_act` through the TMA kernel (CUDA, Hopper). Experimental: the GPU benchmark compares it
-    with cuBLAS; the fast path uses it only where it measures faster."""
+    """`linear_act` through the TMA kernel (CUDA, Hopper; contiguous rows whose byte size is a multiple
+    of 16). The CUDA fast path runs FFN1 through it on batches of at least 16,384 tokens."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     check(x.is_cuda and x.is_contiguous() and weight.is_contiguous(), "linear_act_tma needs contiguous CUDA tensors")
