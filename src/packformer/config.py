@@ -50,6 +50,19 @@ class EncoderConfig:
         """Longest sequence (special tokens included) the position table can hold."""
         return self.max_position_embeddings - self.position_offset
 
+    def regular_id_range(self) -> tuple[int, int]:
+        """[lo, hi) of token ids that are not special: BERT vocabularies keep [PAD], [unused*], [UNK],
+        [CLS], [SEP], [MASK] below 999; fairseq/RoBERTa ones keep <s>, <pad>, </s>, <unk> at 0-3 and
+        <mask> last. Random ids in this range make calibration and benchmark batches."""
+        if self.model_type == "bert":
+            lo = 999 if self.vocab_size > 2000 else max(self.pad_token_id + 1, 4)
+            hi = self.vocab_size
+        else:
+            lo, hi = 4, self.vocab_size - 1
+        if hi - lo < 2:
+            raise ValueError(f"vocabulary of {self.vocab_size} ids is too small for random non-special token ids")
+        return lo, hi
+
     def labels(self) -> list[str]:
         return [self.id2label.get(i, f"LABEL_{i}") for i in range(self.num_labels)]
 

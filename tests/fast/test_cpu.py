@@ -9,7 +9,8 @@ import packformer
 from packformer.batch import pack
 from packformer.config import preset
 from packformer.fast.cpu import CpuPathOptions, CpuRunner, build_runner
-from packformer.fast.cpu_features import CpuFeatures, detect, parse_cpuinfo
+from packformer.fast import cpu_linear
+from packformer.fast.cpu_features import CpuFeatures, apply_caps, detect, parse_cpuinfo
 from packformer.fast.cpu_threads import ENV_THREADS, apply_threads, resolve_threads
 from packformer.model import Encoder
 from packformer.ops.attention import AttentionMeta
@@ -68,11 +69,34 @@ def test_batches_over_one_block_of_rows_match_the_reference(fast, reference):
     assert (got - want).abs().max() <= 1e-5
 
 
-@pytest.mark.parametrize("linear", ["onednn", "aten"])
-def test_both_linear_backends_match_the_reference(fast, reference, linear):
-    runner = build_runner(fast, linear=linear)
+def test_the_fused_onednn_linears_run_where_torch_has_them(fast):
+    assert fast.runner.linear_backend == ("OneDnnLinear" if cpu_linear.onednn_available(torch.float32)
+                                          else "AtenLinear")
+
+
+def test_without_onednn_ops_the_addmm_fallback_matches_the_reference(fast, reference, monkeypatch):
+    monkeypatch.setattr(cpu_linear, "onednn_available", lambda dtype: False)
+    runner = build_runner(fast)
+    assert runner.linear_backend == "AtenLinear"
     batch = fast.tokenize(TEXTS[:6])
     assert (runner(batch, _meta(batch)) - reference.hidden_states(batch)).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("k, n", [(384, 1152), (1536, 384), (3072, 768)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_onednn_linear_row_is_the_same_at_every_row_count(k, n, dtype):
+    # one row alone (a matrix-vector kernel in oneDNN) must sum like the GEMM kernel of any other count
+    if not cpu_linear.onednn_available(dtype):
+        pytest.skip(f"this torch build has no fused oneDNN linear for {dtype}: the addmm fallback runs")
+    g = torch.Generator().manual_seed(k)
+    lin = torch.nn.Linear(k, n)
+    x, r = torch.randn(1031, k, generator=g).to(dtype), torch.randn(1031, n, generator=g).to(dtype)
+    f = cpu_linear.OneDnnLinear(lin, dtype)
+    with torch.inference_mode():
+        for call in (lambda a, b: f(a), lambda a, b: f(a, act="gelu"), lambda a, b: f(a, residual=b)):
+            whole = call(x, r)
+            for m in (1, 2, 3, 17, 512):
+                assert torch.equal(call(x[:m], r[:m]), whole[:m]), m
 
 
 def test_encode_matches_sentence_transformers_within_1e5(fast, minilm_dir):
@@ -135,6 +159,37 @@ def test_random_bert_base_matches_the_reference_within_1e4():
 
 # ---- bf16 and int8 modes -------------------------------------------------------------------------
 
+def _lengths_summing_to(total, seed):
+    """Sequence lengths in [2, 300] (one of 300, to cross block edges) that add up to `total` exactly."""
+    g = np.random.default_rng(seed)
+    lens = [300]
+    while sum(lens) < total - 302:
+        lens.append(int(g.integers(2, 300)))
+    rest = total - sum(lens)
+    return lens + ([rest] if rest <= 300 else [rest // 2, rest - rest // 2])
+
+
+MODES = {"fp32": {}, "bf16": dict(dtype="bfloat16"), "int8": dict(quantize="int8")}
+
+
+@pytest.mark.parametrize("mode", MODES, ids=MODES)
+def test_every_sequence_is_bit_identical_alone_and_in_a_batch_of_many_row_blocks(minilm_dir, mode):
+    # 5,121 tokens: far over one row block (FFN blocks of 1,024 rows above 4,096 tokens, int8 blocks of
+    # 512), ending in a one-row block; sequences cross block edges. Not "close": the same bits, on any ISA.
+    from packformer.fast.cpu import BLOCK_ABOVE
+    m = packformer.load(minilm_dir, **MODES[mode])
+    lens = _lengths_summing_to(5 * 1024 + 1, seed=1)
+    g = np.random.default_rng(2)
+    ids = [[101] + g.integers(1000, 30000, size=n - 2).tolist() + [102] for n in lens]
+    batch = pack(ids)
+    assert batch.num_tokens == 5121 > BLOCK_ABOVE
+    together = m.hidden_states(batch)
+    cu = batch.cu_seqlens.tolist()
+    for i in [0, 1, 2, len(ids) // 2, len(ids) - 2, len(ids) - 1] + [int(np.argmin(lens))]:
+        alone = m.hidden_states(pack([ids[i]]))
+        assert torch.equal(together[cu[i]:cu[i + 1]], alone), (mode, i, lens[i])
+
+
 def test_bf16_embeddings_keep_cosine_0999_with_fp32(minilm_dir, ref_embeddings):
     m = packformer.load(minilm_dir, dtype="bfloat16")
     assert m.runner.dtype == torch.bfloat16
@@ -170,15 +225,41 @@ flags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni amx_bf16 amx_tile amx_int8
 
 
 def test_cpuinfo_flags_and_cores_are_parsed():
-    f = parse_cpuinfo(CPUINFO)
+    f = parse_cpuinfo(CPUINFO, env={})
     assert f.avx512_f and f.avx512_bf16 and f.amx_bf16 and f.amx_int8 and not f.avx_vnni
     assert f.physical_cores == 1            # two hyper-threads of one core
     assert f.bf16_native and f.bf16_fast and f.int8_native
 
 
 def test_no_bf16_hardware_means_not_native():
-    f = parse_cpuinfo("processor : 0\nflags : fpu avx2\n")
-    assert not f.bf16_native and not f.bf16_fast and not f.int8_native
+    f = parse_cpuinfo("processor : 0\nflags : fpu avx2\n", env={})
+    assert not f.bf16_native and not f.bf16_fast and not f.int8_native and f.isa == "avx2"
+
+
+def test_isa_caps_hide_what_the_kernels_may_not_use():
+    every = CPUINFO.replace("amx_int8", "amx_int8 avx_vnni")
+    assert parse_cpuinfo(every, env={}).isa == "amx" and parse_cpuinfo(every, env={}).cap == ""
+    avx2 = parse_cpuinfo(every, env={"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"})
+    assert avx2.isa == "avx2" and not (avx2.int8_native or avx2.bf16_native or avx2.avx512_f)
+    assert avx2.cap == "ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2"
+    vnni = parse_cpuinfo(every, env={"ONEDNN_MAX_CPU_ISA": "avx512_core_vnni"})
+    assert vnni.isa == "avx512_vnni" and vnni.int8_native and not vnni.bf16_native and not vnni.amx_tile
+    core = parse_cpuinfo(every, env={"ONEDNN_MAX_CPU_ISA": "AVX512_CORE"})
+    assert core.isa == "avx512" and not core.int8_native
+    assert parse_cpuinfo(every, env={"ONEDNN_MAX_CPU_ISA": "AVX2_VNNI"}).isa == "avx2_vnni"
+    # a cap never adds what the CPU lacks; an unknown value is ignored, as oneDNN ignores it
+    assert apply_caps({"avx512_f": False}, {"ONEDNN_MAX_CPU_ISA": "DEFAULT"}) == ({"avx512_f": False}, "")
+    assert apply_caps({"avx512_f": True}, {"ONEDNN_MAX_CPU_ISA": "AVX9000"}) == ({"avx512_f": True}, "")
+
+
+def test_detect_follows_the_caps_of_its_environment():
+    code = ("from packformer.fast.cpu_features import detect; f = detect(); "
+            "print(f.isa, f.int8_native, f.bf16_native, f.cap)")
+    import subprocess
+    import sys
+    env = dict(__import__("os").environ, ONEDNN_MAX_CPU_ISA="AVX2", ATEN_CPU_CAPABILITY="avx2")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["avx2", "False", "False", "ONEDNN_MAX_CPU_ISA=AVX2", "ATEN_CPU_CAPABILITY=avx2"]
 
 
 def test_detect_reports_at_least_one_core_and_is_cached():

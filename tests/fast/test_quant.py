@@ -1,6 +1,12 @@
 """The int8 mode (`quantize="int8"`): per-row activation scales, so a text's embedding does not depend
 on its batch; cosine >= 0.99 with fp32 for every embedding on all-MiniLM-L6-v2; classification labels
 kept; and the oneDNN kernel computes exactly the quantization written out in plain torch."""
+import inspect
+import os
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +16,7 @@ import packformer
 from packformer.bench.workloads import generate_texts
 from packformer.fast.cpu_linear import act_
 from packformer.fast.quant import (BLOCK_ROWS, DynamicInt8Linear, calibrate_outliers, int8_linear_ref,
-                                   quantize_rows, quantize_rows_ref)
+                                   int8_weight_qmax, quantize_rows, quantize_rows_ref)
 
 SHORT = ["x", "yes .", "I !", "ok", "Hello world", "How are you!", "中", "😀 Berlin", "no ?", "42"]
 LONG = "The quick brown fox jumps over the lazy dog, and then it runs far away into the woods. "
@@ -40,7 +46,7 @@ def test_an_int8_embedding_alone_equals_the_same_text_inside_a_large_mixed_batch
     together = int8_minilm.encode(batch, batch_size=len(batch))
     for text in SHORT + [LONG * 4]:
         alone = int8_minilm.encode([text])[0]
-        np.testing.assert_allclose(together[batch.index(text)], alone, atol=1e-6, rtol=0)
+        np.testing.assert_array_equal(together[batch.index(text)], alone, err_msg=text)
 
 
 def test_an_int8_linear_row_does_not_depend_on_the_other_rows():
@@ -126,7 +132,7 @@ def test_row_quantization_matches_the_reference_except_at_rounding_ties(n):
     assert d.abs().max() <= 1 and (d != 0).float().mean() <= 1e-3
 
 
-@pytest.mark.parametrize("qmax", [127, 63], ids=["8-bit weights", "7-bit weights"])
+@pytest.mark.parametrize("qmax", [None, 63], ids=["this CPU's weight range", "7-bit weights"])
 @pytest.mark.parametrize("outliers", [None, [5, 17, 40]], ids=["no outliers", "3 fp32 channels"])
 @pytest.mark.parametrize("mode", [None, "gelu", "relu", "residual"])
 @pytest.mark.parametrize("n", [3, BLOCK_ROWS + 5])
@@ -138,7 +144,7 @@ def test_the_int8_linear_matches_the_plain_torch_quantization(n, mode, outliers,
     out_idx = None if outliers is None else torch.tensor(outliers)
     q = DynamicInt8Linear(lin, out_idx, weight_qmax=qmax)
     with torch.inference_mode():
-        ref = int8_linear_ref(x, lin.weight, lin.bias, out_idx, weight_qmax=qmax)
+        ref = int8_linear_ref(x, lin.weight, lin.bias, out_idx, weight_qmax=q.weight_qmax)
         if mode == "residual":
             got, want = q(x, residual=r), ref + r
         else:
@@ -150,16 +156,50 @@ def test_the_int8_linear_matches_the_plain_torch_quantization(n, mode, outliers,
     assert ((got - want).abs() <= 1e-5 * (1 + want.abs())).float().mean() >= 0.95
 
 
-def test_weights_take_7_bits_on_cpus_without_vnni(monkeypatch):
-    # without VNNI/AMX, x86 sums pairs of u8 x s8 products in int16: 255 * 127 * 2 would saturate
-    from types import SimpleNamespace
+def _saturating_case(qmax, n=700):
+    """Weights at +-qmax and rows at +-max|x|: where u8 x s8 pair sums in int16 would saturate first."""
+    g = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(64, 16)
+    with torch.no_grad():
+        lin.weight.copy_(torch.sign(torch.randn(16, 64, generator=g)))
+        lin.weight[0], lin.weight[1] = 1.0, -1.0
+    x = torch.sign(torch.randn(n, 64, generator=g)) * 3
+    x[0::3], x[1::3] = 3.0, -3.0
+    return lin, x
 
-    import packformer.fast.quant as quant
-    monkeypatch.setattr(quant, "detect", lambda: SimpleNamespace(int8_native=False))
-    q = DynamicInt8Linear(torch.nn.Linear(16, 8))
-    assert q.weight_qmax == 63 and q.weight_int8.abs().max() == 63
-    monkeypatch.setattr(quant, "detect", lambda: SimpleNamespace(int8_native=True))
-    assert DynamicInt8Linear(torch.nn.Linear(16, 8)).weight_int8.abs().max() == 127
+
+def test_the_weight_range_is_the_widest_the_kernel_runs_exactly():
+    # 127 where int8 products are summed in int32 (VNNI, AMX), 63 where pairs go through int16 first
+    qmax = int8_weight_qmax()
+    assert qmax in (127, 63)
+    lin, x = _saturating_case(qmax)
+    q = DynamicInt8Linear(lin)
+    assert q.weight_qmax == qmax and q.weight_int8.abs().max() == qmax
+    with torch.inference_mode():
+        torch.testing.assert_close(q(x), int8_linear_ref(x, lin.weight, lin.bias, weight_qmax=qmax),
+                                   rtol=1e-6, atol=1e-5)
+
+
+def test_a_weight_range_the_kernel_cannot_run_exactly_is_refused():
+    with pytest.raises(ValueError, match=rf"exact only for weights in \[-{int8_weight_qmax()}, "):
+        DynamicInt8Linear(torch.nn.Linear(16, 8), weight_qmax=int8_weight_qmax() + 1)
+
+
+def test_without_vnni_the_weights_take_7_bits_and_stay_exact():
+    # every x86-64 CPU runs oneDNN's AVX2 kernels (u8 x s8 pairs summed in int16) under this cap
+    code = inspect.getsource(_saturating_case) + textwrap.dedent("""
+        from packformer.fast.quant import DynamicInt8Linear, int8_linear_ref, int8_weight_qmax
+        lin, x = _saturating_case(63)
+        q = DynamicInt8Linear(lin)
+        with torch.inference_mode():
+            err = (q(x) - int8_linear_ref(x, lin.weight, lin.bias, weight_qmax=63)).abs().max().item()
+        print(int8_weight_qmax(), q.weight_qmax, err)
+    """)
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2")
+    r = subprocess.run([sys.executable, "-c", "import torch\n" + code], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    qmax, used, err = r.stdout.split()
+    assert (qmax, used) == ("63", "63") and float(err) <= 1e-5
 
 
 def test_an_int8_linear_writes_into_a_given_output_block():

@@ -1,4 +1,4 @@
-"""CPU fast path (issue 6): the encoder of model.py, rebuilt for a few CPU cores.
+"""CPU fast path: the encoder of model.py, rebuilt for a few CPU cores.
 
 What it changes, each measured in benchmarks/NOTES-cpu.md:
 - GEMMs with their elementwise work fused (cpu_linear: oneDNN post-ops on packed weights), so bias,
@@ -9,6 +9,10 @@ What it changes, each measured in benchmarks/NOTES-cpu.md:
 - Threads: torch's intra-op pool capped at the physical cores unless set (cpu_threads).
 - dtype="bfloat16": weights and activations in bf16 (LayerNorm and softmax accumulate in fp32).
 - quantize="int8": the Linear layers in int8 (quant.py); everything else stays fp32.
+
+A sequence's result is bit for bit the same alone and in any batch, in every mode and on every ISA:
+each step computes a row (GEMMs, LayerNorm, elementwise work) or a sequence (attention) on its own, in
+an order that does not depend on the row count (cpu_linear.OneDnnLinear, quant.DynamicInt8Linear).
 
 The runner is a plain callable `(PackedBatch, AttentionMeta) -> [T, H]`; the reference encoder that it
 was built from stays untouched (and is what `fast=False` runs).
@@ -38,7 +42,6 @@ class CpuPathOptions:
     dtype: torch.dtype = torch.float32
     quantize: str | None = None       # None or "int8"
     threads: int | None = None        # None: $PACKFORMER_THREADS, else min(torch's setting, physical cores)
-    linear: str = "auto"              # "auto" | "onednn" | "aten" (fp32/bf16 GEMM backend; for A/B runs)
 
 
 BLOCK_ROWS = 1024   # rows per FFN / QKV block of the fp32 and bf16 paths (measured: 1,024-2,048 alike)
@@ -145,7 +148,7 @@ class CpuRunner:
                 return DynamicInt8Linear(m, outliers.get(m) if outlier_channels else None)
         else:
             def lin(m, outlier_channels=True):
-                return make_linear(m, self.dtype, options.linear)
+                return make_linear(m, self.dtype)
         emb = encoder.embeddings
         self.word = emb.word.weight.detach().to(self.dtype)
         self.position = emb.position.weight.detach().to(self.dtype)
@@ -192,12 +195,17 @@ class CpuRunner:
 
     def describe(self) -> dict:
         f = detect()
-        return {"path": "cpu", "dtype": str(self.dtype).replace("torch.", ""), "quantize": self.options.quantize,
-                "linear": self.linear_backend, "threads": torch.get_num_threads(),
-                "bf16_native": f.bf16_native, "amx": f.amx_bf16, "int8_native": f.int8_native}
+        d = {"path": "cpu", "dtype": str(self.dtype).replace("torch.", ""), "quantize": self.options.quantize,
+             "linear": self.linear_backend, "threads": torch.get_num_threads(), "isa": f.isa,
+             "bf16_native": f.bf16_native, "amx": f.amx_bf16, "int8_native": f.int8_native}
+        if f.cap:
+            d["isa_cap"] = f.cap
+        if self.options.quantize == "int8":
+            d["int8_weight_bits"] = 8 if self.layers and self.layers[0].out.weight_qmax == 127 else 7
+        return d
 
 
-def build_runner(model, threads: int | None = None, quantize: str | None = None, linear: str = "auto"):
+def build_runner(model, threads: int | None = None, quantize: str | None = None):
     """The CPU runner for `model` (an engine.Model on CPU). Options not passed here are read from the
     model (`model.threads`, `model.quantize`, set by `packformer.load`)."""
     threads = threads if threads is not None else getattr(model, "threads", None)
@@ -206,8 +214,7 @@ def build_runner(model, threads: int | None = None, quantize: str | None = None,
         raise ValueError(f"quantize={quantize!r} quantizes the fp32 weights; load with dtype=None/'float32', "
                          f"not {str(model.dtype).replace('torch.', '')}")
     _set_threads(threads)
-    return CpuRunner(model.encoder, CpuPathOptions(dtype=model.dtype, quantize=quantize, threads=threads,
-                                                   linear=linear))
+    return CpuRunner(model.encoder, CpuPathOptions(dtype=model.dtype, quantize=quantize, threads=threads))
 
 
 def _set_threads(threads: int | None) -> None:

@@ -61,7 +61,13 @@ class AtenLinear:
 
 
 class OneDnnLinear:
-    """One oneDNN call per GEMM with bias + activation or bias + residual fused, packed weights."""
+    """One oneDNN call per GEMM with bias + activation or bias + residual fused, packed weights.
+
+    A row's result does not depend on the other rows: oneDNN's GEMM kernels sum each row in the same
+    order at every row count but one. A single row goes to a matrix-vector kernel that (with AVX-512,
+    K >= 1536) sums in another order, so it runs as two rows; the copy costs nothing at that size.
+    (torch's `addmm` calls a BLAS whose summation order changes with the row count: `AtenLinear` is
+    only the fallback for torch builds without these ops.)"""
 
     def __init__(self, linear: nn.Linear, dtype: torch.dtype):
         self.in_features, self.out_features = linear.in_features, linear.out_features
@@ -70,6 +76,10 @@ class OneDnnLinear:
         self.bias = None if linear.bias is None else linear.bias.detach().to(dtype).contiguous()
 
     def __call__(self, x, act=None, residual=None):
+        if x.shape[0] == 1:
+            two = self(x.expand(2, -1).contiguous(), act,
+                       None if residual is None else residual.expand(2, -1).contiguous())
+            return two[:1]
         if residual is not None:
             return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.weight, self.bias, "add")
         attr, algorithm = ONEDNN_POST_OPS[act]
@@ -102,12 +112,6 @@ def onednn_available(dtype: torch.dtype) -> bool:
         return False
 
 
-def make_linear(linear: nn.Linear, dtype: torch.dtype, backend: str = "auto") -> CpuLinear:
-    """backend: "onednn" (fused, packed), "aten" (addmm + in-place ops) or "auto" (oneDNN where it works)."""
-    if backend == "auto":
-        backend = "onednn" if onednn_available(dtype) else "aten"
-    if backend == "onednn":
-        return OneDnnLinear(linear, dtype)
-    if backend == "aten":
-        return AtenLinear(linear, dtype)
-    raise ValueError(f"unknown CPU linear backend {backend!r}; expected 'auto', 'onednn' or 'aten'")
+def make_linear(linear: nn.Linear, dtype: torch.dtype) -> CpuLinear:
+    """The fused oneDNN linear where this torch build runs it correctly, else addmm + in-place ops."""
+    return OneDnnLinear(linear, dtype) if onednn_available(dtype) else AtenLinear(linear, dtype)

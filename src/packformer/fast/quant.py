@@ -2,7 +2,8 @@
 
 The quantization, per row so that a token's result never depends on what else shares its batch:
 - weights: int8, symmetric, one scale per output channel (`s_w = max|w| / 127`), quantized once at load
-  (7-bit, `/ 63`, on CPUs without VNNI/AMX: their u8 x s8 pair sums go through int16 and would saturate);
+  (7-bit, `/ 63`, where the CPU's int8 GEMM adds pairs of u8 x s8 products in int16 and 8 bits would
+  saturate: AVX2 and AVX-512 without VNNI; `int8_weight_qmax` finds out by running the kernel);
 - activations: int8, symmetric, one scale per row (token) from the row's own range at run time
   (`s_x = max|x| / 127`, `q = round(x / s_x)`);
 - GEMM in integers with int32 accumulation, then `y = acc * s_x[:, None] * s_w[None, :] + bias`
@@ -28,11 +29,11 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 import torch
 from torch import nn
 
-from .cpu_features import detect
-from .cpu_linear import act_
+from .cpu_linear import OneDnnLinear, act_
 
 QUANTIZE_MODES = ("int8",)
 BLOCK_ROWS = 512            # rows per quantize -> GEMM -> dequantize block (measured: 256-1024 within 3%)
@@ -41,24 +42,50 @@ OUTLIER_CHANNELS = 8        # input channels per Linear kept in fp32 (calibrate_
 CALIBRATION_LENGTHS = [8, 24, 64, 160]
 
 
+def _int8_gemm(xq: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tensor,
+               weight_zero: torch.Tensor) -> torch.Tensor:
+    """uint8 [m, K] (q + 128) -> fp32 acc * s_w [m, out]: oneDNN's integer GEMM, exact int32 sums."""
+    return torch.ops.onednn.qlinear_pointwise(xq, 1.0, _ZERO_POINT, packed, weight_scale, weight_zero,
+                                              None, 1.0, 0, torch.float32, "none", [], "")
+
+
+def _gemm_is_exact(qmax: int) -> bool:
+    """Whether oneDNN's int8 GEMM returns the exact integer sums for weights in [-qmax, qmax], on the
+    rows where an int16 pair sum would saturate first (all +127 or all -127 against all +-qmax), in a
+    small and a large row count (oneDNN picks its kernel by shape)."""
+    k, n = 64, 16
+    g = torch.Generator().manual_seed(0)
+    wq = torch.randint(-qmax, qmax + 1, (n, k), generator=g).to(torch.int8)            # [out, in]
+    wq[0], wq[1], wq[2] = qmax, -qmax, torch.tensor([qmax, -qmax]).repeat(k // 2)
+    q = torch.randint(-127, 128, (300, k), generator=g)                                # [T, in]
+    q[0::3] = 127
+    q[1::3] = -127
+    packed = torch.ops.onednn.qlinear_prepack(wq, None)
+    ones, zeros = torch.ones(n), torch.zeros(n, dtype=torch.int64)
+    want = (q.double() @ wq.double().T).float()                    # |sums| < 2^24: exact in fp32
+    return all(torch.equal(_int8_gemm((q[:m] + _ZERO_POINT).to(torch.uint8), packed, ones, zeros), want[:m])
+               for m in (3, 300))
+
+
 @functools.lru_cache(maxsize=1)
-def int8_available() -> bool:
-    """Whether this torch build has the oneDNN int8 ops and they agree with the integer math of
-    `int8_linear_ref`, also on rows of extreme values (where an int16 pair sum would saturate)."""
+def int8_weight_qmax() -> int | None:
+    """The widest weight range whose int8 GEMMs are exact on this CPU, found by running the kernel:
+    127 where it sums int8 products in int32 (VNNI, AMX); 63 where it adds pairs of u8 x s8 products in
+    int16 first (`vpmaddubsw` on AVX2 / AVX-512 without VNNI, where 255 * 127 * 2 saturates and
+    255 * 63 * 2 < 32767 cannot); None when neither is exact, or the ops are missing. Probing the kernel,
+    not the CPU flags, follows whatever ISA oneDNN really runs (ONEDNN_MAX_CPU_ISA included)."""
     try:
         if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")):
-            return False
-        g = torch.Generator().manual_seed(0)
-        lin = nn.Linear(40, 24)
-        with torch.no_grad():
-            lin.weight[:4] = torch.sign(torch.randn(4, 40, generator=g))               # weights at +-qmax
-        x = torch.cat([torch.randn(5, 40, generator=g), torch.sign(torch.randn(3, 40, generator=g))])
+            return None
         with torch.inference_mode():
-            q = DynamicInt8Linear(lin)
-            got, want = q(x), int8_linear_ref(x, lin.weight, lin.bias, weight_qmax=q.weight_qmax)
-        return bool(torch.allclose(got, want, atol=1e-5, rtol=1e-5))
+            return next((qmax for qmax in (127, 63) if _gemm_is_exact(qmax)), None)
     except Exception:  # pragma: no cover - depends on the torch build
-        return False
+        return None
+
+
+def int8_available() -> bool:
+    """Whether this torch build has the oneDNN int8 ops and runs them exactly (at some weight range)."""
+    return int8_weight_qmax() is not None
 
 
 def check_quantize(quantize: str | None) -> str | None:
@@ -79,12 +106,6 @@ def quantize_weight_ref(w: torch.Tensor, qmax: int = 127) -> tuple[torch.Tensor,
     """[out, in] fp32 -> (int8 [out, in] in [-qmax, qmax], fp32 scale [out]): symmetric, per output channel."""
     scale = (w.abs().amax(dim=1) / qmax).clamp(min=1e-12)
     return torch.round(w / scale[:, None]).clamp(-qmax, qmax).to(torch.int8), scale
-
-
-def default_weight_qmax() -> int:
-    """127 where the CPU sums int8 products in int32 (VNNI, AMX); 63 elsewhere, where AVX2/AVX-512
-    `vpmaddubsw` adds pairs of u8 x s8 products in int16: 255 * 63 * 2 < 32767 cannot saturate."""
-    return 127 if detect().int8_native else 63
 
 
 def quantize_rows_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,27 +145,43 @@ class DynamicInt8Linear:
     """y = x W^T + b with int8 W (per output channel) and x quantized per row at run time; fp32 in and out.
     `outliers`: input channels kept in fp32 (a fixed set, from `calibrate_outliers`): the row scale then
     comes from the other channels. Called like the other CPU linears:
-    `lin(x, act=None, residual=None, out=None)`."""
+    `lin(x, act=None, residual=None, out=None)`.
+
+    Every step computes each row on its own, so a row's result does not depend on the other rows: the
+    integer GEMM is exact, the quantize / scale / add passes are elementwise, and the fp32 outlier GEMM
+    runs in oneDNN (whose kernels sum a row in the same order at any row count), not in `addmm`, whose
+    BLAS kernel changes its summation order with the row count; a last-bit difference there would move
+    a value across a rounding boundary of the next layer's quantization and change the result by a
+    whole quantization step."""
 
     def __init__(self, linear: nn.Linear, outliers: torch.Tensor | None = None, block_rows: int = BLOCK_ROWS,
                  weight_qmax: int | None = None):
+        supported = int8_weight_qmax()
+        if supported is None:
+            raise RuntimeError("int8 linears need torch.ops.onednn.qlinear_pointwise running exactly, which this "
+                               f"torch build ({torch.__version__}) on this CPU does not")
+        if weight_qmax is not None and not 1 <= weight_qmax <= supported:
+            raise ValueError(f"weight_qmax={weight_qmax}: int8 GEMMs on this CPU are exact only for weights "
+                             f"in [-{supported}, {supported}]")
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.block_rows = block_rows
         w = linear.weight.detach().float()                                            # [out, in]
+        bias = None if linear.bias is None else linear.bias.detach().float()
         self.outliers = None if outliers is None or outliers.numel() == 0 else outliers.to(torch.int64)
-        if self.outliers is not None:
-            self.outlier_weight_t = w[:, self.outliers].t().contiguous()              # [k, out] fp32
+        self.outlier_linear = None
+        if self.outliers is not None:                                                 # fp32 part, bias folded in
+            part = nn.Linear(len(self.outliers), self.out_features, bias=bias is not None)
+            with torch.no_grad():
+                part.weight.copy_(w[:, self.outliers])
+                if bias is not None:
+                    part.bias.copy_(bias)
+            self.outlier_linear = OneDnnLinear(part, torch.float32)
             w = w.index_fill(1, self.outliers, 0.0)
-        self.weight_qmax = default_weight_qmax() if weight_qmax is None else weight_qmax
+        self.weight_qmax = supported if weight_qmax is None else weight_qmax
         self.weight_int8, self.weight_scale = quantize_weight_ref(w, self.weight_qmax)  # [out, in], [out]
         self.packed = torch.ops.onednn.qlinear_prepack(self.weight_int8, None)        # oneDNN blocked layout
         self.weight_zero = torch.zeros(self.out_features, dtype=torch.int64)
-        self.bias = None if linear.bias is None else linear.bias.detach().float().contiguous()
-
-    def _gemm(self, xq: torch.Tensor) -> torch.Tensor:
-        """uint8 [m, K] (q + 128) -> fp32 acc * s_w [m, out]: integer GEMM, int32 accumulation."""
-        return torch.ops.onednn.qlinear_pointwise(xq, 1.0, _ZERO_POINT, self.packed, self.weight_scale,
-                                                  self.weight_zero, None, 1.0, 0, torch.float32, "none", [], "")
+        self.bias = None if bias is None else bias.contiguous()
 
     def __call__(self, x: torch.Tensor, act: str | None = None, residual: torch.Tensor | None = None,
                  out: torch.Tensor | None = None) -> torch.Tensor:
@@ -157,10 +194,11 @@ class DynamicInt8Linear:
                 xq, sx = quantize_rows(xb)
             else:
                 xq, sx = quantize_rows(xb.index_fill(1, self.outliers, 0.0))
-            o = torch.mul(self._gemm(xq), sx, out=out[r0:r1])                        # acc * s_w * s_x
-            if self.outliers is not None:
-                o.addmm_(xb.index_select(1, self.outliers), self.outlier_weight_t)   # + fp32 outlier part
-            if self.bias is not None:
+            o = torch.mul(_int8_gemm(xq, self.packed, self.weight_scale, self.weight_zero), sx,
+                          out=out[r0:r1])                                            # acc * s_w * s_x
+            if self.outlier_linear is not None:
+                o.add_(self.outlier_linear(xb.index_select(1, self.outliers)))       # + fp32 part + bias
+            elif self.bias is not None:
                 o.add_(self.bias)
             if residual is not None:
                 o.add_(residual[r0:r1])
@@ -175,10 +213,11 @@ def calibrate_outliers(encoder: nn.Module, k: int = OUTLIER_CHANNELS, seed: int 
     encoders carry a few huge "outlier" channels in every token, whatever the text; a row scale set by
     one of them leaves ~7 levels for the rest. Fixed at load, so results stay batch-independent."""
     from ..batch import pack
-    from ..bench.workloads import random_ids
 
     cfg = encoder.config
-    batch = pack(random_ids(CALIBRATION_LENGTHS, cfg, seed=seed), cfg.position_offset)
+    lo, hi = cfg.regular_id_range()
+    g = np.random.default_rng(seed)
+    batch = pack([g.integers(lo, hi, size=n).tolist() for n in CALIBRATION_LENGTHS], cfg.position_offset)
     amax: dict[nn.Linear, torch.Tensor] = {}
 
     def record(mod: nn.Module, inputs: tuple) -> None:
