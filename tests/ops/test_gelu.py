@@ -61,12 +61,14 @@ def test_kernel_under_triton_interpreter(run_interpreted):
                 wide = torch.full((5, 1300), float("nan"), dtype=dt)
                 y2 = bias_act(x, b, act, out=wide[:, :1100])
                 assert torch.equal(y2, y) and wide[:, 1100:].isnan().all()
-        # the kernel's own erf (a rational approximation, not libdevice's): fp32 erf-GELU over the whole
-        # range is as close to the exact value as torch's fp32 GELU is
+        # the kernel's own erf (Abramowitz & Stegun 7.1.26, |error| < 1.5e-7): over the whole range, fp32
+        # erf-GELU 0.5 x (1 + erf(x / sqrt 2)) is within 0.5 |x| (1.5e-7 + 2 eps) of the exact value (the
+        # approximation, plus the rounding of erf and of 1 + erf) and 2 eps |y| (the last products)
         x = torch.linspace(-12, 12, 24001)[None]
         exact = 0.5 * x.double() * (1 + torch.erf(x.double() / 2 ** 0.5))
-        err = (bias_act(x, None, "gelu").double() - exact).abs().max().item()
-        assert err <= (torch.nn.functional.gelu(x).double() - exact).abs().max().item(), err
+        err = (bias_act(x, None, "gelu").double() - exact).abs()
+        eps = torch.finfo(torch.float32).eps
+        assert (err <= 0.5 * x.abs() * (1.5e-7 + 2 * eps) + 2 * eps * exact.abs()).all(), err.max().item()
         print("ok")
     """)
 

@@ -56,7 +56,9 @@ if triton is not None:
             return 0.5 * x * (1.0 + _erf(x * 0.7071067811865476))
         elif ACT == 1:
             z = 0.7978845608028654 * (x + 0.044715 * x * x * x)
-            return 0.5 * x * (1.0 + (2.0 * tl.sigmoid(2.0 * z) - 1.0))   # tanh(z) = 2 sigmoid(2z) - 1
+            e = tl.exp(-2.0 * tl.abs(z))             # in (0, 1]: no overflow for any z
+            t = (1.0 - e) / (1.0 + e)                # tanh(|z|)
+            return 0.5 * x * (1.0 + tl.where(z < 0, -t, t))
         else:
             return tl.maximum(x, 0.0)
 
