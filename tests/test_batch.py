@@ -1,8 +1,9 @@
 """PackedBatch: packing, positions, and the pad/unpad round trip at the edges."""
+import numpy as np
 import pytest
 import torch
 
-from packformer.batch import PackedBatch, cu_seqlens_from_lengths, pack, pack_padded_ids, pad_input, positions_for, unpad_input
+from packformer.batch import cu_seqlens_from_lengths, pack, pack_padded_ids, pad_input, positions_for, unpad_input
 
 
 def test_pack_concatenates_sequences_and_marks_boundaries():
@@ -55,6 +56,16 @@ def test_select_keeps_the_chosen_sequences_in_order():
     assert s.positions.tolist() == [0, 1, 2, 0, 1] and s.order.tolist() == [12, 10]
 
 
-def test_cu_seqlens_from_lengths():
-    assert cu_seqlens_from_lengths([3, 0, 2]).tolist() == [0, 3, 3, 5]
-    assert isinstance(pack([[1]]), PackedBatch)
+def test_cu_seqlens_from_lengths_is_int32_prefix_sums_from_zero():
+    cu = cu_seqlens_from_lengths([3, 0, 2])
+    assert cu.dtype == torch.int32 and cu.tolist() == [0, 3, 3, 5]
+    assert cu_seqlens_from_lengths(np.array([4, 1])).tolist() == [0, 4, 5]
+    assert cu_seqlens_from_lengths([]).tolist() == [0]
+
+
+def test_an_empty_sequence_keeps_its_slot():
+    b = pack([[1], [], [2, 3]], token_types=[[0], [], [1, 1]])
+    assert b.num_seqs == 3 and b.seqlens.tolist() == [1, 0, 2] and b.cu_seqlens.tolist() == [0, 1, 1, 3]
+    assert b.positions.tolist() == [0, 0, 1] and b.token_type_ids.tolist() == [0, 1, 1]
+    s = b.select([1, 0])
+    assert s.seqlens.tolist() == [0, 1] and s.input_ids.tolist() == [1] and s.max_seqlen == 1

@@ -46,19 +46,44 @@ def test_user_errors_are_one_line_and_exit_1(capsys):
     assert "more than the model's maximum" in capsys.readouterr().err
 
 
-def test_classify_prints_labels(tmp_path, capsys):
+def test_classify_prints_the_argmax_label_and_softmax_scores_of_the_models_logits(tmp_path, capsys):
     transformers = pytest.importorskip("transformers")
     import torch
+    import packformer
     from packformer.loading import builtin_model_dir
 
     torch.manual_seed(0)
     cfg = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                  intermediate_size=64, num_labels=2, id2label={0: "no", 1: "yes"},
-                                  label2id={"no": 0, "yes": 1})
-    transformers.BertForSequenceClassification(cfg).save_pretrained(tmp_path)
+                                  intermediate_size=64, num_labels=2, initializer_range=0.5,
+                                  id2label={0: "no", 1: "yes"}, label2id={"no": 0, "yes": 1})
+    hf = transformers.BertForSequenceClassification(cfg).eval()
     for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json"):
         (tmp_path / f).write_bytes((builtin_model_dir() / f).read_bytes())
-    assert main(["classify", "--model", str(tmp_path), "good", "bad"]) == 0
+    texts = ["good", "bad", "so-so, I guess"]
+    inputs = transformers.AutoTokenizer.from_pretrained(tmp_path)(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        # a classifier that says "yes" to "good" and "no" to "bad", each by a logit margin of 2
+        pooled = hf.bert(**inputs).pooler_output
+        d, mid = pooled[0] - pooled[1], (pooled[0] + pooled[1]) / 2
+        w = d * 2 / d.dot(d)
+        hf.classifier.weight.copy_(torch.stack([-w, w]) / 2)
+        hf.classifier.bias.copy_(torch.stack([w.dot(mid), -w.dot(mid)]) / 2)
+        ref = hf(**inputs).logits.numpy()                  # transformers' own forward: the reference
+    hf.save_pretrained(tmp_path)
+    labels = ["no", "yes"]
+    assert [labels[i] for i in ref.argmax(1)][:2] == ["yes", "no"]
+
+    assert main(["classify", "--model", str(tmp_path), *texts]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [r["text"] for r in rows] == ["good", "bad"]
-    assert all(r["label"] in ("no", "yes") and abs(sum(r["scores"].values()) - 1) < 1e-5 for r in rows)
+    assert [r["text"] for r in rows] == texts
+    logits = packformer.load(tmp_path).classify(texts)
+    softmax = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    for r, l, s, want in zip(rows, logits, softmax, ref):
+        assert r["label"] == labels[int(np.argmax(l))] == labels[int(np.argmax(want))]
+        assert list(r["scores"]) == labels
+        assert np.abs(np.array(list(r["scores"].values())) - s).max() <= 1e-6      # printed to 6 decimals
+    assert np.abs(logits - ref).max() <= 1e-4
+
+    assert main(["classify", "--model", str(tmp_path), "--raw-scores", *texts]) == 0
+    raw = [json.loads(line)["scores"] for line in capsys.readouterr().out.splitlines()]
+    assert np.abs(np.array([list(r.values()) for r in raw]) - logits).max() <= 1e-6

@@ -31,11 +31,50 @@ def test_pooling_runs_in_fp32_and_normalizes_on_request():
     assert not torch.allclose(Pooler("mean")(packed, cu).norm(dim=1), torch.ones(len(LENS)))
 
 
-def test_classification_head_reads_the_first_token_of_each_sequence():
-    _, _, packed, cu = _packed()
-    head = ClassificationHead(8, 3, act="relu")
-    ref = head.out(torch.relu(head.dense(packed[cu[:-1].long()])))
-    assert torch.allclose(head(packed, cu), ref)
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+def test_tanh_head_equals_the_transformers_heads_on_the_same_weights(family):
+    transformers = pytest.importorskip("transformers")
+    x, _, packed, cu = _packed()
+    hf_cfg = transformers.BertConfig(hidden_size=8, num_labels=3)
+    torch.manual_seed(1)
+    head = ClassificationHead(8, 3, act="tanh")
+    if family == "bert":               # BertForSequenceClassification: pooler (dense + tanh), then classifier
+        from transformers.models.bert.modeling_bert import BertPooler
+        pooler, classifier = BertPooler(hf_cfg), torch.nn.Linear(8, 3)
+        ref_dense, ref_out = pooler.dense, classifier
+
+        def ref(h):
+            return classifier(pooler(h))
+    else:                              # RobertaForSequenceClassification's classifier
+        from transformers.models.roberta.modeling_roberta import RobertaClassificationHead
+        ref = RobertaClassificationHead(hf_cfg).eval()
+        ref_dense, ref_out = ref.dense, ref.out_proj
+    with torch.no_grad():
+        for ours, theirs in ((head.dense, ref_dense), (head.out, ref_out)):
+            ours.weight.copy_(theirs.weight)
+            ours.bias.copy_(theirs.bias)
+        expected = ref(x)                                    # padded [B, L, H]: its own first-token read
+        assert torch.allclose(head(packed, cu), expected, atol=1e-6)
+        assert not torch.allclose(ClassificationHead(8, 3)(packed, cu), expected, atol=1e-3)   # the weights matter
+
+
+def test_relu_head_on_known_weights():
+    # torchtext's RobertaClassificationHead: first token -> dense -> ReLU -> out_proj
+    head = ClassificationHead(2, 2, act="relu")
+    with torch.no_grad():
+        head.dense.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, -1.0]]))
+        head.dense.bias.copy_(torch.tensor([0.0, 0.5]))
+        head.out.weight.copy_(torch.tensor([[1.0, 1.0], [2.0, -1.0]]))
+        head.out.bias.copy_(torch.tensor([0.0, 1.0]))
+    # two sequences of 2 and 3 tokens; only the first row of each may count
+    packed = torch.tensor([[2.0, 3.0], [9.0, 9.0], [-1.0, 0.25], [7.0, -7.0], [-5.0, 5.0]])
+    cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+    # [2, 3]     -> dense [2, -2.5]    -> relu [2, 0]    -> [2, 4 + 1]
+    # [-1, 0.25] -> dense [-1, 0.25]   -> relu [0, 0.25] -> [0.25, -0.25 + 1]
+    expected = torch.tensor([[2.0, 5.0], [0.25, 0.75]])
+    assert torch.equal(head(packed, cu), expected)
+    out = head(packed.half(), cu)                            # the head runs in fp32 whatever comes in
+    assert out.dtype == torch.float32 and torch.equal(out, expected)
 
 
 def test_bad_modes_are_named():

@@ -5,31 +5,69 @@ import torch
 from packformer.bench.compare import compare
 
 
-def test_fp32_agreement_is_max_abs_diff():
-    ref = torch.randn(6, 8)
-    assert compare(ref + 5e-5, ref, torch.float32, "token")["agrees"]
-    d = compare(ref + 2e-4, ref, torch.float32, "token")
-    assert not d["agrees"] and d["max_abs_diff"] == pytest.approx(2e-4, rel=1e-2) and d["rows"] == "token"
+def _ref(rows=6, dim=8, seed=0):
+    return torch.randn(rows, dim, generator=torch.Generator().manual_seed(seed))
 
 
-def test_half_precision_agreement_is_cosine_per_row():
-    ref = torch.randn(6, 8)
-    noisy = ref.clone()
-    noisy[3] = -noisy[3]
-    assert compare(ref * 1.01, ref, torch.float16, "sequence")["agrees"]
-    d = compare(noisy, ref, torch.bfloat16, "sequence")
-    assert not d["agrees"] and d["min_cosine"] == pytest.approx(-1.0, abs=1e-5)
+def _with_cosine(ref, row, cosine, seed=1):
+    """A copy of `ref` whose row `row` is turned, at the same length, to the given cosine with the
+    original (built in float64 from a vector orthogonal to it); the other rows are unchanged."""
+    r = ref[row].double()
+    u = torch.randn(r.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    u -= u.dot(r) / r.dot(r) * r
+    out = ref.clone()
+    out[row] = (r.norm() * (cosine * r / r.norm() + (1 - cosine ** 2) ** 0.5 * u / u.norm())).float()
+    return out
 
 
-def test_int8_agreement_is_a_looser_cosine_than_half_precision():
-    ref = torch.randn(200, 64)
-    noisy = ref + 0.08 * ref.norm(dim=1, keepdim=True) / 8 * torch.randn(200, 64)   # cosine ~0.995
-    assert not compare(noisy, ref, torch.float32, "sequence")["agrees"]            # fp32 would be max abs
-    assert not compare(noisy, ref, torch.float16, "sequence")["agrees"]            # and 0.9995 for fp16
-    d = compare(noisy, ref, torch.float32, "sequence", int8=True)
-    assert d["agrees"] and "int8" in d["criterion"] and 0.99 <= d["min_cosine"] < 0.9995
-    assert not compare(ref + 0.5 * torch.randn(200, 64) * ref.norm(dim=1, keepdim=True) / 8, ref,
-                       torch.float32, "sequence", int8=True)["agrees"]
+def test_fp32_agreement_is_max_abs_diff_of_at_most_1e_4():
+    ref = _ref()
+    for delta, agrees in ((0.99e-4, True), (1.01e-4, False)):
+        out = ref.clone()
+        out[2, 5] += delta                                  # one element is enough either way
+        d = compare(out, ref, torch.float32, "token")
+        assert d["agrees"] is agrees and d["max_abs_diff"] == pytest.approx(delta, rel=1e-3)
+        assert d["rows"] == "token" and d["criterion"] == "max_abs_diff <= 0.0001"
+    # a direction-preserving error is still an error in fp32
+    assert not compare(ref * 1.001, ref, torch.float32, "sequence")["agrees"]
+
+
+@pytest.mark.parametrize("dtype, per, int8, bound", [
+    (torch.float16, "sequence", False, 0.9995),
+    (torch.bfloat16, "sequence", False, 0.9995),
+    (torch.float16, "token", False, 0.999),           # per-token hidden states are noisier than embeddings
+    (torch.float32, "sequence", True, 0.99),          # int8 Linear layers: looser still
+    (torch.float32, "token", True, 0.98),
+])
+def test_cosine_agreement_is_the_minimum_over_rows(dtype, per, int8, bound):
+    ref = _ref()
+    margin = (1 - bound) / 20
+    for cosine, agrees in ((bound + margin, True), (bound - margin, False)):
+        out = _with_cosine(ref, 3, cosine)                 # one row off, five exact
+        d = compare(out, ref, dtype, per, int8=int8)
+        assert d["agrees"] is agrees and d["min_cosine"] == pytest.approx(cosine, abs=1e-6)
+        assert str(bound) in d["criterion"] and ("int8" in d["criterion"]) is int8
+
+
+def test_half_precision_ignores_the_length_of_a_row():
+    ref = _ref()
+    d = compare(ref * 1.5, ref, torch.float16, "sequence")
+    assert d["agrees"] and d["max_abs_diff"] > 0.1
+    d = compare(-ref, ref, torch.bfloat16, "sequence")
+    assert not d["agrees"] and d["min_cosine"] == pytest.approx(-1.0, abs=1e-6)
+
+
+def test_int8_is_judged_by_its_own_bound_whatever_the_dtype():
+    ref = _ref()
+    out = _with_cosine(ref, 0, 0.995)
+    assert not compare(out, ref, torch.float16, "sequence")["agrees"]
+    assert compare(out, ref, torch.float16, "sequence", int8=True)["agrees"]
+    assert compare(out, ref, torch.float32, "sequence", int8=True)["agrees"]
+
+
+def test_empty_outputs_agree():
+    d = compare(torch.zeros(0, 8), torch.zeros(0, 8), torch.float32, "token")
+    assert d["agrees"] and d["max_abs_diff"] == 0.0 and d["min_cosine"] == 1.0
 
 
 def test_shape_mismatch_is_an_error():

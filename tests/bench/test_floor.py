@@ -39,10 +39,17 @@ def test_a_graph_floor_needs_a_gpu():
 
 
 @pytest.mark.gpu
-def test_gpu_floor_replays_one_graph_with_the_eager_result():
+def test_gpu_floor_replays_one_captured_graph_with_the_eager_result(monkeypatch):
     enc = Encoder(CFG)
     f = GemmFloor(enc, "cuda", torch.float16)
     eager = f.runner([7, 5], graph=False)()
-    replay = f.runner([7, 5])                  # the default on a GPU: a CUDA graph
-    assert replay.__name__ == "replay"
-    assert torch.equal(replay(), eager)
+    replay = f.runner([7, 5])                  # the default on a GPU: captured here, as a CUDA graph
+    launched, replays = [], []
+    real_linear, real_replay = F.linear, torch.cuda.CUDAGraph.replay
+    monkeypatch.setattr(F, "linear", lambda *a, **kw: launched.append(1) or real_linear(*a, **kw))
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda self: replays.append(1) or real_replay(self))
+    first = replay().clone()
+    second = replay()
+    # each call is one graph replay: none of the 2 x 3 x 4 GEMMs is launched from Python
+    assert launched == [] and len(replays) == 2
+    assert torch.equal(first, eager) and torch.equal(second, eager)

@@ -19,7 +19,55 @@ def test_seq_buckets_are_powers_of_two_of_at_least_four():
 def test_padded_cu_seqlens_puts_real_then_dummy_pieces_then_empty_segments():
     cu = padded_cu_seqlens([3, 5], 300, 8)
     assert cu.dtype == np.int32 and cu.tolist() == [0, 3, 8, 8 + DUMMY_CHUNK, 8 + 2 * DUMMY_CHUNK, 300, 300, 300, 300]
-    assert np.all(np.diff(cu) <= DUMMY_CHUNK) or np.diff(cu)[:2].tolist() == [3, 5]
+
+
+def _layout_problems(cu, seqlens, n_tokens, n_slots, chunk=DUMMY_CHUNK):
+    """What makes `cu` a wrong graph layout for these sequences: [] when it is right. Right means
+    n_slots + 1 entries: the real sequences first, in order; then [T, n_tokens) in as few pieces as
+    pieces of at most `chunk` tokens allow (the slot count of a graph is sized for exactly that); then
+    empty segments only."""
+    cu, b, t = [int(c) for c in cu], len(seqlens), sum(seqlens)
+    pieces = np.diff(cu).tolist()
+    dummy = [p for p in pieces[b:] if p]
+    problems = []
+    if len(cu) != n_slots + 1:
+        problems.append(f"{len(cu)} entries for {n_slots} slots")
+    if cu[:b + 1] != np.cumsum([0, *seqlens]).tolist():
+        problems.append("the real sequences do not come first, in order")
+    if cu[-1] != n_tokens or any(p < 0 for p in pieces):
+        problems.append("the segments do not end at n_tokens in increasing order")
+    if pieces[b:b + len(dummy)] != dummy:
+        problems.append("an empty segment before a dummy piece")
+    if any(p > chunk for p in dummy):
+        problems.append(f"a dummy piece longer than {chunk}")
+    if len(dummy) != -(-(n_tokens - t) // chunk):
+        problems.append(f"{len(dummy)} dummy pieces for {n_tokens - t} padding tokens")
+    return problems
+
+
+@pytest.mark.parametrize("seqlens, n_tokens, n_slots, chunk", [
+    ([3, 5], 300, 8, DUMMY_CHUNK),        # 292 padding tokens: 128 + 128 + 36
+    ([10], 138, 3, DUMMY_CHUNK),          # exactly one full piece
+    ([10], 139, 3, DUMMY_CHUNK),          # one token over: a second piece of 1, every slot used
+    ([64], 64, 4, DUMMY_CHUNK),           # no padding
+    ([1] * 5, 200, 9, 50),                # another chunk size: 195 = 50 + 50 + 50 + 45
+])
+def test_padded_cu_seqlens_layout(seqlens, n_tokens, n_slots, chunk):
+    cu = padded_cu_seqlens(seqlens, n_tokens, n_slots, chunk)
+    assert cu.dtype == np.int32
+    assert _layout_problems(cu, seqlens, n_tokens, n_slots, chunk) == []
+
+
+@pytest.mark.parametrize("cu, problem", [
+    ([0, 3, 8, 300, 300, 300, 300, 300, 300], "longer than 128"),                  # all padding in one piece
+    ([0, 3, 8, 72, 136, 200, 264, 300, 300], "5 dummy pieces"),                     # more pieces than needed
+    ([0, 3, 8, 136, 136, 264, 300, 300, 300], "empty segment before a dummy"),
+    ([0, 128, 256, 292, 295, 300, 300, 300, 300], "real sequences"),               # padding first
+    ([0, 3, 8, 136, 264, 300, 300, 300], "entries"),
+])
+def test_the_layout_check_catches_wrong_layouts(cu, problem):
+    found = _layout_problems(cu, [3, 5], 300, 8)
+    assert any(problem in p for p in found), found
 
 
 def test_padded_cu_seqlens_exact_fit_has_no_dummy():
@@ -31,6 +79,8 @@ def test_padded_cu_seqlens_refuses_what_does_not_fit():
         padded_cu_seqlens([100], 64, 4)
     with pytest.raises(ValueError, match="do not fit"):
         padded_cu_seqlens([1] * 5, 64, 4)
+    with pytest.raises(ValueError, match="do not fit"):
+        padded_cu_seqlens([10], 139, 2)       # 129 padding tokens need two pieces, and so three slots
 
 
 @pytest.mark.parametrize("rows", [2, 3])
