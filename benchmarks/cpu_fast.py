@@ -1,4 +1,4 @@
-"""Quick CPU benchmark of the fast path (issue 6): packformer fast vs the reference vs the GEMM floor.
+"""The CPU fast path timed against its GEMM floor, the reference and the other modes, in one process.
 
     python benchmarks/cpu_fast.py                                  # minilm-l6, 3 CPU batches, fp32/bf16/int8
     python benchmarks/cpu_fast.py --threads 1 --iters 9            # 1 thread: CPU time ~ work, robust to load
@@ -10,8 +10,9 @@ Every variant of one batch is timed round-robin (call 1 of each, then call 2 of 
 neighbour slows all of them alike; reported are the medians of wall time and of process CPU time. On a
 shared machine run with --threads 1 and compare CPU times: with one thread, CPU time is the work done,
 whatever else runs. Ratios are to the floor measured in the same run and dtype (packformer.bench.floor:
-F.linear of the four GEMMs per layer on the real token count). `packformer bench` makes the recorded
-figures; this script is the quick loop for the CPU path.
+F.linear of the four GEMMs per layer on the real token count). `packformer bench` compares packformer
+with other tools; this script compares packformer's own modes (fp32, bf16, int8) within one run, which
+`benchmarks/reproduce.sh` records as fastpath-minilm-l6.json and fastpath-e2e-minilm-l6.json.
 """
 from __future__ import annotations
 
@@ -80,11 +81,6 @@ def bench_batches(args) -> list[dict]:
                     fns[f"floor_{mode}"] = lambda r=floor_run: torch.inference_mode()(r)()
                 fns[f"fast_{mode}"] = lambda m=m: m.hidden_states(batch)
                 outs[f"fast_{mode}"] = m.hidden_states(batch)
-                if mode == "fp32" and args.ablations:
-                    from packformer.fast.cpu import build_runner
-                    aten = build_runner(m, linear="aten")
-                    fns["fast_fp32_aten_linear"] = lambda m=m, r=aten: r(batch, _meta(batch))
-                    outs["fast_fp32_aten_linear"] = aten(batch, _meta(batch))
             fns["reference_fp32"] = lambda: ref.hidden_states(batch)
             for peer in args.peers:
                 fns[peer] = make_peer(peer, ref, wl)
@@ -102,11 +98,6 @@ def bench_batches(args) -> list[dict]:
                 rows.append(r)
                 print(fmt(r), flush=True)
     return rows
-
-
-def _meta(batch):
-    from packformer.ops.attention import AttentionMeta
-    return AttentionMeta.build(batch.cu_seqlens, batch.max_seqlen)
 
 
 def make_peer(name: str, ref, wl) -> Callable[[], object]:
@@ -211,7 +202,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peers", default="", help="comma list: hf_sdpa, hf_int8_dynamic")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="default: packformer's (physical cores)")
-    p.add_argument("--ablations", action="store_true", help="also time the fp32 path with addmm linears")
     p.add_argument("--e2e", type=int, default=0, help="end to end: encode() of N generator texts vs sentence-transformers")
     p.add_argument("--compile-block", action="store_true", help="torch.compile of one layer vs the fused eager ops")
     p.add_argument("--json", default=None, help="write the rows here")
