@@ -21,7 +21,13 @@ def machine_info(device: torch.device | str = "cpu") -> dict:
                 break
     except OSError:
         pass
-    info: dict[str, Any] = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    from ..fast.cpu_features import describe_cpu
+
+    isa = describe_cpu()
+    info: dict[str, Any] = {"cpu": cpu, "cpu_family": isa["cpu_family"], "cpu_model": isa["cpu_model"],
+                            "cpu_isa": isa["isa"], "isa_cap": isa["isa_cap"],
+                            "aten_capability": isa["aten_capability"],
+                            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                             "python": platform.python_version(), "torch": torch.__version__,
                             "platform": platform.platform()}
     from importlib.metadata import PackageNotFoundError, version
@@ -42,7 +48,9 @@ def device_label(result: dict) -> str:
     m = result["machine"]
     if result["device"].startswith("cuda"):
         return m.get("gpu", "cuda")
-    return f"{m['cpu']} ({m['torch_threads']} threads)"
+    isa = m.get("cpu_isa")
+    isa = f", {isa}{' capped' if m.get('isa_cap') else ''}" if isa else ""
+    return f"{m['cpu']} ({m['torch_threads']} threads{isa})"
 
 
 def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], file=None) -> None:

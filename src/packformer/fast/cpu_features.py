@@ -167,15 +167,17 @@ def detect() -> CpuFeatures:
 
 def describe_cpu() -> dict:
     """The CPU model, its ISA as the kernels see it, and the caps in force: for recorded results."""
-    model = ""
+    fields = {"model name": "", "cpu family": "", "model": ""}   # a VM may show only "AMD EPYC": family tells Zen 3/4/5
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                if key.strip() in fields and not fields[key.strip()]:
+                    fields[key.strip()] = value.strip()
+                if not line.strip():
                     break
     except OSError:  # pragma: no cover - not Linux
         pass
     f = detect()
-    return {"cpu": model, "isa": f.isa, "isa_cap": f.cap, "aten_capability": torch.backends.cpu.get_cpu_capability(),
+    return {"cpu": fields["model name"], "cpu_family": fields["cpu family"], "cpu_model": fields["model"], "isa": f.isa, "isa_cap": f.cap, "aten_capability": torch.backends.cpu.get_cpu_capability(),
             "int8_native": f.int8_native, "bf16_native": f.bf16_native, "amx": f.amx_tile}
