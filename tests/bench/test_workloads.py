@@ -35,7 +35,7 @@ def test_random_ids_avoid_special_and_padding_ids(shape):
     cfg = preset(shape)
     ids = W.random_ids(W.lengths("serve_b32"), cfg)
     flat = np.concatenate([np.asarray(s) for s in ids])
-    lo, hi = W.regular_id_range(cfg)
+    lo, hi = cfg.regular_id_range()
     assert flat.min() >= lo and flat.max() < hi and cfg.pad_token_id < lo
     if shape == "bert-base":
         assert not set(flat.tolist()) & {0, 100, 101, 102, 103}

@@ -70,23 +70,9 @@ def generate_texts(n: int, seed: int = 7) -> list[str]:
             for _ in range(n)]
 
 
-def regular_id_range(cfg: EncoderConfig) -> tuple[int, int]:
-    """[lo, hi) of token ids that are not special: BERT vocabularies keep [PAD], [unused*], [UNK],
-    [CLS], [SEP], [MASK] below 999; fairseq/RoBERTa ones keep <s>, <pad>, </s>, <unk> at 0-3 and
-    <mask> last."""
-    if cfg.model_type == "bert":
-        lo = 999 if cfg.vocab_size > 2000 else max(cfg.pad_token_id + 1, 4)
-        hi = cfg.vocab_size
-    else:
-        lo, hi = 4, cfg.vocab_size - 1
-    if hi - lo < 2:
-        raise ValueError(f"vocabulary of {cfg.vocab_size} ids is too small for random non-special token ids")
-    return lo, hi
-
-
 def random_ids(lens: list[int], cfg: EncoderConfig, seed: int = ID_SEED) -> list[list[int]]:
     """Random non-special ids of the given lengths; never the padding id."""
-    lo, hi = regular_id_range(cfg)
+    lo, hi = cfg.regular_id_range()
     g = np.random.default_rng(seed)
     return [g.integers(lo, hi, size=n).tolist() for n in lens]
 
