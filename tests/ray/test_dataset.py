@@ -2,8 +2,9 @@
 computes only what is missing, and a replica that raises or dies is retried.
 
 Ray is an optional extra (pip install -e ".[ray]"); without it this module is skipped. Most tests use a
-small random encoder (2 layers, hidden 64, the built-in WordPiece tokenizer) so that 2,000 rows take
-seconds on 2 cores; one test runs the real all-MiniLM-L6-v2 through the CLI.
+small random encoder (2 layers, hidden 64, the built-in WordPiece tokenizer) on 600 rows: several
+shards of several packed batches each, on 2 replicas, in seconds on 2 cores (most of a run's time is
+starting the replicas' processes). One test runs the real all-MiniLM-L6-v2 through the CLI.
 """
 from __future__ import annotations
 
@@ -23,19 +24,20 @@ import ray.cloudpickle  # noqa: E402
 
 import packformer  # noqa: E402
 from packformer.ray import embed_dataset  # noqa: E402
+from packformer.ray.dataset import data_context  # noqa: E402
 from packformer.ray.shards import InputError  # noqa: E402
 
 # Ray's workers cannot import this test module: ship its model factories by value.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
-N = 2000
+N = 600
 
 
 # ---- fixtures -----------------------------------------------------------------------------------
 @pytest.fixture(scope="module", autouse=True)
 def local_ray():
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 2**20)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    data_context().enable_progress_bars = False
     yield
     ray.shutdown()
 
@@ -117,12 +119,12 @@ def assert_matches(out_dir, ids, texts, model, id_column="id"):
 
 
 # ---- nothing lost, ids kept, same embeddings ------------------------------------------------------
-def test_jsonl_2000_rows_one_row_per_input_and_encode_equal(tmp_path, tiny):
+def test_jsonl_rows_one_row_per_input_and_encode_equal(tmp_path, tiny):
     texts = make_texts(N)
     ids = [f"doc-{i}" for i in range(N)]
     write_jsonl(tmp_path / "in.jsonl", ids, texts)
     out, summary = embed_dataset(tmp_path / "in.jsonl", tmp_path / "out", TinyModel(), replicas=2,
-                                 rows_per_shard=300, progress=False)
+                                 rows_per_shard=90, progress=False)
     assert out == str(tmp_path / "out")
     assert sorted(p for p in os.listdir(out) if not p.startswith("part-")) == ["_packformer.json"]
     assert (summary.total_rows, summary.rows, summary.shards, summary.skipped_shards) == (N, N, 7, 0)
@@ -135,11 +137,11 @@ def test_parquet_folder_int_ids_custom_columns(tmp_path, tiny):
     texts = make_texts(N, seed=3)
     ids = list(range(10_000, 10_000 + N))
     (tmp_path / "in").mkdir()
-    for k, (a, b) in enumerate([(0, 1200), (1200, N)]):      # two files, several row groups each
+    for k, (a, b) in enumerate([(0, 360), (360, N)]):      # two files, several row groups each
         pq.write_table(pa.table({"doc_id": ids[a:b], "body": texts[a:b]}), tmp_path / "in" / f"p{k}.parquet",
-                       row_group_size=350)
+                       row_group_size=100)
     out, summary = embed_dataset(tmp_path / "in", tmp_path / "out", TinyModel(), text_column="body",
-                                 id_column="doc_id", replicas=2, rows_per_shard=500, progress=False)
+                                 id_column="doc_id", replicas=2, rows_per_shard=150, progress=False)
     assert (summary.rows, summary.shards) == (N, 3 + 2)
     got_ids, _, table = read_output(out, "doc_id")
     assert table.schema.field("doc_id").type == pa.int64()
@@ -151,7 +153,7 @@ def test_resume_computes_only_the_missing_shard(tmp_path, tiny):
     texts = make_texts(N, seed=5)
     ids = [f"r{i}" for i in range(N)]
     write_jsonl(tmp_path / "in.jsonl", ids, texts)
-    kw = dict(replicas=1, rows_per_shard=600, progress=False)
+    kw = dict(replicas=1, rows_per_shard=180, progress=False)
     out, first = embed_dataset(tmp_path / "in.jsonl", tmp_path / "out", TinyModel(), **kw)
     parts = sorted(p for p in os.listdir(out) if p.startswith("part-"))
     assert len(parts) == first.shards == 4
@@ -161,7 +163,7 @@ def test_resume_computes_only_the_missing_shard(tmp_path, tiny):
     open(os.path.join(out, "_tmp", parts[1] + ".x"), "wb").write(b"PAR1 half")
     untouched = os.stat(os.path.join(out, parts[0])).st_mtime_ns
     _, again = embed_dataset(tmp_path / "in.jsonl", tmp_path / "out", TinyModel(), **kw)
-    assert (again.rows, again.shards, again.skipped_shards, again.skipped_rows) == (600, 1, 3, N - 600)
+    assert (again.rows, again.shards, again.skipped_shards, again.skipped_rows) == (180, 1, 3, N - 180)
     assert os.stat(os.path.join(out, parts[0])).st_mtime_ns == untouched
     assert_matches(out, ids, texts, tiny)
     # all done: nothing runs (Ray is not even needed)

@@ -8,6 +8,7 @@ thread), both serving the built-in all-MiniLM-L6-v2. Ray is an optional extra: s
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -78,6 +79,19 @@ def local_url(minilm):
     yield url
     server.should_exit = True
     thread.join(60)
+
+
+def test_wait_healthy_needs_no_http_client_package(local_url, monkeypatch):
+    """`packformer serve --ray` waits for /health with the standard library: the ray extra alone
+    (no dev extra, so no httpx) must serve."""
+    from packformer.ray import serve as ray_serve
+
+    monkeypatch.setitem(sys.modules, "httpx", None)          # as if only .[ray] were installed
+    ray_serve.wait_healthy(local_url, timeout=30)
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError, match=r"/health not 200 within 1 s \(last: .*Connection refused"):
+        ray_serve.wait_healthy(f"http://127.0.0.1:{free_port()}", timeout=1)
+    assert time.monotonic() - t0 < 10
 
 
 @contextmanager

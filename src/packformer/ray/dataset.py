@@ -345,6 +345,17 @@ def embed_dataset(input: str | os.PathLike, output: str | os.PathLike, model: An
     return job.output, summary
 
 
+def data_context():
+    """Ray Data's current DataContext. Creating it the first time, Ray 2.60's own constructor sets three
+    of its deprecated fields and warns about each (DeprecationWarning from ray.data.context): noise to
+    our users, so hushed here."""
+    import ray.data
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"ray\.data\.context")
+        return ray.data.DataContext.get_current()
+
+
 def _run(job: Job, pending, replicas: int, gpus_per_replica: float, cpus_per_replica: float | None,
          ray_address: str | None, max_retries: int, progress: bool) -> dict[str, np.ndarray]:
     import ray
@@ -356,7 +367,7 @@ def _run(job: Job, pending, replicas: int, gpus_per_replica: float, cpus_per_rep
         cpus = replica_cpus(replicas, cpus_per_replica)
         check_resources(replicas, cpus, gpus_per_replica, strict=not ray_address)
         job = dataclasses.replace(job, threads=max(1, int(cpus)))
-        ctx = ray.data.DataContext.get_current()
+        ctx = data_context()
         knobs = {"retried_map_errors": True, "max_map_retries": max_retries, "enable_progress_bars": progress}
         saved = {k: getattr(ctx, k) for k in knobs}
         for k, v in knobs.items():          # an exception in a replica: run the shard again, in place

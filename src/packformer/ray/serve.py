@@ -100,21 +100,26 @@ def stop() -> None:
 
 
 def wait_healthy(url: str, timeout: float = 300.0) -> None:
-    """Block until GET /health answers 200 (a replica's model is warm)."""
-    import httpx
+    """Block until GET /health answers 200 (a replica's model is warm). Standard library only: the ray
+    extra brings no HTTP client (httpx is a dev dependency)."""
+    import http.client
+    import urllib.error
+    import urllib.request
 
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))    # our own server: no proxy
     deadline = time.monotonic() + timeout
     last = None
-    with httpx.Client(timeout=10.0) as client:
-        while time.monotonic() < deadline:
-            try:
-                r = client.get(url + "/health")
-                if r.status_code == 200:
+    while time.monotonic() < deadline:
+        try:
+            with opener.open(url + "/health", timeout=10.0) as r:
+                if r.status == 200:
                     return
-                last = f"{r.status_code} {r.text[:200]}"
-            except httpx.TransportError as e:
-                last = repr(e)
-            time.sleep(0.5)
+                last = f"{r.status} {r.read(200)!r}"
+        except urllib.error.HTTPError as e:          # a non-2xx answer, e.g. 503 while the model loads
+            last = f"{e.code} {e.read(200)!r}"
+        except (urllib.error.URLError, http.client.HTTPException, OSError) as e:   # not up yet, reset, timeout
+            last = repr(e)
+        time.sleep(0.5)
     raise TimeoutError(f"{url}/health not 200 within {timeout:g} s (last: {last})")
 
 
