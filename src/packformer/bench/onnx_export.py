@@ -34,26 +34,40 @@ def _session(path: Path, threads: int):
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def export_session(encoder: Encoder, workdir: Path, threads: int):
-    """Export, optimize, check and open. Returns (session, notes)."""
-    cfg = encoder.config
-    workdir.mkdir(parents=True, exist_ok=True)
-    hf = convert.to_hf(encoder, attn_implementation="eager")
-    wrapper = _HiddenStates(hf).eval()   # eval: the exporter restores the wrapper's mode (and its children's)
+def _example(cfg) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two sequences of 16 and 11 regular tokens (the second padded): the export's example and its check."""
     lo = 4 if cfg.model_type != "bert" else min(999, cfg.vocab_size - 2)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(lo, cfg.vocab_size - 1, (2, 16), generator=g)
     mask = torch.ones_like(ids)
     mask[1, 11:] = 0
     ids[1, 11:] = cfg.pad_token_id
-    plain = workdir / "model.onnx"
-    big = sum(p.numel() for p in hf.parameters()) * 4 > 1.8 * 2**30
+    return ids, mask
+
+
+def export(encoder: Encoder, path: Path) -> nn.Module:
+    """Write the plain ONNX graph (input_ids, attention_mask) -> last_hidden_state to `path`, dynamic
+    batch and length; returns the exported module, to check outputs against."""
+    hf = convert.to_hf(encoder, attn_implementation="eager")
+    wrapper = _HiddenStates(hf).eval()   # eval: the exporter restores the wrapper's mode (and its children's)
+    ids, mask = _example(encoder.config)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(wrapper, (ids, mask), str(plain), input_names=["input_ids", "attention_mask"],
+        torch.onnx.export(wrapper, (ids, mask), str(path), input_names=["input_ids", "attention_mask"],
                           output_names=["last_hidden_state"], opset_version=17, dynamo=False,
                           dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
                                         "last_hidden_state": {0: "batch", 1: "seq"}})
+    return wrapper
+
+
+def export_session(encoder: Encoder, workdir: Path, threads: int):
+    """Export, optimize, check and open. Returns (session, notes)."""
+    cfg = encoder.config
+    workdir.mkdir(parents=True, exist_ok=True)
+    plain = workdir / "model.onnx"
+    wrapper = export(encoder, plain)
+    big = sum(p.numel() for p in wrapper.parameters()) * 4 > 1.8 * 2**30
+    ids, mask = _example(cfg)
     with torch.inference_mode():
         ref = wrapper(ids, mask)[mask.bool()]
     notes = f"torch.onnx.export (TorchScript) of transformers eager, opset 17, {threads} threads"

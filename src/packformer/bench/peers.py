@@ -5,7 +5,9 @@ and turns that call's raw output into something comparable with the fp32 referen
 the real tokens [T, H] for token-id batches, pooled embeddings [N, D] for text workloads.
 
 A peer whose package is missing is skipped with a line saying how to install it; a peer that does
-not apply (wrong device, ids vs texts) is skipped with the reason.
+not apply (wrong device, ids vs texts) is skipped with the reason. The embedding engines (Infinity,
+FastEmbed) have modules of their own: peer_infinity.py, peer_fastembed.py, and peer_folders.py for the
+model folder they load.
 """
 from __future__ import annotations
 
@@ -57,6 +59,7 @@ class PeerContext:
     dtype: torch.dtype
     workdir: Path               # scratch space (ONNX export, a sentence-transformers folder)
     threads: int
+    batch_size: int = 32        # texts per batch on text workloads, for peers that fix it when built
 
 
 def _copy_parts(parts: ModelParts) -> ModelParts:
@@ -68,6 +71,7 @@ class Engine:
     dtype: torch.dtype = torch.float32
     notes: str = ""
     int8: bool = False           # int8 Linear layers: agreement judged by compare(..., int8=True)
+    unit_norm: bool = False      # always L2-normalizes its embeddings: judged against the normalized reference
 
     def prepare(self, inputs: IdInputs | TextInputs) -> Callable[[], Any]:
         raise NotImplementedError
@@ -337,6 +341,21 @@ def _build_sentence_transformers(ctx: PeerContext) -> Engine:
     return SentenceTransformersEngine(st.eval(), ctx.dtype, f"{how}.encode(texts, batch_size=...) end to end")
 
 
+def build_infinity_torch(ctx: PeerContext) -> Engine:
+    from .peer_infinity import build_infinity
+    return build_infinity(ctx, "torch")
+
+
+def build_infinity_onnx(ctx: PeerContext) -> Engine:
+    from .peer_infinity import build_infinity
+    return build_infinity(ctx, "optimum")
+
+
+def build_fastembed(ctx: PeerContext) -> Engine:
+    from .peer_fastembed import build_fastembed as build
+    return build(ctx)
+
+
 @dataclass(frozen=True)
 class PeerSpec:
     name: str
@@ -348,6 +367,8 @@ class PeerSpec:
 
 
 _TF = ("transformers",)
+INFINITY_INSTALL = 'pip install "infinity-emb[server,torch,optimum]" (or pip install -e ".[peers]")'
+FASTEMBED_INSTALL = 'pip install fastembed (or pip install -e ".[peers]")'
 PEERS: dict[str, PeerSpec] = {p.name: p for p in [
     PeerSpec("packformer", lambda c: build_packformer(c, True), description="packformer, fast path (model.runner)"),
     PeerSpec("packformer_ref", lambda c: build_packformer(c, False),
@@ -368,14 +389,42 @@ PEERS: dict[str, PeerSpec] = {p.name: p for p in [
     PeerSpec("onnxruntime", build_onnxruntime, ("onnxruntime", "onnx", "transformers"),
              "pip install onnxruntime onnx transformers", devices=("cpu",),
              description="ONNX export of the transformers model, ONNX Runtime (CPU)"),
+    # the embedding engines, end to end on texts (pip install -e ".[peers]", in an environment of their own)
+    PeerSpec("infinity_torch", build_infinity_torch, ("infinity_emb", "sentence_transformers"), INFINITY_INSTALL,
+             description="Infinity's AsyncEmbeddingEngine, torch engine, end to end (texts)"),
+    PeerSpec("infinity_onnx", build_infinity_onnx, ("infinity_emb", "optimum", "onnxruntime", "onnx", "transformers"),
+             INFINITY_INSTALL, devices=("cpu",),
+             description="Infinity's AsyncEmbeddingEngine, optimum (ONNX Runtime) engine, end to end (texts, CPU)"),
+    PeerSpec("fastembed", build_fastembed, ("fastembed", "onnxruntime", "onnx", "transformers"),
+             FASTEMBED_INSTALL, devices=("cpu",),
+             description="FastEmbed TextEmbedding.embed on the ONNX export, end to end (texts, CPU)"),
 ]}
 ALIASES = {"hf_eager": "hf_eager_fp32", "hf": "hf_sdpa", "int8": "packformer_int8", "bt": "bt_nested",
-           "ort": "onnxruntime", "st": "sentence_transformers", "onnx": "onnxruntime"}
+           "ort": "onnxruntime", "st": "sentence_transformers", "onnx": "onnxruntime", "infinity": "infinity_torch"}
 DEFAULT_PEERS = {
     "cpu": ["hf_eager_fp32", "hf_sdpa", "hf_int8_dynamic", "bt_nested", "onnxruntime", "sentence_transformers"],
     "cuda": ["hf_eager_fp32", "hf_sdpa", "hf_sdpa_compiled", "bt_nested", "bt_dense", "bt_slowpath",
              "sentence_transformers"],
 }
+
+
+# distributions whose versions a result records for the peers that run on them (machine_info has the rest)
+PEER_DISTS = {"infinity_torch": ("infinity-emb", "sentence-transformers", "numpy"),
+              "infinity_onnx": ("infinity-emb", "optimum", "optimum-onnx", "onnxruntime", "numpy"),
+              "fastembed": ("fastembed", "onnxruntime", "numpy")}
+
+
+def package_versions(names: list[str]) -> dict[str, str | None]:
+    """Installed versions of the distributions behind peers `names` (None where not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, str | None] = {}
+    for dist in dict.fromkeys(d for n in names for d in PEER_DISTS.get(n, ())):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            out[dist] = None
+    return out
 
 
 def canonical_peers(names: list[str] | str) -> list[str]:

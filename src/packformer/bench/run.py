@@ -114,7 +114,8 @@ def run_bench(model: str | Path | ModelParts | None = None, workloads: Sequence[
     result: dict = {"schema": SCHEMA, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine_info(dev),
                     "model": _model_info(parts), "device": str(dev), "dtype": str(dt).replace("torch.", ""),
                     "iterations": iterations, "warmup": warmup, "max_seconds": max_seconds,
-                    "text_batch_size": batch_size, "peers_requested": names, "workloads": []}
+                    "text_batch_size": batch_size, "peers_requested": names,
+                    "peer_packages": P.package_versions(names), "workloads": []}
     log(f"packformer bench: {parts.source} on {dev} ({result['dtype']}), {len(wls)} workload(s), "
         f"peers: {', '.join(names)}")
     inputs = {w.name: _inputs(w, parts, dev, batch_size) for w in wls}
@@ -149,7 +150,8 @@ def run_bench(model: str | Path | ModelParts | None = None, workloads: Sequence[
 
     # 3. the peers, one at a time (only one peer's weights on the device at once)
     with tempfile.TemporaryDirectory(prefix="packformer-bench-") as tmp:
-        ctx = P.PeerContext(parts=parts, device=dev, dtype=dt, workdir=Path(tmp), threads=torch.get_num_threads())
+        ctx = P.PeerContext(parts=parts, device=dev, dtype=dt, workdir=Path(tmp), threads=torch.get_num_threads(),
+                            batch_size=batch_size)
         for name in names:
             why = P.unavailable(name, dev)
             if why:
@@ -194,7 +196,10 @@ def _run_peer(eng: P.Engine, w: Workload, inputs, ref: torch.Tensor, dev: torch.
         log(f"  FAILED {eng.name} on {w.name}: {msg}")
         return {"status": "failed", "error": msg}
     del raw
-    agree = compare(out, ref, eng.dtype, "sequence" if w.is_text else "token", int8=eng.int8)
+    against = torch.nn.functional.normalize(ref, dim=-1) if eng.unit_norm and w.is_text else ref
+    agree = compare(out, against, eng.dtype, "sequence" if w.is_text else "token", int8=eng.int8)
+    if against is not ref:
+        agree["reference"] = "L2-normalized (the peer always normalizes)"
     entry = {"status": "ok", "dtype": str(eng.dtype).replace("torch.", ""), "notes": eng.notes,
              "timing": t.to_dict(), "tokens_per_s": round(w.real_tokens / (t.median_ms * 1e-3), 1),
              "agreement": agree}

@@ -1,7 +1,8 @@
 """`packformer bench-serve`: throughput (tokens/s) and p50/p99 latency of `packformer serve` at several
-client concurrencies, next to the same texts through offline `encode()` and through a plain FastAPI app
-calling `SentenceTransformer.encode` per request. Everything runs on localhost, bounded in requests and
-time; the load generator shares the machine with the server (say so when you report figures)."""
+client concurrencies, next to the same texts through offline `encode()`, through a plain FastAPI app
+calling `SentenceTransformer.encode` per request, and through the embedding servers named by --peer
+(Infinity). Everything runs on localhost, bounded in requests and time; the load generator shares the
+machine with the server (say so when you report figures)."""
 from __future__ import annotations
 
 import json
@@ -28,6 +29,9 @@ def add_parser(sub):
                    help="distinct texts, cycled by the requests (default: requests x texts-per-request)")
     p.add_argument("--seed", type=int, default=7, help="seed of the benchmark text generator (default: 7)")
     p.add_argument("--no-baseline", action="store_true", help="skip the FastAPI + SentenceTransformer server")
+    p.add_argument("--peer", action="append", default=[], choices=["infinity"],
+                   help="also drive this embedding server on the same model folder (repeatable): infinity = "
+                        "`infinity_emb v2` (pip install -e \".[peers]\")")
     p.add_argument("--no-offline", action="store_true", help="skip offline encode() throughput")
     p.add_argument("--server-arg", action="append", default=[],
                    help="extra argument for the started server (repeatable), e.g. --server-arg=--max-batch-requests=64")
@@ -98,6 +102,9 @@ def run(args) -> int:
                                "texts_per_request": tpr},
                      "requests_per_level": args.requests, "duration_cap_s": args.duration, "levels": args.concurrency}
 
+    check_texts = texts[:8]
+    check = model.encode(check_texts)       # what a peer server must answer for these texts
+    pooling = model.pooler.mode
     if not args.no_offline:
         model.encode(texts)     # a first pass: on a GPU it compiles kernels for these batch shapes
         c0 = time.process_time()
@@ -108,13 +115,14 @@ def run(args) -> int:
         print(f"  offline packformer encode(): {total_tokens / s:,.0f} tokens/s", file=sys.stderr)
     del model                               # free the CPU and memory for the servers
 
-    def levels(url: str, headers: dict | None, name: str, pid: int | None = None) -> dict:
+    def levels(url: str, headers: dict | None, name: str, pid: int | None = None, bodies: list | None = None) -> dict:
+        bodies = bodies or payloads
         out = {}
         for c in args.concurrency:
-            run_level(url, payloads, tokens, c, min(2 * c, 16), 30.0, headers=headers)      # connections, warm
+            run_level(url, bodies, tokens, c, min(2 * c, 16), 30.0, headers=headers)        # connections, warm
             cpu0 = process_cpu_seconds(pid) if pid else None
             load0 = _load()
-            r = run_level(url, payloads, tokens, c, args.requests, args.duration, headers=headers)
+            r = run_level(url, bodies, tokens, c, args.requests, args.duration, headers=headers)
             cpu1 = process_cpu_seconds(pid) if pid else None
             out[str(c)] = d = r.summary()
             d["load_average"] = [load0, _load()]
@@ -140,10 +148,9 @@ def run(args) -> int:
         with ServerProcess(server_args) as srv:
             results["serve"] = levels(srv.url + "/embed", None, "packformer serve", srv.proc.pid)
 
+    folder = model_folder(args.model)
     if not args.no_baseline:
-        from ..loading import _DEFAULT_ALIASES, builtin_model_dir
-        folder = str(builtin_model_dir()) if args.model in _DEFAULT_ALIASES else args.model
-        if folder.startswith("random:"):
+        if folder is None:
             print("  baseline skipped: it needs a model folder, not a random preset", file=sys.stderr)
         else:
             with ServerProcess([folder, "--device", args.device],
@@ -159,12 +166,42 @@ def run(args) -> int:
                                                         "tokens_per_s": round(total_tokens / s, 1),
                                                         "tokens_per_cpu_s": round(total_tokens / cpu, 1)}
 
+    for name in dict.fromkeys(args.peer):
+        from ..bench.peers import NotApplicable
+        from ..bench.serve_peers import SERVERS, check_agreement
+        try:
+            if folder is None:
+                raise NotApplicable("it needs a model folder, not a random preset")
+            peer = SERVERS[name](folder, args.device, pooling, results["dtype"])
+        except (FileNotFoundError, NotApplicable) as e:   # not installed, or cannot serve this model
+            print(f"  {name} skipped: {e}", file=sys.stderr)
+            results[f"{name}_skipped"] = str(e)
+            continue
+        bodies = [peer.body(texts[i: i + tpr]) for i in range(0, len(texts), tpr)]
+        with ServerProcess([], command=peer.command, env=peer.env) as srv:
+            results[f"{name}_agreement"] = agree = check_agreement(peer, srv.url, check_texts, check)
+            print(f"  {peer.label}: min cosine {agree['min_cosine']:.6f} against packformer on "
+                  f"{agree['texts']} texts", file=sys.stderr)
+            results[name] = levels(srv.url + peer.route, None, peer.label, srv.proc.pid, bodies)
+        results[f"{name}_command"] = peer.command
+
     results["ratios"] = ratios(results)
     print(table(results))
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.output}", file=sys.stderr)
     return 0
+
+
+def model_folder(model: str | None) -> str | None:
+    """The folder the peer servers load (the built-in one for the default names); None for a random preset."""
+    from ..loading import _DEFAULT_ALIASES, builtin_model_dir
+
+    folder = str(builtin_model_dir()) if model in _DEFAULT_ALIASES else str(model)
+    return None if folder.startswith("random:") else folder
+
+
+PEER_SERVERS = ("baseline", "infinity")    # results keys of the servers measured next to packformer serve
 
 
 def ratios(results: dict) -> dict:
@@ -174,11 +211,12 @@ def ratios(results: dict) -> dict:
         d = {}
         if off:
             d["serve_vs_offline_encode"] = round(r["tokens_per_s"] / off, 3)
-        base = results.get("baseline", {}).get(c)
-        if base and base["tokens_per_s"] > 0:
-            d["serve_vs_baseline"] = round(r["tokens_per_s"] / base["tokens_per_s"], 2)
-        if base and r.get("tokens_per_server_cpu_s") and base.get("tokens_per_server_cpu_s"):
-            d["serve_vs_baseline_per_cpu_s"] = round(r["tokens_per_server_cpu_s"] / base["tokens_per_server_cpu_s"], 2)
+        for peer in PEER_SERVERS:
+            other = results.get(peer, {}).get(c)
+            if other and other["tokens_per_s"] > 0:
+                d[f"serve_vs_{peer}"] = round(r["tokens_per_s"] / other["tokens_per_s"], 2)
+            if other and r.get("tokens_per_server_cpu_s") and other.get("tokens_per_server_cpu_s"):
+                d[f"serve_vs_{peer}_per_cpu_s"] = round(r["tokens_per_server_cpu_s"] / other["tokens_per_server_cpu_s"], 2)
         out[c] = d
     return out
 
@@ -194,6 +232,15 @@ def table(results: dict) -> str:
                     + (f"{b['tokens_per_s']:,.0f} | {b['p50_ms']:.1f} / {b['p99_ms']:.1f} | " if b else "– | – | ")
                     + f"{q.get('serve_vs_baseline', '–')} | {q.get('serve_vs_offline_encode', '–')} | "
                     + f"{q.get('serve_vs_baseline_per_cpu_s', '–')} |")
+    if results.get("infinity"):
+        rows += ["", "| concurrency | serve tokens/s | Infinity tokens/s | Infinity p50 / p99 ms | serve / Infinity "
+                 "| serve / Infinity per server CPU-s |", "|---|---|---|---|---|---|"]
+        for c, r in results.get("serve", {}).items():
+            i = results["infinity"].get(c)
+            q = results["ratios"].get(c, {})
+            rows.append(f"| {c} | {r['tokens_per_s']:,.0f} | "
+                        + (f"{i['tokens_per_s']:,.0f} | {i['p50_ms']:.1f} / {i['p99_ms']:.1f} | " if i else "– | – | ")
+                        + f"{q.get('serve_vs_infinity', '–')} | {q.get('serve_vs_infinity_per_cpu_s', '–')} |")
     off = results.get("offline_encode", {}).get("tokens_per_s")
     st = results.get("offline_sentence_transformers", {}).get("tokens_per_s")
     if off:
