@@ -9,30 +9,11 @@ import torch
 
 from packformer.bench import peers as P
 from packformer.bench.run import run_bench
-from packformer.config import EncoderConfig
-from packformer.heads import Pooler
-from packformer.loaders.hf import load_tokenizer
-from packformer.loaders.parts import ModelParts
-from packformer.loading import builtin_model_dir
-from packformer.model import Encoder
 
 ENGINES = ["infinity_torch", "infinity_onnx", "fastembed"]
 CPU = torch.device("cpu")
 # short, long, and one past all-MiniLM-L6-v2's 256-token max_seq_length (truncation must match too)
 TEXTS = ["Hello world", "How are you!", "a longer text about rivers and gardens in winter " * 6, "river " * 300]
-
-
-def tiny_parts() -> ModelParts:
-    """Random weights of a tiny BERT with the built-in tokenizer: mean pooling, not normalized."""
-    cfg = EncoderConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64)
-    torch.manual_seed(0)
-    enc = Encoder(cfg)
-    with torch.no_grad():
-        for p in enc.parameters():
-            p.normal_(0, 0.2 if p.dim() == 1 else 0.05)
-    return ModelParts(config=cfg, encoder=enc, head=None, pooler=Pooler("mean"),
-                      tokenizer=load_tokenizer(builtin_model_dir(), cfg), max_seq_length=512, source="random:tiny",
-                      format="random")
 
 
 def _installed_or_skip(name: str) -> None:
@@ -53,7 +34,7 @@ def test_each_engine_agrees_with_packformer_on_the_real_model(name):
 
 
 @pytest.mark.parametrize("name", ENGINES)
-def test_each_engine_runs_texts_only(name):
+def test_each_engine_runs_texts_only(tiny_parts, name):
     _installed_or_skip(name)
     r = run_bench(tiny_parts(), workloads="tutorial_small", peers=name, iterations=1, warmup=0, floor=False,
                   log=None)
@@ -62,7 +43,7 @@ def test_each_engine_runs_texts_only(name):
 
 
 @pytest.mark.parametrize("name", ["infinity_torch", "fastembed"])
-def test_a_model_that_does_not_normalize_is_matched_too(name):
+def test_a_model_that_does_not_normalize_is_matched_too(tiny_parts, name):
     # random weights, mean pooling, no Normalize: Infinity always normalizes (judged against the normalized
     # reference, and says so); FastEmbed is told the model's normalization
     _installed_or_skip(name)

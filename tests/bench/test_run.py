@@ -6,30 +6,12 @@ import torch
 from packformer.bench import peers as P
 from packformer.bench.run import run_bench
 from packformer.bench.workloads import generate_texts
-from packformer.config import EncoderConfig
-from packformer.heads import Pooler
-from packformer.loaders.hf import load_tokenizer
-from packformer.loaders.parts import ModelParts
-from packformer.loading import builtin_model_dir
-from packformer.model import Encoder
 
-TINY = EncoderConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64)
 EXACT_PEERS = ["hf_eager_fp32", "hf_sdpa", "bt_nested", "bt_dense", "bt_slowpath", "onnxruntime", "packformer_ref"]
 
 
-def tiny_parts() -> ModelParts:
-    torch.manual_seed(0)
-    enc = Encoder(TINY)
-    with torch.no_grad():
-        for p in enc.parameters():
-            p.normal_(0, 0.2 if p.dim() == 1 else 0.05)
-    return ModelParts(config=TINY, encoder=enc, head=None, pooler=Pooler("mean"),
-                      tokenizer=load_tokenizer(builtin_model_dir(), TINY), max_seq_length=512, source="random:tiny",
-                      format="random")
-
-
 @pytest.fixture(scope="module")
-def result():
+def result(tiny_parts):
     n = torch.get_num_threads()   # module-scoped, so set up before conftest's per-test one_thread
     torch.set_num_threads(1)
     try:
@@ -102,7 +84,7 @@ def test_floor_counts_padding_for_padded_peers(result):
     assert texts["floor"]["padded"]["tokens"] == texts["padded_tokens"]
 
 
-def test_a_missing_package_skips_the_peer_with_an_install_line(monkeypatch):
+def test_a_missing_package_skips_the_peer_with_an_install_line(tiny_parts, monkeypatch):
     spec = P.PEERS["onnxruntime"]
     monkeypatch.setitem(P.PEERS, "onnxruntime", P.PeerSpec("onnxruntime", spec.build, ("no_such_module_xyz",),
                                                            "pip install onnxruntime", spec.devices))
@@ -112,7 +94,7 @@ def test_a_missing_package_skips_the_peer_with_an_install_line(monkeypatch):
     assert r["workloads"][0]["peers"]["packformer"]["status"] == "ok"
 
 
-def test_a_broken_peer_is_reported_and_the_others_still_run(monkeypatch):
+def test_a_broken_peer_is_reported_and_the_others_still_run(tiny_parts, monkeypatch):
     def boom(ctx):
         raise RuntimeError("exploded while building")
     monkeypatch.setitem(P.PEERS, "bt_dense", P.PeerSpec("bt_dense", boom))
@@ -138,7 +120,7 @@ def test_peer_names_resolve_with_aliases_and_packformer_first():
 
 
 @pytest.mark.slow
-def test_compiled_transformers_peer_agrees():
+def test_compiled_transformers_peer_agrees(tiny_parts):
     r = run_bench(tiny_parts(), workloads="tutorial_small", peers="hf_sdpa_compiled", iterations=1, warmup=1,
                   floor=False, log=None)
     p = r["workloads"][0]["peers"]["hf_sdpa_compiled"]
