@@ -83,6 +83,31 @@ def test_503_while_warming_up_then_200(minilm):
         assert client.post("/embed", json={"inputs": "hi"}).status_code == 200
 
 
+def test_an_app_that_warms_before_serving_starts_only_once_warm(minilm):
+    # what a Ray Serve replica uses: it is routed traffic as soon as the app's startup returns
+    model = Controlled(minilm)
+    model.gate.clear()                                     # warm-up blocks ...
+    threading.Timer(1.0, model.gate.set).start()           # ... for a second
+    t0 = time.monotonic()
+    with serving(create_app(model, ServerSettings(**SMALL), warm_before_serving=True)) as client:
+        assert time.monotonic() - t0 >= 1.0                 # uvicorn's startup waited for the warm-up
+        assert client.get("/health").status_code == 200     # the very first request finds it warm
+        assert client.post("/embed", json={"inputs": "hi"}).status_code == 200
+
+
+def test_a_warm_up_that_fails_fails_the_startup_of_an_app_that_waits_for_it(minilm):
+    model = Controlled(minilm)
+    model.broken = True
+    app = create_app(model, ServerSettings(**SMALL), warm_before_serving=True)
+
+    async def startup():
+        async with app.router.lifespan_context(app):
+            pass
+
+    with pytest.raises(RuntimeError, match="worker died while warming up"):
+        asyncio.run(startup())
+
+
 def test_a_failing_batch_fails_only_its_requests(minilm):
     model = Controlled(minilm)
     app = create_app(model, ServerSettings(max_batch_requests=1, **SMALL))   # every input its own batch

@@ -49,7 +49,9 @@ class PackformerReplica:
     def __serve_build_asgi_app__(self):
         from ..server import create_app
 
-        self.server_app = create_app(self.model, self.spec.settings)
+        # Serve routes to a replica once the app's startup returns: warm the model first, or the proxy
+        # sends requests to a replica that can only answer 503 "warming up"
+        self.server_app = create_app(self.model, self.spec.settings, warm_before_serving=True)
         return self.server_app
 
     def check_health(self) -> None:

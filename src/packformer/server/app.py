@@ -23,7 +23,10 @@ if TYPE_CHECKING:
     from ..engine import Model
 
 
-def create_app(model: "Model", settings: ServerSettings | None = None) -> FastAPI:
+def create_app(model: "Model", settings: ServerSettings | None = None, *, warm_before_serving: bool = False) -> FastAPI:
+    """`warm_before_serving`: the lifespan's startup returns only once the model is warm. A host that
+    routes traffic as soon as startup ends (Ray Serve marks a replica running then) needs it; a lone
+    server starts at once and answers 503 from /health until warm."""
     from .. import __version__
 
     settings = settings or ServerSettings()
@@ -33,6 +36,8 @@ def create_app(model: "Model", settings: ServerSettings | None = None) -> FastAP
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         service.start()
+        if warm_before_serving:
+            await asyncio.to_thread(service.wait_warm)
         try:
             yield
         finally:

@@ -54,6 +54,13 @@ class InferenceService:
         """Start the worker; it warms the model, and the service answers 503 until that is done."""
         self.worker.start()
 
+    def wait_warm(self) -> None:
+        """Block until the worker has warmed the model (RuntimeError if it died instead): for hosts that
+        must not route requests to an app before it can answer them (a Ray Serve replica)."""
+        while not self.worker.wait_ready(0.5):
+            if self.worker.error is not None:
+                raise RuntimeError(f"the model worker died while warming up: {self.worker.error}")
+
     def stop(self) -> None:
         """Stop accepting work and finish what is queued (blocking: call it from a thread)."""
         self.worker.stop(drain=True, timeout=self.settings.drain_timeout_s)
