@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .cpu_linear import OneDnnLinear, act_
+from .cpu_linear import OneDnnLinear, act_, onednn_available
 
 QUANTIZE_MODES = ("int8",)
 BLOCK_ROWS = 512            # rows per quantize -> GEMM -> dequantize block (measured: 256-1024 within 3%)
@@ -76,6 +76,8 @@ def int8_weight_qmax() -> int | None:
     not the CPU flags, follows whatever ISA oneDNN really runs (ONEDNN_MAX_CPU_ISA included)."""
     try:
         if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")):
+            return None
+        if not onednn_available(torch.float32):       # the fp32 outlier part runs through it too
             return None
         with torch.inference_mode():
             return next((qmax for qmax in (127, 63) if _gemm_is_exact(qmax)), None)
