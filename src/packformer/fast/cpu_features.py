@@ -30,10 +30,9 @@ _ONEDNN_RANK = {"SSE41": 0, "AVX": 1, "AVX2": 2, "AVX2_VNNI": 3, "AVX2_VNNI_2": 
                 "AVX512_CORE_VNNI": 6, "AVX512_CORE_BF16": 7, "AVX10_1_512": 8, "AVX512_CORE_FP16": 8,
                 "AVX10_1_512_AMX": 9, "AVX512_CORE_AMX": 9, "AVX10_1_512_AMX_FP16": 10,
                 "AVX512_CORE_AMX_FP16": 10, "AVX10_2_512": 11, "AVX10_2_512_AMX_2": 12, "DEFAULT": 99}
-# the lowest oneDNN level whose kernels use each feature
-_NEEDS_ONEDNN = {"avx512_f": "AVX512_CORE", "avx512_vnni": "AVX512_CORE_VNNI", "avx_vnni": "AVX2_VNNI",
-                 "avx512_bf16": "AVX512_CORE_BF16", "amx_tile": "AVX10_1_512_AMX",
-                 "amx_bf16": "AVX10_1_512_AMX", "amx_int8": "AVX10_1_512_AMX"}
+# the lowest oneDNN level whose kernels use each feature (avx_vnni: its own branch, in apply_caps)
+_NEEDS_ONEDNN = {"avx512_f": "AVX512_CORE", "avx512_vnni": "AVX512_CORE_VNNI", "avx512_bf16": "AVX512_CORE_BF16",
+                 "amx_tile": "AVX10_1_512_AMX", "amx_bf16": "AVX10_1_512_AMX", "amx_int8": "AVX10_1_512_AMX"}
 
 
 @dataclass(frozen=True)
@@ -90,10 +89,11 @@ def apply_caps(features: dict[str, bool], env: dict[str, str] | os._Environ = os
         caps.append(f"ONEDNN_MAX_CPU_ISA={onednn}")
         rank = _ONEDNN_RANK[onednn]
         for flag, needs in _NEEDS_ONEDNN.items():
-            allowed = rank >= _ONEDNN_RANK[needs]
-            if flag == "avx_vnni":        # the AVX2 VNNI kernels sit beside, not below, plain AVX-512
-                allowed = onednn in ("AVX2_VNNI", "AVX2_VNNI_2") or rank >= _ONEDNN_RANK["AVX512_CORE_VNNI"]
-            out[flag] = out.get(flag, False) and allowed
+            out[flag] = out.get(flag, False) and rank >= _ONEDNN_RANK[needs]
+        # the AVX2 VNNI kernels sit beside, not below, plain AVX-512: allowed on their own branch or from
+        # AVX-512 VNNI up
+        avx2_vnni = onednn in ("AVX2_VNNI", "AVX2_VNNI_2") or rank >= _ONEDNN_RANK["AVX512_CORE_VNNI"]
+        out["avx_vnni"] = out.get("avx_vnni", False) and avx2_vnni
     aten = env.get("ATEN_CPU_CAPABILITY", "").strip().lower()
     if aten in ("default", "avx2"):       # torch's vectorized ops without AVX-512
         caps.append(f"ATEN_CPU_CAPABILITY={aten}")
