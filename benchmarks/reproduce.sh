@@ -29,7 +29,9 @@
 # the first GPU's name). Each step runs in a scratch folder; its JSON (and PNG chart) are then moved to
 # <name>.json / <name>.png and its terminal output to <name>.log. A step that fails leaves the recorded
 # files in place, writes <name>.failed.log, and the script exits 1 after the other steps.
-# Environment: PYTHON (default python3); PACKFORMER_BUILTIN_MODEL (the all-MiniLM-L6-v2 folder where
+# Environment: PYTHON (default python3); PEERS_PYTHON (default $PYTHON): the interpreter of the steps that
+# compare against Infinity and FastEmbed, one with `pip install -e ".[dev,peers]"` (that extra cannot
+# share an environment with the ray extra); PACKFORMER_BUILTIN_MODEL (the all-MiniLM-L6-v2 folder where
 # its PyPI package cannot be installed, e.g. an offline GPU host).
 set -uo pipefail
 
@@ -103,6 +105,7 @@ gpu_machine() {
 # one JSON and optional PNG become NAME.json / NAME.png. q FULL QUICK picks an argument by --quick.
 q() { if [[ -n "$quick" ]]; then echo "$2"; else echo "$1"; fi; }
 pf=("$PY" -m packformer)
+pp=("${PEERS_PYTHON:-$PY}" -m packformer)
 
 cpu_steps() {
   local it; it=$(q "" "--iterations 2 --max-seconds 10")
@@ -117,6 +120,13 @@ cpu_steps() {
   step e2e-encode-minilm-l6 "README: CPU end to end, encode() vs SentenceTransformer.encode, 1,500 texts" \
     "${pf[@]}" bench --device cpu --workloads texts_1500 --peers sentence_transformers \
     $(q "--iterations 3" "$it") --out @W@
+  step e2e-peers-minilm-l6 "README: encode() vs Infinity (torch, ONNX), FastEmbed, sentence-transformers; int8" \
+    "${pp[@]}" bench --device cpu --workloads texts_1500 \
+    --peers sentence_transformers,infinity_torch,infinity_onnx,fastembed,packformer_int8 $(q "--iterations 3" "$it") --out @W@
+  step bench-serve-infinity-minilm-l6 "README: packformer serve vs infinity_emb v2, 1,500 one-text requests from 64 clients" \
+    "${pp[@]}" bench-serve --device cpu --concurrency 64 $(q "--requests 1500" "--requests 60 --duration 10") \
+    --peer infinity --no-baseline --no-offline --note "reproduce.sh: load generator on the same host" \
+    --output @W@/bench-serve.json
   step bench-serve-minilm-l6 "README: packformer serve on CPU vs FastAPI + SentenceTransformer" \
     "${pf[@]}" bench-serve --device cpu $(q "--requests 400" "--requests 40 --duration 10 --concurrency 1 8") \
     --note "reproduce.sh: load generator on the same host" --output @W@/bench-serve.json
@@ -144,6 +154,13 @@ gpu_steps() {
   step e2e-encode-bert-base "README: GPU end to end, bert-base, 20,000 texts" \
     "${pf[@]}" bench random:bert-base --device cuda --workloads texts_20000 --peers sentence_transformers \
     --batch-size 256 $(q "--iterations 3" "$it") --out @W@
+  step e2e-peers-minilm-l6 "README: GPU encode() vs Infinity (torch engine) and sentence-transformers, 20,000 texts" \
+    "${pp[@]}" bench --device cuda --workloads texts_20000 --peers sentence_transformers,infinity_torch \
+    --batch-size 256 $(q "--iterations 3" "$it") --out @W@
+  step bench-serve-infinity-minilm-l6 "README: packformer serve --device cuda vs infinity_emb v2 at 64 clients" \
+    "${pp[@]}" bench-serve --device cuda --concurrency 64 $(q "--requests 4000" "--requests 60 --duration 10") \
+    --peer infinity --no-baseline --no-offline --note "reproduce.sh: load generator on the same host" \
+    --output @W@/bench-serve.json
   step bench-serve-minilm-l6 "README: packformer serve on the GPU vs FastAPI + SentenceTransformer" \
     "${pf[@]}" bench-serve --device cuda $(q "" "--requests 60 --duration 10 --concurrency 1 8") \
     --note "reproduce.sh: load generator on the same host" --output @W@/bench-serve.json
