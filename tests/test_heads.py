@@ -80,5 +80,18 @@ def test_relu_head_on_known_weights():
 def test_bad_modes_are_named():
     with pytest.raises(ValueError, match="unknown pooling mode 'sum'"):
         Pooler("sum")
-    with pytest.raises(ValueError, match="tanh or relu"):
-        ClassificationHead(4, 2, act="gelu")
+    with pytest.raises(ValueError, match=r"one of \('tanh', 'relu', 'gelu'\), got 'sigmoid'"):
+        ClassificationHead(4, 2, act="sigmoid")
+    with pytest.raises(ValueError, match="'cls' or 'mean', got 'max'"):
+        ClassificationHead(4, 2, pooling="max")
+
+
+def test_head_with_mean_pooling_gelu_and_norm_is_modernbert_shaped():
+    """pool -> dense -> GELU -> LayerNorm -> out, the head of ModernBERT's classifiers."""
+    torch.manual_seed(0)
+    head = ClassificationHead(4, 3, act="gelu", pooling="mean", norm_eps=1e-5, norm_bias=False)
+    assert head.norm.bias is None
+    packed, cu = torch.randn(5, 4), torch.tensor([0, 2, 5], dtype=torch.int32)
+    means = torch.stack([packed[:2].mean(0), packed[2:].mean(0)])
+    x = torch.nn.functional.layer_norm(torch.nn.functional.gelu(head.dense(means)), (4,), head.norm.weight, None, 1e-5)
+    assert torch.allclose(head(packed, cu), head.out(x), atol=1e-6)

@@ -1,11 +1,41 @@
-"""Encoder configuration: one dataclass for every post-norm BERT-family encoder, plus named presets."""
+"""Encoder configuration: one dataclass states what differs between encoder families, plus presets.
+
+Everything a family changes in the layer (norm placement, position scheme, attention window, feed-forward
+kind, biases) is a field here; the one layer dataflow (dataflow.py) reads them through the layers."""
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-ACTIVATIONS = ("gelu", "gelu_tanh", "relu")
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
+POSITION_EMBEDDINGS = ("absolute", "none")
+FFN_KINDS = ("mlp", "glu")
+
+
+@dataclass(frozen=True)
+class RelativeBuckets:
+    """T5-style bidirectional relative-position buckets (MPNet): exact up to num_buckets/4 tokens apart,
+    then log-spaced up to `max_distance`, beyond which every distance shares the last bucket."""
+
+    num_buckets: int = 32
+    max_distance: int = 128
+
+    def buckets(self, rel):
+        """rel = key position - query position (an int64 tensor) -> bucket index, as transformers' MPNet."""
+        import math
+
+        import torch
+
+        half = self.num_buckets // 2
+        n = -rel
+        ret = (n < 0).long() * half
+        n = n.abs()
+        max_exact = half // 2
+        large = max_exact + (torch.log(n.float() / max_exact) / math.log(self.max_distance / max_exact)
+                             * (half - max_exact)).long()
+        large = large.clamp(max=half - 1)
+        return ret + torch.where(n < max_exact, n, large)
 
 
 @dataclass
@@ -30,6 +60,16 @@ class EncoderConfig:
     norm_first: bool = False          # pre-norm layers (nn.TransformerEncoder norm_first=True)
     embedding_layer_norm: bool = True
     final_layer_norm: bool = False    # a LayerNorm after the last layer (pre-norm stacks)
+    first_attention_norm: bool = True  # pre-norm: False = layer 0 attends to the embeddings as they are (ModernBERT)
+    position_embedding: str = "absolute"   # "absolute" (a learned table) or "none" (rotary / relative only)
+    rotary: Any = None                # ops.rotary.RotaryConfig of every layer (or of the global ones), or None
+    rotary_local: Any = None          # ... of the local-window layers when their base differs (ModernBERT)
+    relative_bias: RelativeBuckets | None = None   # a learned per-head bias of bucketed distances (MPNet)
+    local_window: int = 0             # > 0: local layers attend to |i - j| <= local_window only
+    global_every: int = 0             # with local_window: layer i is global when i % global_every == 0
+    ffn_kind: str = "mlp"             # "mlp": act(x W1) W2; "glu": (act(x Wg) * x Wu) W2, W1 = [Wg; Wu]
+    linear_bias: bool = True          # False: the family has no Linear biases (kept as zeros)
+    norm_bias: bool = True            # False: LayerNorms without bias (kept as zeros)
     model_type: str = "bert"
     num_labels: int = 0               # >0: a classification head is attached
     id2label: dict[int, str] = field(default_factory=dict)
@@ -39,11 +79,41 @@ class EncoderConfig:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation {self.activation!r} is not one of {ACTIVATIONS}")
+        if self.position_embedding not in POSITION_EMBEDDINGS:
+            raise ValueError(f"position_embedding {self.position_embedding!r} is not one of {POSITION_EMBEDDINGS}")
+        if self.ffn_kind not in FFN_KINDS:
+            raise ValueError(f"ffn_kind {self.ffn_kind!r} is not one of {FFN_KINDS}")
+        if self.local_window < 0 or self.global_every < 0:
+            raise ValueError(f"local_window ({self.local_window}) and global_every ({self.global_every}) must be >= 0")
+        if isinstance(self.rotary, dict) or isinstance(self.rotary_local, dict):
+            from .ops.rotary import RotaryConfig
+            if isinstance(self.rotary, dict):
+                self.rotary = RotaryConfig(**self.rotary)
+            if isinstance(self.rotary_local, dict):
+                self.rotary_local = RotaryConfig(**self.rotary_local)
+        if isinstance(self.relative_bias, dict):
+            self.relative_bias = RelativeBuckets(**self.relative_bias)
         self.id2label = {int(k): str(v) for k, v in self.id2label.items()}
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+    def is_local(self, layer: int) -> bool:
+        return self.local_window > 0 and not (self.global_every and layer % self.global_every == 0)
+
+    def window_of_layer(self, layer: int) -> int:
+        """The attention half-width of layer `layer` (0: the whole sequence)."""
+        return self.local_window if self.is_local(layer) else 0
+
+    def rotary_of_layer(self, layer: int):
+        if self.is_local(layer) and self.rotary_local is not None:
+            return self.rotary_local
+        return self.rotary
+
+    def rotary_configs(self) -> list:
+        """The distinct rotary settings the layers use (one cos/sin table each per forward)."""
+        return list(dict.fromkeys(r for r in (self.rotary_of_layer(i) for i in range(self.num_layers)) if r))
 
     @property
     def max_tokens_per_sequence(self) -> int:
@@ -93,7 +163,9 @@ PRESETS: dict[str, EncoderConfig] = {
 
 
 def preset(name: str, **changes: Any) -> EncoderConfig:
-    """A copy of a named preset, with optional field overrides."""
+    """A copy of a named preset (those above and every family's, families/), with optional field overrides."""
+    from . import families  # noqa: F401  (registers the families' presets in PRESETS)
+
     if name not in PRESETS:
         raise KeyError(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}")
     return PRESETS[name].replace(**changes)

@@ -52,26 +52,36 @@ class Pooler(nn.Module):
         return f"mode={self.mode}, normalize={self.normalize}"
 
 
-class ClassificationHead(nn.Module):
-    """first token -> dense -> act -> out.
+HEAD_ACTIVATIONS = ("tanh", "relu", "gelu")
 
-    The three head families share this shape: BERT (pooler.dense + tanh, then classifier),
-    RoBERTa/XLM-R in transformers (dense + tanh + out_proj) and torchtext's
-    RobertaClassificationHead (dense + ReLU + out_proj).
+
+class ClassificationHead(nn.Module):
+    """pool (first token or mean) -> dense -> act [-> LayerNorm] -> out.
+
+    The head families share this shape: BERT (pooler.dense + tanh, then classifier), RoBERTa/XLM-R in
+    transformers (dense + tanh + out_proj), torchtext's RobertaClassificationHead (dense + ReLU +
+    out_proj), DistilBERT (pre_classifier + ReLU), DeBERTa-v2 (ContextPooler: dense + GELU) and
+    ModernBERT (CLS or mean pooling, dense + GELU + LayerNorm).
     """
 
-    def __init__(self, hidden: int, num_labels: int, act: str = "tanh"):
+    def __init__(self, hidden: int, num_labels: int, act: str = "tanh", pooling: str = "cls",
+                 norm_eps: float | None = None, norm_bias: bool = True):
         super().__init__()
-        if act not in ("tanh", "relu"):
-            raise ValueError(f"head activation must be tanh or relu, got {act!r}")
-        self.act = act
+        if act not in HEAD_ACTIVATIONS:
+            raise ValueError(f"head activation must be one of {HEAD_ACTIVATIONS}, got {act!r}")
+        if pooling not in ("cls", "mean"):
+            raise ValueError(f"head pooling must be 'cls' or 'mean', got {pooling!r}")
+        self.act, self.pooling = act, pooling
         self.dense = nn.Linear(hidden, hidden)
+        self.norm = nn.LayerNorm(hidden, eps=norm_eps, bias=norm_bias) if norm_eps is not None else None
         self.out = nn.Linear(hidden, num_labels)
 
     def forward(self, hidden: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-        x = self.dense(cls_tokens(hidden.float(), cu_seqlens))                      # [B, H]
-        x = torch.tanh(x) if self.act == "tanh" else torch.relu(x)
+        x = self.dense(pool(hidden, cu_seqlens, self.pooling))                     # [B, H] fp32
+        x = torch.tanh(x) if self.act == "tanh" else torch.relu(x) if self.act == "relu" else F.gelu(x)
+        if self.norm is not None:
+            x = self.norm(x)
         return self.out(x)                                                          # [B, C]
 
     def extra_repr(self) -> str:
-        return f"act={self.act}"
+        return f"act={self.act}, pooling={self.pooling}"

@@ -46,8 +46,11 @@ def random_parts(name: str, num_labels: int = 0, seed: int = 0, tokenizer=None) 
                 p.fill_(1.0 if n.endswith("weight") else 0.0)
             else:
                 p.zero_()
-    head = ClassificationHead(cfg.hidden_size, num_labels, act="relu" if cfg.model_type == "xlm-roberta" else "tanh") \
-        if num_labels else None
+    from .families import family_of
+    fam = family_of(cfg.model_type)
+    # xlm-roberta presets stand for the torchtext tutorial model, whose head uses ReLU
+    head = (ClassificationHead(cfg.hidden_size, num_labels, act="relu") if cfg.model_type == "xlm-roberta"
+            else fam.make_head(cfg)) if num_labels else None
     if tokenizer is None and cfg.vocab_size == 30522:
         from .loaders.hf import load_tokenizer
         tokenizer = load_tokenizer(builtin_model_dir(), cfg)
@@ -60,6 +63,7 @@ def load_parts(path_or_name: str | Path | None = None, **kwargs) -> ModelParts:
     if path_or_name in _DEFAULT_ALIASES:
         path_or_name = builtin_model_dir()
     if isinstance(path_or_name, str) and path_or_name.startswith("random:"):
+        from . import families  # noqa: F401  (registers the families' presets)
         name = path_or_name.split(":", 1)[1]
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r} in {path_or_name!r}; known: {', '.join(sorted(PRESETS))}")

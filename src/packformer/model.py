@@ -1,8 +1,10 @@
 """The encoder on packed tokens: every tensor is [T, ...], T = all real tokens of the batch.
 
-This file is the readable reference. Speed tricks are applied outside it, on its weights, so this
-stays one screen per block: fast/cpu.py (fused oneDNN linears, int8 quantization), fast/cuda.py (Triton
-kernels, varlen flash attention), fast/graphs.py (CUDA graphs per token bucket), the kernels in ops/.
+This file holds the parameters (one `EncoderLayer` shape for every family: what differs is data in
+`EncoderConfig`) and the readable reference primitives. The layer's dataflow is written once, in
+dataflow.py, and run here over torch ops; the fast paths run the same dataflow over their own
+primitives: fast/cpu.py (fused oneDNN linears, int8), fast/cuda.py (Triton kernels, varlen flash
+attention, CUDA graphs per token bucket in fast/graphs.py).
 """
 from __future__ import annotations
 
@@ -12,7 +14,9 @@ from torch import nn
 
 from .batch import PackedBatch
 from .config import EncoderConfig
-from .ops.attention import AttentionMeta, varlen_attention
+from .dataflow import Context, Primitives, build_context, run_encoder
+from .ops.attention import AttentionMeta, PositionBias, varlen_attention
+from .ops.rotary import apply_rotary_ref
 
 
 def activation(name: str, x: torch.Tensor) -> torch.Tensor:
@@ -20,19 +24,33 @@ def activation(name: str, x: torch.Tensor) -> torch.Tensor:
         return F.gelu(x)
     if name == "gelu_tanh":
         return F.gelu(x, approximate="tanh")
+    if name == "silu":
+        return F.silu(x)
     return F.relu(x)
+
+
+def _zero_bias_if(flag: bool, *modules: nn.Module) -> None:
+    """Families without biases keep zero ones: every backend's fused epilogue then serves them as is."""
+    if flag:
+        for m in modules:
+            if m is not None and getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
 
 
 class Embeddings(nn.Module):
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
         self.word = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.position = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.position = (nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+                         if cfg.position_embedding == "absolute" else None)
         self.token_type = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size) if cfg.type_vocab_size > 0 else None
         self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps) if cfg.embedding_layer_norm else None
+        _zero_bias_if(not cfg.norm_bias, self.norm)
 
     def forward(self, batch: PackedBatch) -> torch.Tensor:
-        x = self.word(batch.input_ids) + self.position(batch.positions)            # [T, H]
+        x = self.word(batch.input_ids)                                              # [T, H]
+        if self.position is not None:
+            x = x + self.position(batch.positions)
         if self.token_type is not None:
             if batch.token_type_ids is not None:
                 x = x + self.token_type(batch.token_type_ids)
@@ -42,49 +60,98 @@ class Embeddings(nn.Module):
 
 
 class EncoderLayer(nn.Module):
-    def __init__(self, cfg: EncoderConfig):
+    """The parameters of one layer, and what the dataflow needs to know about it (all from the config).
+
+    `ffn1` has 2 x intermediate rows for GLU feed-forwards: [gate; up], out = act(gate) * up.
+    `norm1` is None where a family has no norm before its first attention (ModernBERT, pre-norm)."""
+
+    def __init__(self, cfg: EncoderConfig, index: int = 0):
         super().__init__()
         h = cfg.hidden_size
+        self.index = index
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
-        self.act, self.norm_first = cfg.activation, cfg.norm_first
+        self.act, self.norm_first, self.glu = cfg.activation, cfg.norm_first, cfg.ffn_kind == "glu"
+        self.window = cfg.window_of_layer(index)
+        self.rotary = cfg.rotary_of_layer(index)
         self.qkv = nn.Linear(h, 3 * h)            # rows: [q; k; v]
         self.out = nn.Linear(h, h)
-        self.norm1 = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
-        self.ffn1 = nn.Linear(h, cfg.intermediate_size)
+        self.norm1 = (nn.LayerNorm(h, eps=cfg.layer_norm_eps)
+                      if cfg.first_attention_norm or index > 0 or not cfg.norm_first else None)
+        self.ffn1 = nn.Linear(h, cfg.intermediate_size * (2 if self.glu else 1))
         self.ffn2 = nn.Linear(cfg.intermediate_size, h)
         self.norm2 = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
-
-    def attention(self, x: torch.Tensor, meta: AttentionMeta) -> torch.Tensor:
-        t = x.shape[0]
-        q, k, v = self.qkv(x).view(t, 3, self.num_heads, self.head_dim).unbind(1)   # 3 x [T, nh, hd]
-        a = varlen_attention(q, k, v, meta)                                         # [T, nh, hd]
-        return self.out(a.reshape(t, self.num_heads * self.head_dim))               # [T, H]
-
-    def ffn(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ffn2(activation(self.act, self.ffn1(x)))                        # [T, H]
-
-    def forward(self, x: torch.Tensor, meta: AttentionMeta) -> torch.Tensor:
-        if self.norm_first:
-            x = x + self.attention(self.norm1(x), meta)
-            return x + self.ffn(self.norm2(x))
-        x = self.norm1(x + self.attention(x, meta))
-        return self.norm2(x + self.ffn(x))
+        _zero_bias_if(not cfg.linear_bias, self.qkv, self.out, self.ffn1, self.ffn2)
+        _zero_bias_if(not cfg.norm_bias, self.norm1, self.norm2)
 
 
 class Encoder(nn.Module):
-    """Embeddings + N post-norm (or pre-norm) layers over a PackedBatch -> hidden states [T, H]."""
+    """Embeddings + N layers over a PackedBatch -> hidden states [T, H].
+
+    `relative_bias`: MPNet's per-head bias of T5-style relative-position buckets, shared by all layers."""
 
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
         self.config = cfg
         self.embeddings = Embeddings(cfg)
-        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(EncoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.final_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps) if cfg.final_layer_norm else None
+        _zero_bias_if(not cfg.norm_bias, self.final_norm)
+        rb = cfg.relative_bias
+        self.relative_bias = nn.Embedding(rb.num_buckets, cfg.num_heads) if rb is not None else None
+
+    def bias_table(self) -> torch.Tensor | None:
+        """[H, 2R+1] fp32: the attention bias for every relative distance j - i in [-R, R] (R = the
+        distance from which every bucket is the last one), or None for families without one."""
+        if self.relative_bias is None:
+            return None
+        rb = self.config.relative_bias
+        idx = rb.buckets(torch.arange(-rb.max_distance, rb.max_distance + 1, device=self.relative_bias.weight.device))
+        return self.relative_bias.weight[idx].t().float().contiguous()                # [H, 2R+1]
 
     def forward(self, batch: PackedBatch, meta: AttentionMeta | None = None) -> torch.Tensor:
         if meta is None:
             meta = AttentionMeta.build(batch.cu_seqlens, batch.max_seqlen)
-        x = self.embeddings(batch)                                                  # [T, H]
-        for layer in self.layers:
-            x = layer(x, meta)
-        return self.final_norm(x) if self.final_norm is not None else x
+        return run_encoder(ReferencePrimitives(self), self, batch, meta)
+
+
+class ReferencePrimitives(Primitives):
+    """torch ops on the modules themselves (so forward hooks on the Linear layers see every call)."""
+
+    def __init__(self, encoder: nn.Module):
+        self.encoder = encoder
+
+    def context(self, batch: PackedBatch, meta: AttentionMeta) -> Context:
+        table = self.encoder.bias_table() if hasattr(self.encoder, "bias_table") else None
+        return build_context(self.encoder.config if hasattr(self.encoder, "config") else None, batch, meta, table)
+
+    def embed(self, batch: PackedBatch) -> torch.Tensor:
+        return self.encoder.embeddings(batch)
+
+    def norm(self, x: torch.Tensor, norm) -> torch.Tensor:
+        return x if norm is None else norm(x)
+
+    def attention(self, layer, h: torch.Tensor, ctx: Context) -> torch.Tensor:
+        t = h.shape[0]
+        q, k, v = layer.qkv(h).view(t, 3, layer.num_heads, layer.head_dim).unbind(1)  # 3 x [T, nh, hd]
+        if layer.rotary is not None:
+            cos, sin = ctx.rotary[layer.rotary]
+            q, k = apply_rotary_ref(q, k, cos, sin, layer.rotary)
+        a = varlen_attention(q, k, v, ctx.meta, bias=ctx.bias_for(layer))                # [T, nh, hd]
+        return a.reshape(t, layer.num_heads * layer.head_dim)                              # [T, H]
+
+    def ffn_hidden(self, layer, h: torch.Tensor) -> torch.Tensor:
+        y = layer.ffn1(h)                                                                  # [T, F] or [T, 2F]
+        if layer.glu:
+            gate, up = y.chunk(2, dim=-1)
+            return activation(layer.act, gate) * up                                        # [T, F]
+        return activation(layer.act, y)
+
+    def project_add_norm(self, a, lin, residual, norm, keep_sum=False, out=None):
+        s = residual + lin(a)                                                              # [T, H]
+        y = s if norm is None else norm(s)
+        if out is not None:
+            y = out.copy_(y)
+        return (s, y) if keep_sum else y
+
+
+__all__ = ["Encoder", "EncoderLayer", "Embeddings", "ReferencePrimitives", "PositionBias", "activation"]

@@ -1,8 +1,8 @@
 """Peer models built from the SAME weights as a packformer model, so that every timing compares
 like with like and every output can be checked against ours.
 
-- `to_hf`: transformers `BertModel` / `RobertaModel` / `XLMRobertaModel` (or *ForSequenceClassification),
-  through the inverse of the loader's own key map (`loaders.hf.hf_keymap(...).invert(...)`).
+- `to_hf`: the transformers model of the encoder's family (BertModel, MPNetModel, ModernBertModel, ...,
+  or *ForSequenceClassification), through the inverse of the family's own key map.
 - `to_better_transformer`: embeddings + `nn.TransformerEncoder` (+ the head) on padded ids, the layout
   torchtext's RobertaModel uses internally, so torch's Better Transformer fast path applies to it.
 
@@ -18,40 +18,17 @@ from torch import nn
 
 from ..config import EncoderConfig
 from ..heads import ClassificationHead
-from ..loaders.hf import BERT_LIKE, ROBERTA_LIKE, hf_keymap
+from ..families import family_of
 from ..loaders.keymap import CheckpointError, KeyMap, Rule
 from ..loaders.parts import param_view
 from ..model import Encoder
 
-HF_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu"}
-
-
-def _check_bert_family(cfg: EncoderConfig, what: str) -> None:
-    if cfg.norm_first or cfg.final_layer_norm or not cfg.embedding_layer_norm:
-        raise ValueError(f"{what} needs a post-norm BERT-family encoder with an embedding LayerNorm; this model "
-                         f"has norm_first={cfg.norm_first}, final_layer_norm={cfg.final_layer_norm}, "
-                         f"embedding_layer_norm={cfg.embedding_layer_norm}")
-
-
 def hf_config(cfg: EncoderConfig):
-    """EncoderConfig -> the matching transformers config (Bert/Roberta/XLMRoberta)."""
-    from transformers import BertConfig, RobertaConfig, XLMRobertaConfig
-
-    _check_bert_family(cfg, "a transformers peer")
-    if cfg.model_type in BERT_LIKE:
-        cls, offset = BertConfig, 0
-    elif cfg.model_type in ROBERTA_LIKE:
-        cls, offset = (XLMRobertaConfig if cfg.model_type == "xlm-roberta" else RobertaConfig), cfg.pad_token_id + 1
-    else:
-        raise ValueError(f"no transformers model for model_type {cfg.model_type!r}")
-    if cfg.position_offset != offset:
-        raise ValueError(f"model_type {cfg.model_type} numbers positions from {offset}, this model from "
-                         f"{cfg.position_offset}: transformers cannot reproduce it")
-    return cls(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
-               num_attention_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size,
-               max_position_embeddings=cfg.max_position_embeddings, type_vocab_size=max(cfg.type_vocab_size, 1),
-               layer_norm_eps=cfg.layer_norm_eps, hidden_act=HF_ACTIVATIONS[cfg.activation],
-               pad_token_id=cfg.pad_token_id, num_labels=max(cfg.num_labels, 1))
+    """EncoderConfig -> the matching transformers config, by the encoder's family."""
+    fam = family_of(cfg.model_type)
+    if fam.to_hf_config is None:
+        raise ValueError(f"no transformers model for the {fam.name} family")
+    return fam.to_hf_config(cfg)
 
 
 def to_hf(encoder: Encoder, head: ClassificationHead | None = None, attn_implementation: str = "sdpa",
@@ -64,25 +41,28 @@ def to_hf(encoder: Encoder, head: ClassificationHead | None = None, attn_impleme
 
     cfg = encoder.config
     hcfg = hf_config(cfg)
+    fam = family_of(cfg.model_type)
     if with_head:
         if head is None:
             raise ValueError("with_head=True needs the model's classification head")
-        if head.act != "tanh":
+        if head.act != fam.head_act:
             raise ValueError(f"this head uses {head.act} (torchtext's RobertaClassificationHead); transformers' "
-                             "classification heads use tanh, so no transformers peer can reproduce it")
+                             f"{fam.name} classification heads use {fam.head_act}, so no transformers peer can "
+                             "reproduce it")
         model = AutoModelForSequenceClassification.from_config(hcfg, attn_implementation=attn_implementation)
     else:
-        model = AutoModel.from_config(hcfg, attn_implementation=attn_implementation, add_pooling_layer=False)
-    keymap = hf_keymap(cfg.model_type, with_head=with_head)
+        kwargs = {"add_pooling_layer": False} if fam.hf_pooling_layer else {}
+        model = AutoModel.from_config(hcfg, attn_implementation=attn_implementation, **kwargs)
+    keymap = fam.keymap(cfg, with_head)
     ours = {k: v.detach().float().cpu().clone() for k, v in param_view(encoder, head if with_head else None)
             .state_dict().items()}
     state = keymap.invert(ours, cfg.num_layers)
     if with_head:   # the encoder lives under base_model_prefix; transformers' own head keys stay at the top
         prefix = model.base_model_prefix + "."
-        state = {(k if k.startswith("classifier.") else prefix + k): v for k, v in state.items()}
+        state = {(k if k.startswith(fam.hf_head_keys) else prefix + k): v for k, v in state.items()}
     expected = set(model.state_dict())
-    tt_key = next(k for k in expected if k.endswith("embeddings.token_type_embeddings.weight"))
-    if tt_key not in state:   # our model has no token-type table: transformers adds a zero row
+    tt_key = next((k for k in expected if k.endswith("embeddings.token_type_embeddings.weight")), None)
+    if tt_key is not None and tt_key not in state:   # our model has no token-type table: transformers adds a zero row
         state[tt_key] = torch.zeros_like(model.state_dict()[tt_key])
     missing = sorted(expected - set(state) - {k for k in expected if k.endswith(("position_ids", "token_type_ids"))})
     unused = sorted(set(state) - expected)

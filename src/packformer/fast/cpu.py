@@ -29,10 +29,12 @@ import torch.nn.functional as F
 
 from ..batch import PackedBatch, cu_seqlens_from_lengths
 from ..config import EncoderConfig
+from ..dataflow import Context, Primitives, build_context, run_encoder
 from ..model import Encoder
 from ..ops.attention import AttentionMeta, _cpu_grouped_sdpa, group_by_length
+from ..ops.rotary import apply_rotary_
 from .cpu_features import detect
-from .cpu_linear import CpuLinear, make_linear
+from .cpu_linear import CpuLinear, act_, make_linear
 from .cpu_threads import ENV_THREADS, apply_threads, resolve_threads
 from .quant import DynamicInt8Linear, calibrate_outliers, check_quantize
 
@@ -50,19 +52,21 @@ BLOCK_ABOVE = 4096  # ... for batches over this many tokens: smaller ones stay u
 
 
 class _Layer:
-    """One encoder layer on packed rows [T, H]."""
+    """One encoder layer's weights, prepared for the CPU primitives (same attribute names as
+    model.EncoderLayer, which the dataflow reads)."""
 
-    def __init__(self, layer, cfg: EncoderConfig, lin):
-        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
-        self.scale = 1.0 / math.sqrt(cfg.head_dim)
-        self.act, self.norm_first, self.hidden = cfg.activation, cfg.norm_first, cfg.hidden_size
+    def __init__(self, layer, cfg: EncoderConfig, lin, dtype: torch.dtype):
+        self.index, self.num_heads, self.head_dim = layer.index, layer.num_heads, layer.head_dim
+        self.scale = 1.0 / math.sqrt(layer.head_dim)
+        self.act, self.norm_first, self.glu = layer.act, layer.norm_first, layer.glu
+        self.window, self.rotary, self.hidden = layer.window, layer.rotary, cfg.hidden_size
         self.qkv: CpuLinear = lin(layer.qkv)
         # int8: the attention output has no outlier channels (measured: keeping 8 in fp32 gains nothing)
         self.out: CpuLinear = lin(layer.out, outlier_channels=False)
         self.ffn1: CpuLinear = lin(layer.ffn1)
         self.ffn2: CpuLinear = lin(layer.ffn2)
-        self.norm1 = (layer.norm1.weight.detach(), layer.norm1.bias.detach(), layer.norm1.eps)
-        self.norm2 = (layer.norm2.weight.detach(), layer.norm2.bias.detach(), layer.norm2.eps)
+        self.norm1 = _norm_params(layer.norm1, dtype)
+        self.norm2 = _norm_params(layer.norm2, dtype)
         # The FFN runs block by block of rows, and the QKV projection fills one [T, 3H] buffer per forward
         # block by block: each block's output is small enough for glibc to recycle from its heap, while a
         # whole-batch [T, 4H] or [T, 3H] output is above its largest mmap threshold (32 MB) and comes back
@@ -73,43 +77,77 @@ class _Layer:
         self.block_rows = getattr(self.ffn1, "block_rows", BLOCK_ROWS)
         self.block_above = self.block_rows if self.writes_out else BLOCK_ABOVE
 
-    def _norm(self, x: torch.Tensor, p) -> torch.Tensor:
-        w, b, eps = p
-        return F.layer_norm(x, (self.hidden,), w, b, eps)
 
-    def _attention(self, x: torch.Tensor, meta: AttentionMeta, qkv_out: torch.Tensor | None) -> torch.Tensor:
-        t = x.shape[0]
+def _norm_params(norm, dtype) -> tuple | None:
+    if norm is None:
+        return None
+    return norm.weight.detach().to(dtype), norm.bias.detach().to(dtype), norm.eps
+
+
+def _layer_norm(x: torch.Tensor, p: tuple | None) -> torch.Tensor:
+    if p is None:
+        return x
+    w, b, eps = p
+    return F.layer_norm(x, (x.shape[1],), w, b, eps)
+
+
+class CpuPrimitives(Primitives):
+    """The dataflow's primitives on oneDNN linears; one per forward (it holds that forward's buffers)."""
+
+    def __init__(self, runner: "CpuRunner", qkv_out: torch.Tensor | None):
+        self.runner, self.qkv_out = runner, qkv_out
+
+    def context(self, batch: PackedBatch, meta: AttentionMeta) -> Context:
+        return build_context(self.runner.config, batch, meta, self.runner.bias_table)
+
+    def embed(self, batch: PackedBatch) -> torch.Tensor:
+        return self.runner._embed(batch)
+
+    def norm(self, x, norm):
+        return _layer_norm(x, norm)
+
+    def attention(self, layer: _Layer, h: torch.Tensor, ctx: Context) -> torch.Tensor:
+        t, qkv_out = h.shape[0], self.qkv_out
         if qkv_out is None:
-            qkv = self.qkv(x)                                                        # [T, 3H]
-        elif self.writes_out:
-            qkv = self.qkv(x, out=qkv_out)
+            qkv = layer.qkv(h)                                                        # [T, 3H]
+        elif layer.writes_out:
+            qkv = layer.qkv(h, out=qkv_out)
         else:
             qkv = qkv_out
-            for r0 in range(0, t, self.block_rows):
-                qkv[r0:r0 + self.block_rows] = self.qkv(x[r0:r0 + self.block_rows])
-        q, k, v = qkv.view(t, 3, self.num_heads, self.head_dim).unbind(1)           # 3 x [T, nh, hd] views
-        return _cpu_grouped_sdpa(q, k, v, meta, self.scale).reshape(t, -1)           # [T, H]
+            for r0 in range(0, t, layer.block_rows):
+                qkv[r0:r0 + layer.block_rows] = layer.qkv(h[r0:r0 + layer.block_rows])
+        q, k, v = qkv.view(t, 3, layer.num_heads, layer.head_dim).unbind(1)           # 3 x [T, nh, hd] views
+        if layer.rotary is not None:
+            cos, sin = ctx.rotary[layer.rotary]
+            apply_rotary_(q, k, cos, sin, layer.rotary)
+        return _cpu_grouped_sdpa(q, k, v, ctx.meta, layer.scale, ctx.bias_for(layer)).reshape(t, -1)  # [T, H]
 
-    def _ffn(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] <= self.block_above:
-            return self.ffn2(self.ffn1(x, act=self.act), residual=residual)
-        out = torch.empty_like(residual)                                             # [T, H]
-        for r0 in range(0, x.shape[0], self.block_rows):
-            r1 = r0 + self.block_rows
-            h = self.ffn1(x[r0:r1], act=self.act)                                    # [rows, 4H]
-            if self.writes_out:
-                self.ffn2(h, residual=residual[r0:r1], out=out[r0:r1])
-            else:
-                out[r0:r1] = self.ffn2(h, residual=residual[r0:r1])
-        return out
+    def ffn_hidden(self, layer: _Layer, h: torch.Tensor) -> torch.Tensor:
+        if not layer.glu:
+            return layer.ffn1(h, act=layer.act)                                       # [rows, F]
+        y = layer.ffn1(h)                                                             # [rows, 2F]
+        gate, up = y.chunk(2, dim=-1)
+        return act_(gate, layer.act).mul(up)                                          # [rows, F]
 
-    def __call__(self, x: torch.Tensor, meta: AttentionMeta, qkv_out: torch.Tensor | None = None) -> torch.Tensor:
-        """qkv_out: a [T, 3H] buffer for the QKV projection (int8 linears write into it), dead after attention."""
-        if self.norm_first:
-            x = self.out(self._attention(self._norm(x, self.norm1), meta, qkv_out), residual=x)
-            return self._ffn(self._norm(x, self.norm2), residual=x)
-        x = self._norm(self.out(self._attention(x, meta, qkv_out), residual=x), self.norm1)   # [T, H]
-        return self._norm(self._ffn(x, residual=x), self.norm2)
+    def project_add_norm(self, a, lin, residual, norm, keep_sum=False, out=None):
+        s = lin(a, residual=residual)
+        y = _layer_norm(s, norm)
+        return (s, y) if keep_sum else y
+
+    def ffn_sublayer(self, layer: _Layer, h, x, norm, keep_sum=False, out=None):
+        if h.shape[0] <= layer.block_above:
+            s = layer.ffn2(self.ffn_hidden(layer, h), residual=x)
+        else:
+            s = torch.empty_like(x)                                                   # [T, H]
+            for r0 in range(0, h.shape[0], layer.block_rows):
+                r1 = r0 + layer.block_rows
+                f = self.ffn_hidden(layer, h[r0:r1])                                  # [rows, F]
+                if layer.writes_out:
+                    layer.ffn2(f, residual=x[r0:r1], out=s[r0:r1])
+                else:
+                    s[r0:r1] = layer.ffn2(f, residual=x[r0:r1])
+        y = _layer_norm(s, norm)
+        return (s, y) if keep_sum else y
 
 
 def _length_sorted(batch: PackedBatch, meta: AttentionMeta
@@ -151,44 +189,36 @@ class CpuRunner:
                 return make_linear(m, self.dtype)
         emb = encoder.embeddings
         self.word = emb.word.weight.detach().to(self.dtype)
-        self.position = emb.position.weight.detach().to(self.dtype)
+        self.position = None if emb.position is None else emb.position.weight.detach().to(self.dtype)
         self.token_type = None if emb.token_type is None else emb.token_type.weight.detach().to(self.dtype)
-        self.emb_norm = None if emb.norm is None else (emb.norm.weight.detach().to(self.dtype),
-                                                       emb.norm.bias.detach().to(self.dtype), emb.norm.eps)
-        self.layers = [_Layer(l, cfg, lin) for l in encoder.layers]
+        self.emb_norm = _norm_params(emb.norm, self.dtype)
+        self.layers = [_Layer(l, cfg, lin, self.dtype) for l in encoder.layers]
         self.linear_backend = type(self.layers[0].out).__name__ if self.layers else "none"
-        fn = encoder.final_norm
-        self.final_norm = None if fn is None else (fn.weight.detach().to(self.dtype),
-                                                   fn.bias.detach().to(self.dtype), fn.eps)
+        self.final_norm = _norm_params(encoder.final_norm, self.dtype)
+        table = encoder.bias_table()
+        self.bias_table = None if table is None else table.detach()                  # [H, 2R+1] fp32
 
     def _embed(self, batch: PackedBatch) -> torch.Tensor:
         x = F.embedding(batch.input_ids, self.word)                                  # [T, H]
-        x.add_(F.embedding(batch.positions, self.position))
+        if self.position is not None:
+            x.add_(F.embedding(batch.positions, self.position))
         if self.token_type is not None:
             if batch.token_type_ids is not None:
                 x.add_(F.embedding(batch.token_type_ids, self.token_type))
             else:
                 x.add_(self.token_type[0])
-        if self.emb_norm is not None:
-            w, b, eps = self.emb_norm
-            x = F.layer_norm(x, (x.shape[1],), w, b, eps)
-        return x
+        return _layer_norm(x, self.emb_norm)
 
     @torch.inference_mode()
     def __call__(self, batch: PackedBatch, meta: AttentionMeta) -> torch.Tensor:
         if batch.num_tokens == 0:
             return torch.empty(0, self.config.hidden_size, dtype=self.dtype)
         batch, meta, perm = _length_sorted(batch, meta)
-        x = self._embed(batch)                                                       # [T, H]
         # one QKV buffer for all layers (int8, and batches over BLOCK_ABOVE): a fresh [T, 3H] output per
         # layer is mapped and page-faulted anew every time (42 MB at offline_b128, ~12 ms per first touch)
-        big = self.options.quantize or x.shape[0] > BLOCK_ABOVE
-        qkv_out = torch.empty(x.shape[0], 3 * self.config.hidden_size, dtype=x.dtype) if big else None
-        for layer in self.layers:
-            x = layer(x, meta, qkv_out)
-        if self.final_norm is not None:
-            w, b, eps = self.final_norm
-            x = F.layer_norm(x, (x.shape[1],), w, b, eps)
+        big = self.options.quantize or batch.num_tokens > BLOCK_ABOVE
+        qkv_out = torch.empty(batch.num_tokens, 3 * self.config.hidden_size, dtype=self.dtype) if big else None
+        x = run_encoder(CpuPrimitives(self, qkv_out), self, batch, meta)                # [T, H]
         if perm is None:
             return x
         return torch.empty_like(x).index_copy_(0, perm, x)                           # back to batch order

@@ -42,7 +42,9 @@ def act_(y: torch.Tensor, act: str | None) -> torch.Tensor:
         return torch.ops.aten.gelu_(y, approximate="tanh")
     if act == "relu":
         return y.relu_()
-    raise ValueError(f"unknown activation {act!r}; expected one of {[k for k in ONEDNN_POST_OPS if k]}")
+    if act == "silu":
+        return torch.nn.functional.silu(y, inplace=True)
+    raise ValueError(f"unknown activation {act!r}; expected one of {[k for k in ONEDNN_POST_OPS if k] + ['silu']}")
 
 
 class AtenLinear:
@@ -82,6 +84,8 @@ class OneDnnLinear:
             return two[:1]
         if residual is not None:
             return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.weight, self.bias, "add")
+        if act not in ONEDNN_POST_OPS:           # no oneDNN post-op for it (SiLU): a second pass
+            return act_(torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], ""), act)
         attr, algorithm = ONEDNN_POST_OPS[act]
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, attr, [], algorithm)
 

@@ -9,7 +9,9 @@ Per post-norm layer:  x [T, H]
   h   = act(x W_1^T + b_1)            T >= 16384 on Hopper: the Triton TMA GEMM with a bias+erf-GELU epilogue;
                                       else cuBLAS, then the bias_act kernel or a cuBLASLt epilogue (ReLU, tanh)
   x   = LN(x + h W_2^T + b_2)         as for the out-projection
-Pre-norm stacks (nn.TransformerEncoder norm_first=True) use the same kernels in the other order.
+Pre-norm stacks use the same kernels in the other order (dataflow.py writes the order once); rotary
+layers rotate q and k in place in the QKV buffer, relative-position biases and local windows are applied
+inside flash_varlen, GLU feed-forwards take one elementwise pass (ops/glu.py).
 """
 from __future__ import annotations
 
@@ -20,10 +22,13 @@ import torch
 import torch.nn.functional as F
 
 from ..batch import PackedBatch
+from ..dataflow import Context, Primitives, build_context, run_encoder
 from ..model import Encoder
 from ..ops.attention import AttentionMeta
 from ..ops.embedding import embed_layernorm
 from ..ops.gelu import bias_act
+from ..ops.glu import glu
+from ..ops.rotary import apply_rotary_
 from ..ops.layernorm import add_layernorm
 from ..ops.flash_varlen import default_config as flash_config
 from ..ops.flash_varlen import flash_varlen, tile_table
@@ -52,7 +57,8 @@ class FastOptions:
 
 
 class FastEncoder:
-    """Callable `(PackedBatch on device, AttentionMeta, out=None) -> [T, H]` over `encoder`'s weights."""
+    """Callable `(PackedBatch on device, AttentionMeta, out=None) -> [T, H]` over `encoder`'s weights:
+    the one dataflow (dataflow.py) over CudaPrimitives."""
 
     def __init__(self, encoder: Encoder):
         self.encoder = encoder
@@ -66,32 +72,19 @@ class FastEncoder:
                      and self.cfg.intermediate_size % 8 == 0)
         # one flash_varlen tile config for every forward, so the tile table always matches the kernel
         self._flash = flash_config(self.cfg.head_dim, self.cfg.max_tokens_per_sequence)
+        table = encoder.bias_table()
+        self.bias_table = None if table is None else table.detach()                         # [H, 2R+1] fp32
+        self.primitives = CudaPrimitives(self)
 
     def describe(self) -> dict:
         return {"tma_ffn1": self._tma}
 
     def __call__(self, batch: PackedBatch, meta: AttentionMeta, out: torch.Tensor | None = None) -> torch.Tensor:
-        cfg, emb = self.cfg, self.encoder.embeddings
-        t = batch.num_tokens
-        if t == 0:
-            return torch.empty(0, cfg.hidden_size, dtype=self.dtype, device=self.device)
-        norm = emb.norm
-        x = embed_layernorm(batch.input_ids, batch.positions, batch.token_type_ids, emb.word.weight,
-                            emb.position.weight, emb.token_type.weight if emb.token_type is not None else None,
-                            norm.weight if norm is not None else None, norm.bias if norm is not None else None,
-                            norm.eps if norm is not None else 0.0)                          # [T, H]
-        layers = self.encoder.layers
-        tiles = self._tiles(meta)
-        if cfg.norm_first:
-            return self._pre_norm(x, meta, tiles, out)
-        for i, layer in enumerate(layers):
-            last = out if i == len(layers) - 1 else None
-            x = self._sublayer(x, self._attention(layer, x, meta, tiles), layer.out, layer.norm1, None)
-            x = self._sublayer(x, self._ffn_hidden(layer, x), layer.ffn2, layer.norm2, last)
-        return x
+        if batch.num_tokens == 0:
+            return torch.empty(0, self.cfg.hidden_size, dtype=self.dtype, device=self.device)
+        return run_encoder(self.primitives, self.encoder, batch, meta, out)
 
-    # ---- steps --------------------------------------------------------------------------------
-    def _tiles(self, meta: AttentionMeta) -> torch.Tensor | None:
+    def tiles(self, meta: AttentionMeta) -> torch.Tensor | None:
         """The query-block table of flash_varlen, once per forward, where the host knows the lengths
         (not while a CUDA graph is captured: there the kernel finds its blocks from cu_seqlens)."""
         if not meta.seqlens:
@@ -101,46 +94,64 @@ class FastEncoder:
         # pinning it first cost ~1.7 ms per forward on an H200 host
         return table.to(self.device, non_blocking=True)
 
-    def _attention(self, layer, x: torch.Tensor, meta: AttentionMeta, tiles: torch.Tensor | None) -> torch.Tensor:
-        t = x.shape[0]
-        qkv = F.linear(x, layer.qkv.weight, layer.qkv.bias)                              # [T, 3H]
-        q, k, v = qkv.view(t, 3, layer.num_heads, layer.head_dim).unbind(1)                 # 3 x [T, nh, hd]
-        return flash_varlen(q, k, v, meta.cu_seqlens, meta.max_seqlen, config=self._flash,
-                            tiles=tiles).view(t, -1)                                        # [T, H]
 
-    def _ffn_hidden(self, layer, x: torch.Tensor) -> torch.Tensor:
+class CudaPrimitives(Primitives):
+    """The dataflow's primitives as fused kernels; norms and linears are the modules themselves."""
+
+    def __init__(self, fast: FastEncoder):
+        self.fast = fast
+
+    def context(self, batch: PackedBatch, meta: AttentionMeta) -> Context:
+        ctx = build_context(self.fast.cfg, batch, meta, self.fast.bias_table)
+        ctx.tiles = self.fast.tiles(meta)
+        return ctx
+
+    def embed(self, batch: PackedBatch) -> torch.Tensor:
+        emb = self.fast.encoder.embeddings
+        norm = emb.norm
+        return embed_layernorm(batch.input_ids, batch.positions, batch.token_type_ids, emb.word.weight,
+                               emb.position.weight if emb.position is not None else None,
+                               emb.token_type.weight if emb.token_type is not None else None,
+                               norm.weight if norm is not None else None, norm.bias if norm is not None else None,
+                               norm.eps if norm is not None else 0.0)                          # [T, H]
+
+    def norm(self, x, norm):
+        return x if norm is None else add_layernorm(x, norm.weight, norm.bias, norm.eps)
+
+    def attention(self, layer, h: torch.Tensor, ctx: Context) -> torch.Tensor:
+        t = h.shape[0]
+        qkv = F.linear(h, layer.qkv.weight, layer.qkv.bias)                               # [T, 3H]
+        q, k, v = qkv.view(t, 3, layer.num_heads, layer.head_dim).unbind(1)                 # 3 x [T, nh, hd]
+        if layer.rotary is not None:
+            cos, sin = ctx.rotary[layer.rotary]
+            apply_rotary_(q, k, cos, sin, layer.rotary)
+        pb = ctx.bias_for(layer)
+        return flash_varlen(q, k, v, ctx.meta.cu_seqlens, ctx.meta.max_seqlen, config=self.fast._flash,
+                            tiles=ctx.tiles, bias_table=None if pb is None else pb.table,
+                            window=0 if pb is None else pb.window).view(t, -1)              # [T, H]
+
+    def ffn_hidden(self, layer, x: torch.Tensor) -> torch.Tensor:
         w, b, act = layer.ffn1.weight, layer.ffn1.bias, layer.act
+        if layer.glu:
+            return glu(F.linear(x, w, b), act)                                              # [T, F]
         if act == "relu" or act == "gelu_tanh":
             # cuBLASLt's RELU_BIAS / GELU_BIAS epilogues (its GELU is the tanh form): no extra pass
             return torch._addmm_activation(b, x, w.t(), use_gelu=act != "relu")
-        if self._tma and x.shape[0] >= TMA_MIN_TOKENS and x.is_contiguous():
+        if self.fast._tma and x.shape[0] >= TMA_MIN_TOKENS and x.is_contiguous() and act == "gelu":
             return linear_act_tma(x, w, b, act)                                             # [T, F]
         h = F.linear(x, w)                                                                  # [T, F]
         return bias_act(h, b, act, out=h)                                                   # erf GELU, in place
 
-    def _sublayer(self, x: torch.Tensor, a: torch.Tensor, lin, norm, out) -> torch.Tensor:
-        """Post-norm: LN(x + a W^T + b). x is our own activation, so it may be overwritten."""
-        s = x.addmm_(a, lin.weight.t())                                                     # x += a W^T
-        return add_layernorm(s, norm.weight, norm.bias, norm.eps, x_bias=lin.bias, out=out)
-
-    def _pre_norm(self, x: torch.Tensor, meta: AttentionMeta, tiles, out) -> torch.Tensor:
-        """x <- x + attn(LN1 x); x <- x + ffn(LN2 x); with each add fused into the next LayerNorm."""
-        layers, final = self.encoder.layers, self.encoder.final_norm
-        h = add_layernorm(x, layers[0].norm1.weight, layers[0].norm1.bias, layers[0].norm1.eps)
-        for i, layer in enumerate(layers):
-            x, h = self._pre_sublayer(x, self._attention(layer, h, meta, tiles), layer.out, layer.norm2, None)
-            nxt = layers[i + 1].norm1 if i + 1 < len(layers) else final
-            f = self._ffn_hidden(layer, h)
-            if nxt is None:   # last layer, no final norm: the plain residual sum is the output
-                o = torch.addmm(layer.ffn2.bias, f, layer.ffn2.weight.t())
-                return torch.add(x, o, out=out) if out is not None else x.add_(o)
-            last = out if nxt is final else None
-            x, h = self._pre_sublayer(x, f, layer.ffn2, nxt, last)
-        return h
-
-    def _pre_sublayer(self, x, a, lin, norm, out):
-        """(x + a W^T + b, LN(x + a W^T + b)); the sum overwrites x (our own residual stream)."""
-        s = x.addmm_(a, lin.weight.t())
+    def project_add_norm(self, a, lin, residual, norm, keep_sum=False, out=None):
+        """residual += a W^T in the GEMM; the bias add is fused into the LayerNorm kernel."""
+        s = residual.addmm_(a, lin.weight.t())                                              # [T, H]
+        if norm is None:
+            if lin.bias is not None:
+                s.add_(lin.bias)
+            y = s if out is None else out.copy_(s)
+            return (s, y) if keep_sum else y
+        if not keep_sum:
+            return add_layernorm(s, norm.weight, norm.bias, norm.eps, x_bias=lin.bias, out=out)
         y, s = add_layernorm(s, norm.weight, norm.bias, norm.eps, x_bias=lin.bias, return_sum=True,
                              out=out, sum_out=s)
         return s, y

@@ -17,14 +17,29 @@ class CheckpointError(ValueError):
     """A checkpoint does not fit the model: the message lists what was expected and what was found."""
 
 
+def _swap_halves(t: torch.Tensor) -> torch.Tensor:
+    a, b = t.chunk(2, dim=0)
+    return torch.cat([b, a], dim=0)
+
+
+# name -> (checkpoint -> packformer, packformer -> checkpoint); both act on the concatenated tensor
+TRANSFORMS = {
+    # a fused [up; gate] projection becomes packformer's [gate; up] (its own inverse)
+    "swap_halves": (_swap_halves, _swap_halves),
+}
+
+
 @dataclass(frozen=True)
 class Rule:
     target: str                      # packformer parameter, may contain {i}
     sources: tuple[str, ...]         # checkpoint keys, concatenated along dim 0 when several
+    transform: str | None = None     # a TRANSFORMS entry applied after concatenation
 
     @classmethod
-    def of(cls, target: str, *sources: str) -> "Rule":
-        return cls(target, tuple(sources))
+    def of(cls, target: str, *sources: str, transform: str | None = None) -> "Rule":
+        if transform is not None and transform not in TRANSFORMS:
+            raise ValueError(f"unknown transform {transform!r}; known: {', '.join(TRANSFORMS)}")
+        return cls(target, tuple(sources), transform)
 
 
 @dataclass
@@ -32,12 +47,14 @@ class KeyMap:
     rules: list[Rule]
     ignore: list[str] = field(default_factory=list)   # glob patterns of checkpoint keys known to be unused
     optional: list[str] = field(default_factory=list)  # targets that may be absent (then the model keeps its init)
+    absent: list[str] = field(default_factory=list)    # glob patterns of targets the family never has (kept zero)
 
     def expand(self, num_layers: int) -> list[Rule]:
         out = []
         for r in self.rules:
             if "{i}" in r.target or any("{i}" in s for s in r.sources):
-                out += [Rule(r.target.format(i=i), tuple(s.format(i=i) for s in r.sources)) for i in range(num_layers)]
+                out += [Rule(r.target.format(i=i), tuple(s.format(i=i) for s in r.sources), r.transform)
+                        for i in range(num_layers)]
             else:
                 out.append(r)
         return out
@@ -59,6 +76,8 @@ class KeyMap:
             tensors = [state[s] for s in rule.sources]
             used.update(rule.sources)
             value = tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=0)
+            if rule.transform is not None:
+                value = TRANSFORMS[rule.transform][0](value)
             if rule.target not in expected:
                 missing.append(f"(no model parameter {rule.target})")
                 continue
@@ -69,7 +88,8 @@ class KeyMap:
                 continue
             out[rule.target] = value
         unused = sorted(k for k in state if k not in used and not any(fnmatch.fnmatchcase(k, p) for p in self.ignore))
-        unfilled = sorted(k for k in expected if k not in out and k not in self.optional)
+        unfilled = sorted(k for k in expected if k not in out and k not in self.optional
+                          and not any(fnmatch.fnmatchcase(k, p) for p in self.absent))
         problems = []
         if missing:
             problems.append(f"missing keys ({len(missing)}): {', '.join(missing)}")
@@ -89,7 +109,10 @@ class KeyMap:
         for rule in self.expand(num_layers):
             if rule.target not in params:
                 continue
-            parts = params[rule.target].chunk(len(rule.sources), dim=0)
+            value = params[rule.target]
+            if rule.transform is not None:
+                value = TRANSFORMS[rule.transform][1](value)
+            parts = value.chunk(len(rule.sources), dim=0)
             out.update(zip(rule.sources, parts))
         return out
 

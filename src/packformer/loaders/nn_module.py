@@ -32,7 +32,8 @@ from torch import nn
 
 from ..batch import pad_input
 from ..config import EncoderConfig
-from ..model import EncoderLayer
+from ..dataflow import Context, run_layers
+from ..model import EncoderLayer, ReferencePrimitives
 from ..ops.attention import AttentionMeta
 from .keymap import CheckpointError, KeyMap, Rule
 
@@ -145,9 +146,7 @@ class PackedStack(nn.Module):
         self.final_norm = nn.LayerNorm(h, eps=final_norm_eps) if final_norm_eps is not None else None
 
     def forward(self, x: torch.Tensor, meta: AttentionMeta) -> torch.Tensor:
-        for layer in self.layers:
-            x = layer(x, meta)                                                      # [T, H]
-        return self.final_norm(x) if self.final_norm is not None else x
+        return run_layers(ReferencePrimitives(self), self.layers, x, Context(meta), self.final_norm)   # [T, H]
 
 
 def keymap(source: nn.Module, stack: PackedStack) -> KeyMap:

@@ -21,7 +21,9 @@ def embed_layernorm_ref(ids: torch.Tensor, positions: torch.Tensor, token_types:
                         weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
     """[T] ids, positions (, token types) -> [T, H] in the tables' dtype; sums and LN in fp32."""
     acc = torch.promote_types(word.dtype, torch.float32)
-    x = word[ids].to(acc) + pos[positions].to(acc)
+    x = word[ids].to(acc)
+    if pos is not None:
+        x = x + pos[positions].to(acc)
     if types is not None:
         x = x + (types[token_types].to(acc) if token_types is not None else types[0].to(acc))
     if weight is not None:
@@ -32,14 +34,16 @@ def embed_layernorm_ref(ids: torch.Tensor, positions: torch.Tensor, token_types:
 if triton is not None:
     @triton.jit
     def _embed_kernel(IDS, POS, TT, WORD, PTAB, TTAB, W, B, Y, stride_word, stride_pos, stride_tt, stride_y, N, eps,
-                      HAS_TYPES: tl.constexpr, HAS_TT: tl.constexpr, HAS_LN: tl.constexpr, BLOCK: tl.constexpr):
+                      HAS_POS: tl.constexpr, HAS_TYPES: tl.constexpr, HAS_TT: tl.constexpr, HAS_LN: tl.constexpr,
+                      BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < N
         tok = tl.load(IDS + row).to(tl.int64)
-        p = tl.load(POS + row).to(tl.int64)
         x = tl.load(WORD + tok * stride_word + cols, mask=mask, other=0.0).to(tl.float32)
-        x += tl.load(PTAB + p * stride_pos + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_POS:
+            p = tl.load(POS + row).to(tl.int64)
+            x += tl.load(PTAB + p * stride_pos + cols, mask=mask, other=0.0).to(tl.float32)
         if HAS_TYPES:
             if HAS_TT:
                 tt = tl.load(TT + row).to(tl.int64)
@@ -57,7 +61,7 @@ if triton is not None:
 
 
 def embed_layernorm(ids: torch.Tensor, positions: torch.Tensor, token_types: torch.Tensor | None,
-                    word: torch.Tensor, pos: torch.Tensor, types: torch.Tensor | None,
+                    word: torch.Tensor, pos: torch.Tensor | None, types: torch.Tensor | None,
                     weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
                     out: torch.Tensor | None = None) -> torch.Tensor:
     """Packed embeddings [T, H] (see `embed_layernorm_ref`). Ids must already be inside the tables
@@ -67,9 +71,10 @@ def embed_layernorm(ids: torch.Tensor, positions: torch.Tensor, token_types: tor
     check(token_types is None or token_types.shape == ids.shape, "token_types must be [T] like ids")
     check(not ids.is_floating_point() and not positions.is_floating_point(), "ids and positions must be integers")
     h = word.shape[1]
-    check(word.dim() == 2 and pos.dim() == 2 and pos.shape[1] == h, "word and position tables must be [V, H], [P, H]")
+    check(word.dim() == 2 and (pos is None or (pos.dim() == 2 and pos.shape[1] == h)),
+          "word and position tables must be [V, H], [P, H]")
     check(types is None or (types.dim() == 2 and types.shape[1] == h), "type table must be [K, H]")
-    check(all(t.stride(1) == 1 for t in (word, pos) + ((types,) if types is not None else ())),
+    check(all(t.stride(1) == 1 for t in (word, pos, types) if t is not None),
           "embedding tables need contiguous rows")
     check((weight is None) == (bias is None), "LayerNorm weight and bias come together")
     if weight is not None:
@@ -86,10 +91,12 @@ def embed_layernorm(ids: torch.Tensor, positions: torch.Tensor, token_types: tor
     if t:
         block = next_pow2(h)
         dummy = word
-        _embed_kernel[(t,)](ids, positions, token_types if token_types is not None else ids, word, pos,
+        _embed_kernel[(t,)](ids, positions, token_types if token_types is not None else ids, word,
+                            pos if pos is not None else dummy,
                             types if types is not None else dummy, weight if weight is not None else dummy,
-                            bias if bias is not None else dummy, y, word.stride(0), pos.stride(0),
+                            bias if bias is not None else dummy, y, word.stride(0),
+                            pos.stride(0) if pos is not None else 0,
                             types.stride(0) if types is not None else 0, y.stride(0), h, eps,
-                            HAS_TYPES=types is not None, HAS_TT=token_types is not None, HAS_LN=weight is not None,
+                            HAS_POS=pos is not None, HAS_TYPES=types is not None, HAS_TT=token_types is not None, HAS_LN=weight is not None,
                             BLOCK=block, num_warps=min(8, max(1, block // 256)))
     return y

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ._triton import check, kernel_ok, tl, triton
 
-ACTS = {"gelu": 0, "gelu_tanh": 1, "relu": 2}
+ACTS = {"gelu": 0, "gelu_tanh": 1, "relu": 2, "silu": 3}
 
 
 def act_ref(x: torch.Tensor, act: str) -> torch.Tensor:
@@ -26,6 +26,8 @@ def act_ref(x: torch.Tensor, act: str) -> torch.Tensor:
         return F.gelu(x, approximate="tanh")
     if act == "relu":
         return F.relu(x)
+    if act == "silu":
+        return F.silu(x)
     raise ValueError(f"unknown activation {act!r}; expected one of {tuple(ACTS)}")
 
 
@@ -59,8 +61,11 @@ if triton is not None:
             e = tl.exp(-2.0 * tl.abs(z))             # in (0, 1]: no overflow for any z
             t = (1.0 - e) / (1.0 + e)                # tanh(|z|)
             return 0.5 * x * (1.0 + tl.where(z < 0, -t, t))
-        else:
+        elif ACT == 2:
             return tl.maximum(x, 0.0)
+        else:
+            e = tl.math.exp2(-1.4426950408889634 * tl.abs(x))     # in (0, 1]: no overflow for any x
+            return tl.where(x >= 0, x / (1.0 + e), x * e / (1.0 + e))
 
     @triton.jit
     def _bias_act_kernel(X, BIAS, Y, T, N, stride_x, stride_y, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,

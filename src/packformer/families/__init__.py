@@ -1,0 +1,53 @@
+"""The encoder families packformer loads, by config.json `model_type`.
+
+Each module here defines one `Family` (base.py) named FAMILY: its config mapping, key map, presets and
+head. Adding a family is adding a module; it is found here by name."""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+from .base import Family
+
+_MODULES = sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name != "base")
+_MODULES.insert(0, _MODULES.pop(_MODULES.index("bert")))      # the reference family first in listings
+FAMILIES: dict[str, Family] = {}          # family name -> Family
+BY_MODEL_TYPE: dict[str, Family] = {}     # config.json model_type -> Family
+
+for _name in _MODULES:
+    _fam: Family = importlib.import_module(f"{__name__}.{_name}").FAMILY
+    FAMILIES[_fam.name] = _fam
+    for _mt in _fam.model_types:
+        BY_MODEL_TYPE[_mt] = _fam
+
+
+def _register_presets() -> None:
+    from ..config import PRESETS
+    for fam in FAMILIES.values():
+        PRESETS.update(fam.presets)
+
+
+_register_presets()
+
+
+def known_model_types() -> list[str]:
+    return sorted(BY_MODEL_TYPE)
+
+
+def family_of(model_type: str) -> Family:
+    """The family that loads `model_type`; a ValueError listing the known ones otherwise."""
+    fam = BY_MODEL_TYPE.get(model_type)
+    if fam is None:
+        raise ValueError(f"unsupported model_type {model_type!r} in config.json; packformer loads "
+                         + ", ".join(f"{f.name} ({'/'.join(f.model_types)})" for f in FAMILIES.values()))
+    return fam
+
+
+def all_presets() -> dict:
+    out = {}
+    for fam in FAMILIES.values():
+        out.update(fam.presets)
+    return out
+
+
+__all__ = ["Family", "FAMILIES", "BY_MODEL_TYPE", "family_of", "known_model_types", "all_presets"]

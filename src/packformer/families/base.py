@@ -1,0 +1,59 @@
+"""What a model family is to packformer: a config mapping and a key map (plus presets and a head).
+
+A family adds no control flow: `config_from_hf` states its architecture as EncoderConfig fields, the
+key map names its checkpoint keys, and the one layer dataflow (dataflow.py) runs it on every backend.
+`to_hf_config` is the inverse mapping, so tests and benchmarks can build the transformers model of the
+family from our own (random) weights.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ..config import EncoderConfig
+from ..heads import ClassificationHead
+from ..loaders.keymap import KeyMap
+
+HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu",
+                  "silu": "silu", "swish": "silu", "gelu_python": "gelu"}
+TO_HF_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu", "silu": "silu"}
+
+
+def hf_activation(name: str, key: str = "hidden_act") -> str:
+    if name not in HF_ACTIVATIONS:
+        raise ValueError(f"unsupported {key} {name!r}; supported: {', '.join(HF_ACTIVATIONS)}")
+    return HF_ACTIVATIONS[name]
+
+
+def classification_labels(d: dict) -> tuple[int, dict]:
+    """(num_labels, id2label) of a *ForSequenceClassification config.json; (0, {}) for a bare encoder."""
+    archs = d.get("architectures") or []
+    if not any(a.endswith("ForSequenceClassification") for a in archs):
+        return 0, {}
+    if d.get("problem_type") not in (None, "single_label_classification", "multi_label_classification", "regression"):
+        raise ValueError(f"unsupported problem_type {d.get('problem_type')!r}")
+    id2label = d.get("id2label") or {}
+    return (len(id2label) or d.get("num_labels", 2)), id2label
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str                                          # what `packformer info` and /info report
+    model_types: tuple[str, ...]                       # config.json model_type values it loads
+    config_from_hf: Callable[[dict], EncoderConfig]
+    keymap: Callable[[EncoderConfig, bool], KeyMap]    # (config, with classification head) -> KeyMap
+    reference: str                                     # what its tests compare against
+    to_hf_config: Callable[[EncoderConfig], Any] | None = None   # -> a transformers PretrainedConfig
+    anchor: str = "embeddings.word_embeddings.weight"  # a key whose prefix is the checkpoint's model prefix
+    presets: dict[str, EncoderConfig] = field(default_factory=dict)
+    hf_pooling_layer: bool = False                     # the transformers base model takes add_pooling_layer
+    hf_head_keys: tuple[str, ...] = ("classifier.",)   # *ForSequenceClassification keys outside the base model
+    head_act: str = "tanh"                             # the classification head (heads.ClassificationHead)
+    head_pooling: str = "cls"
+    head_norm: bool = False
+
+    def make_head(self, cfg: EncoderConfig) -> ClassificationHead | None:
+        if not cfg.num_labels:
+            return None
+        return ClassificationHead(cfg.hidden_size, cfg.num_labels, act=self.head_act, pooling=self.head_pooling,
+                                  norm_eps=cfg.layer_norm_eps if self.head_norm else None, norm_bias=cfg.norm_bias)
