@@ -71,6 +71,7 @@ class EncoderConfig:
     linear_bias: bool = True          # False: the family has no Linear biases (kept as zeros)
     norm_bias: bool = True            # False: LayerNorms without bias (kept as zeros)
     model_type: str = "bert"
+    family: str = "bert"              # the families/ module that maps this model (families.FAMILIES key)
     num_labels: int = 0               # >0: a classification head is attached
     id2label: dict[int, str] = field(default_factory=dict)
 

@@ -46,8 +46,8 @@ def random_parts(name: str, num_labels: int = 0, seed: int = 0, tokenizer=None) 
                 p.fill_(1.0 if n.endswith("weight") else 0.0)
             else:
                 p.zero_()
-    from .families import family_of
-    fam = family_of(cfg.model_type)
+    from .families import family_named
+    fam = family_named(cfg.family)
     # xlm-roberta presets stand for the torchtext tutorial model, whose head uses ReLU
     head = (ClassificationHead(cfg.hidden_size, num_labels, act="relu") if cfg.model_type == "xlm-roberta"
             else fam.make_head(cfg)) if num_labels else None

@@ -18,14 +18,14 @@ from torch import nn
 
 from ..config import EncoderConfig
 from ..heads import ClassificationHead
-from ..families import family_of
+from ..families import family_named
 from ..loaders.keymap import CheckpointError, KeyMap, Rule
 from ..loaders.parts import param_view
 from ..model import Encoder
 
 def hf_config(cfg: EncoderConfig):
     """EncoderConfig -> the matching transformers config, by the encoder's family."""
-    fam = family_of(cfg.model_type)
+    fam = family_named(cfg.family)
     if fam.to_hf_config is None:
         raise ValueError(f"no transformers model for the {fam.name} family")
     return fam.to_hf_config(cfg)
@@ -41,7 +41,7 @@ def to_hf(encoder: Encoder, head: ClassificationHead | None = None, attn_impleme
 
     cfg = encoder.config
     hcfg = hf_config(cfg)
-    fam = family_of(cfg.model_type)
+    fam = family_named(cfg.family)
     if with_head:
         if head is None:
             raise ValueError("with_head=True needs the model's classification head")

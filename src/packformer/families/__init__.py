@@ -30,12 +30,25 @@ def _register_presets() -> None:
 _register_presets()
 
 
+def family_named(name: str) -> Family:
+    if name not in FAMILIES:
+        raise ValueError(f"unknown family {name!r}; known: {', '.join(FAMILIES)}")
+    return FAMILIES[name]
+
+
 def known_model_types() -> list[str]:
     return sorted(BY_MODEL_TYPE)
 
 
-def family_of(model_type: str) -> Family:
-    """The family that loads `model_type`; a ValueError listing the known ones otherwise."""
+def family_of(model_type: str | dict) -> Family:
+    """The family that loads `model_type` (or a whole config.json dict, which lets a family claim
+    configs by more than their model_type); a ValueError listing the known ones otherwise."""
+    if isinstance(model_type, dict):
+        d = model_type
+        for fam in FAMILIES.values():
+            if fam.claims is not None and fam.claims(d):
+                return fam
+        model_type = d.get("model_type", "")
     fam = BY_MODEL_TYPE.get(model_type)
     if fam is None:
         raise ValueError(f"unsupported model_type {model_type!r} in config.json; packformer loads "
@@ -50,4 +63,4 @@ def all_presets() -> dict:
     return out
 
 
-__all__ = ["Family", "FAMILIES", "BY_MODEL_TYPE", "family_of", "known_model_types", "all_presets"]
+__all__ = ["Family", "FAMILIES", "BY_MODEL_TYPE", "family_of", "family_named", "known_model_types", "all_presets"]

@@ -46,6 +46,9 @@ class Family:
     to_hf_config: Callable[[EncoderConfig], Any] | None = None   # -> a transformers PretrainedConfig
     anchor: str = "embeddings.word_embeddings.weight"  # a key whose prefix is the checkpoint's model prefix
     presets: dict[str, EncoderConfig] = field(default_factory=dict)
+    # a family that shares a model_type with another (Jina v3 is "xlm-roberta" with rotary and LoRA) claims
+    # its configs by this predicate, asked before the model_type lookup
+    claims: Callable[[dict], bool] | None = None
     hf_pooling_layer: bool = False                     # the transformers base model takes add_pooling_layer
     hf_head_keys: tuple[str, ...] = ("classifier.",)   # *ForSequenceClassification keys outside the base model
     head_act: str = "tanh"                             # the classification head (heads.ClassificationHead)

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 def config_from_hf(d: dict) -> EncoderConfig:
     """config.json (as a dict) -> EncoderConfig, through the family its model_type names."""
-    return family_of(d.get("model_type", "")).config_from_hf(d)
+    return family_of(d).config_from_hf(d)
 
 
 def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
@@ -62,7 +62,7 @@ def load_hf(folder: str | Path, with_tokenizer: bool = True) -> ModelParts:
     if not cfg_path.exists():
         raise FileNotFoundError(f"{folder} is not a Hugging Face model folder: config.json is missing")
     d = json.loads(cfg_path.read_text())
-    family = family_of(d.get("model_type", ""))
+    family = family_of(d)
     cfg = family.config_from_hf(d)
     state = rename_legacy_layernorm(read_state_dict(folder))
     state, _ = strip_prefix(state, family.anchor)
