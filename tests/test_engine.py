@@ -122,6 +122,9 @@ def test_random_presets_and_info():
     m = packformer.load("random:minilm-l6")
     info = m.info()
     assert info["layers"] == 6 and info["dim"] == 384 and info["format"] == "random"
+    assert info["family"] == "bert"
+    assert info["architecture"] == {"norm": "post", "positions": "absolute (learned)", "attention": "global",
+                                    "ffn": "MLP (gelu)", "biases": True}
     assert m.encode(["hi"]).shape == (1, 384)
     with pytest.raises(ValueError, match="unknown preset"):
         packformer.load("random:nope")

@@ -134,6 +134,25 @@ class EncoderConfig:
             raise ValueError(f"vocabulary of {self.vocab_size} ids is too small for random non-special token ids")
         return lo, hi
 
+    def architecture(self) -> dict[str, Any]:
+        """What the layers do, in a few words per aspect (for `packformer info` and the server's /info)."""
+        if self.position_embedding == "absolute":
+            pos = ["absolute (learned)"]
+        else:
+            pos = []
+        if self.rotary is not None:
+            pos.append(f"rotary (base {self.rotary.base:g}"
+                       + (f", local base {self.rotary_local.base:g}" if self.rotary_local is not None else "") + ")")
+        if self.relative_bias is not None:
+            pos.append(f"relative bias ({self.relative_bias.num_buckets} buckets)")
+        attn = "global"
+        if self.local_window:
+            attn = (f"+-{self.local_window} window" + (f", global every {self.global_every} layers"
+                                                        if self.global_every else ""))
+        return {"norm": "pre" if self.norm_first else "post", "positions": " + ".join(pos) or "none",
+                "attention": attn, "ffn": f"{'GLU' if self.ffn_kind == 'glu' else 'MLP'} ({self.activation})",
+                "biases": self.linear_bias}
+
     def labels(self) -> list[str]:
         return [self.id2label.get(i, f"LABEL_{i}") for i in range(self.num_labels)]
 

@@ -68,7 +68,8 @@ class Model(nn.Module):
     def info(self) -> dict[str, Any]:
         c = self.config
         return {
-            "source": self.source, "format": self.format, "model_type": c.model_type,
+            "source": self.source, "format": self.format, "model_type": c.model_type, "family": c.family,
+            "architecture": c.architecture(),
             "layers": c.num_layers, "hidden": c.hidden_size, "heads": c.num_heads, "ffn": c.intermediate_size,
             "vocab": c.vocab_size, "parameters": sum(p.numel() for p in self.parameters()),
             "dim": self.dim, "max_seq_length": self.max_seq_length, "pooling": self.pooler.mode,

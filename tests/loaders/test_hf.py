@@ -147,3 +147,10 @@ def test_config_mapping():
     assert c.position_offset == 2 and c.max_tokens_per_sequence == 78 and c.num_labels == 0
     with pytest.raises(ValueError, match="position_embedding_type"):
         config_from_hf(dict(TINY, model_type="bert", position_embedding_type="relative_key"))
+
+
+def test_an_unknown_model_type_lists_the_families_packformer_loads(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5", "vocab_size": 10}))
+    with pytest.raises(ValueError, match=r"unsupported model_type 't5' in config.json; packformer loads bert "
+                                         r"\(bert/roberta/xlm-roberta/camembert\)"):
+        packformer.load(tmp_path)

@@ -141,7 +141,7 @@ def test_info_and_health(http, minilm):
     assert info["dim"] == 384 and info["max_input_length"] == minilm.max_seq_length == 256
     assert info["max_batch_tokens"] == 4096 and info["max_client_batch_size"] == MAX_CLIENT_BATCH
     assert info["max_concurrent_requests"] == 512 and info["version"] == packformer.__version__
-    assert info["state"] == "ready"
+    assert info["state"] == "ready" and info["family"] == "bert" and info["architecture"]["norm"] == "post"
     assert httpx.get(str(http.base_url) + "/health", timeout=60).json() == {"status": "ok"}   # open, no key
 
 

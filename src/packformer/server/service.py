@@ -202,7 +202,8 @@ class InferenceService:
         from ..fast import describe_runner
         return {
             "model_id": self.model_name, "model_type": "classifier" if self.model.head is not None else "embedding",
-            "version": __version__, "source": str(m["source"]), "format": m["format"],
+            "version": __version__, "source": str(m["source"]), "format": m["format"], "family": m["family"],
+            "architecture": m["architecture"],
             "model_dtype": m["dtype"], "device": m["device"], "dim": m["dim"],
             "max_input_length": self.model.max_seq_length, "pooling": m["pooling"], "normalize": m["normalize"],
             "labels": m["labels"], "max_batch_tokens": s.max_batch_tokens, "max_batch_requests": s.max_batch_requests,
