@@ -22,7 +22,7 @@ from ..model import Encoder
 class GemmFloor:
     def __init__(self, encoder: Encoder, device: torch.device | str, dtype: torch.dtype):
         self.device, self.dtype = torch.device(device), dtype
-        self.hidden = encoder.config.hidden_size
+        self.hidden, self.inter = encoder.config.hidden_size, encoder.config.intermediate_size
 
         def w(lin):
             return lin.weight.detach().to(self.device, dtype).clone(), lin.bias.detach().to(self.device, dtype).clone()
@@ -40,15 +40,17 @@ class GemmFloor:
         would run), each on a [T, H] input; inputs are made once, outside the timed call.
         graph: replay them as one CUDA graph (default: on a GPU)."""
         g = torch.Generator(device="cpu").manual_seed(0)
-        xs = [torch.randn(t, self.hidden, generator=g).to(self.device, self.dtype) for t in token_counts if t > 0]
+        xs = [(torch.randn(t, self.hidden, generator=g).to(self.device, self.dtype),
+               torch.randn(t, self.inter, generator=g).to(self.device, self.dtype)) for t in token_counts if t > 0]
 
         def run() -> torch.Tensor:
             out = None
-            for x in xs:
+            for x, xi in xs:
                 for (wq, bq), (wo, bo), (w1, b1), (w2, b2) in self.layers:
                     F.linear(x, wq, bq)                                   # [T, 3H]
                     out = F.linear(x, wo, bo)                             # [T, H]
-                    out = F.linear(F.linear(x, w1, b1), w2, b2)           # [T, I] -> [T, H]
+                    F.linear(x, w1, b1)                                   # [T, I] (GLU: [T, 2I])
+                    out = F.linear(xi, w2, b2)                            # [T, I] -> [T, H]
             return out
 
         if graph is None:
