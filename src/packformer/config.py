@@ -74,6 +74,8 @@ class EncoderConfig:
     family: str = "bert"              # the families/ module that maps this model (families.FAMILIES key)
     num_labels: int = 0               # >0: a classification head is attached
     id2label: dict[int, str] = field(default_factory=dict)
+    head_pooling: str = ""            # the head's pooling where each model states it (ModernBERT); "": the family's
+    head_bias: bool = True            # False: the head's dense layer has no bias (kept zero)
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
