@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import torch
+
 from ..config import EncoderConfig
 from ..heads import ClassificationHead
 from ..loaders.keymap import KeyMap
@@ -58,5 +60,9 @@ class Family:
     def make_head(self, cfg: EncoderConfig) -> ClassificationHead | None:
         if not cfg.num_labels:
             return None
-        return ClassificationHead(cfg.hidden_size, cfg.num_labels, act=self.head_act, pooling=self.head_pooling,
+        head = ClassificationHead(cfg.hidden_size, cfg.num_labels, act=self.head_act,
+                                  pooling=cfg.head_pooling or self.head_pooling,
                                   norm_eps=cfg.layer_norm_eps if self.head_norm else None, norm_bias=cfg.norm_bias)
+        if not cfg.head_bias:     # a head without a dense bias keeps a zero one, as the encoder's Linears do
+            torch.nn.init.zeros_(head.dense.bias)
+        return head
