@@ -84,6 +84,19 @@ def rotary_inv_freq(cfg: RotaryConfig, head_dim: int) -> torch.Tensor:
     return 1.0 / (cfg.base ** (torch.arange(0, d, 2, dtype=torch.int64).to(dtype=torch.float) / d))
 
 
+_INV_FREQ: dict[tuple, torch.Tensor] = {}
+
+
+def _inv_freq_on(cfg: RotaryConfig, head_dim: int, device: torch.device) -> torch.Tensor:
+    """rotary_inv_freq, copied to `device` once: a forward captured into a CUDA graph may not copy from
+    the host (the graph runner's warm-up forward, run before capture, fills this cache)."""
+    key = (cfg, head_dim, str(device))
+    inv = _INV_FREQ.get(key)
+    if inv is None:
+        inv = _INV_FREQ[key] = rotary_inv_freq(cfg, head_dim).to(device)
+    return inv
+
+
 def rotary_tables(positions: torch.Tensor, cfg: RotaryConfig, head_dim: int,
                   dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """positions [T] (int, restarting at 0 per sequence) -> (cos, sin), each [T, dim/2] on positions' device.
@@ -93,7 +106,7 @@ def rotary_tables(positions: torch.Tensor, cfg: RotaryConfig, head_dim: int,
     best; tables in the model's fp16/bf16 reproduce transformers' own rounding of cos/sin there."""
     check(positions.dim() == 1 and not positions.is_floating_point() and not positions.is_complex(),
           f"positions must be a 1-D integer tensor [T], got {positions.dtype} of shape {tuple(positions.shape)}")
-    inv = rotary_inv_freq(cfg, head_dim).to(positions.device)                 # [dim/2]
+    inv = _inv_freq_on(cfg, head_dim, positions.device)                        # [dim/2]
     freqs = positions[:, None].float() * inv[None, :]                          # [T, dim/2]
     return freqs.cos().to(dtype), freqs.sin().to(dtype)
 
