@@ -1,7 +1,7 @@
 """BERT, RoBERTa, XLM-R and CamemBERT: post-norm, learned absolute positions, token types (BERT)."""
 from __future__ import annotations
 
-from ..config import EncoderConfig
+from ..config import PRESETS, EncoderConfig
 from ..loaders.keymap import KeyMap, Rule
 from .base import Family, TO_HF_ACTIVATIONS, classification_labels, hf_activation
 
@@ -92,6 +92,8 @@ FAMILY = Family(
     name="bert", model_types=BERT_LIKE + ROBERTA_LIKE, config_from_hf=config_from_hf,
     keymap=lambda cfg, with_head: hf_keymap(cfg.model_type, with_head), to_hf_config=to_hf_config,
     hf_pooling_layer=True,
+    # XLM-R large with 8,194 positions, i.e. 8,192-token inputs (bge-m3, snowflake-arctic-embed-l-v2.0)
+    presets={"xlmr-large-8194": PRESETS["xlmr-large"].replace(max_position_embeddings=8194)},
     reference="transformers BertModel / RobertaModel / XLMRobertaModel (+ ForSequenceClassification); "
               "sentence-transformers all-MiniLM-L6-v2 (real weights)",
 )
