@@ -1,8 +1,9 @@
-"""The CUDA branch of varlen attention: flash attention on packed [T, H, D] views (GPU only)."""
+"""The CUDA branch of varlen attention: flash attention on packed [T, H, D] views (GPU only); with a
+PositionBias, our Triton flash_varlen (torch's varlen and nested kernels take no bias)."""
 import pytest
 import torch
 
-from packformer.ops.attention import AttentionMeta, varlen_attention, varlen_attention_ref
+from packformer.ops.attention import AttentionMeta, PositionBias, varlen_attention, varlen_attention_ref
 
 pytestmark = pytest.mark.gpu
 
@@ -53,3 +54,23 @@ def test_empty_segments_are_allowed_and_capturable_in_a_cuda_graph():
     g.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("kind", ["bias", "window", "both"])
+def test_a_position_bias_goes_to_flash_varlen_and_matches_the_reference(kind, dtype):
+    qkv, meta = _packed([1, 7, 63, 64, 65, 129, 130, 512, 1024, 200], dtype=dtype)
+    q, k, v = qkv.unbind(1)
+    table = torch.randn(12, 2 * 128 + 1, device="cuda") if kind != "window" else None
+    bias = PositionBias(table, 64 if kind != "bias" else 0)
+    got = varlen_attention(q, k, v, meta, bias=bias)
+    want = varlen_attention_ref(q, k, v, meta.cu_seqlens, bias=bias)
+    assert got.dtype == dtype and torch.isfinite(got).all()
+    tol = {torch.bfloat16: 2e-2, torch.float16: 3e-3, torch.float32: 5e-3}[dtype]   # fp32: tf32 dot products
+    assert (got.float() - want.float()).abs().max() <= tol
+
+
+def test_an_empty_position_bias_keeps_the_plain_path():
+    qkv, meta = _packed([40, 100, 25])
+    q, k, v = qkv.unbind(1)
+    assert torch.equal(varlen_attention(q, k, v, meta, bias=PositionBias()), varlen_attention(q, k, v, meta))

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from packformer.ops.attention import varlen_attention_ref
+from packformer.ops.attention import PositionBias, varlen_attention_ref
 from packformer.ops.flash_varlen import FlashConfig, flash_varlen, tile_table
 
 
@@ -22,6 +22,25 @@ def test_launcher_rejects_mismatched_shapes_dtypes_and_cu_seqlens():
         flash_varlen(q, k.half(), v, cu, 5)
     with pytest.raises(ValueError, match="cu_seqlens"):
         flash_varlen(q, k, v, cu.long(), 5)
+
+
+def test_launcher_rejects_bad_bias_tables_and_windows():
+    (q, k, v), cu = _packed([3, 5])                  # 2 heads
+    for bad in (torch.zeros(3, 5), torch.zeros(2, 4), torch.zeros(5), torch.zeros(2, 5, dtype=torch.float16),
+                torch.zeros(2, 5, device="meta"), torch.zeros(5, 2).T):
+        with pytest.raises(ValueError, match=r"bias_table must be a \[H=2, 2R\+1\] fp32"):
+            flash_varlen(q, k, v, cu, 5, bias_table=bad)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="window must be an int >= 0"):
+            flash_varlen(q, k, v, cu, 5, window=bad)
+
+
+def test_launcher_without_a_kernel_runs_the_reference_with_the_bias():
+    (q, k, v), cu = _packed([3, 0, 9])
+    table = torch.randn(2, 7)
+    for bias in (PositionBias(table), PositionBias(window=2), PositionBias(table, 2)):
+        want = varlen_attention_ref(q, k, v, cu, 0.3, bias)
+        assert torch.equal(flash_varlen(q, k, v, cu, 9, 0.3, bias_table=bias.table, window=bias.window), want)
 
 
 def test_tile_table_lists_every_query_block_once_longest_sequences_first():
@@ -65,6 +84,41 @@ def test_kernel_under_triton_interpreter(run_interpreted):
                                        dense=dense)
                     assert got is out and torch.isfinite(got).all()
                     assert (got - want).abs().max().item() < 1e-5, (dim, cfg, tiles is None, dense)
+        print("ok")
+    """)
+
+
+def test_kernel_with_position_bias_and_window_under_triton_interpreter(run_interpreted):
+    import triton
+    if tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 7):
+        pytest.skip(f"Triton {triton.__version__}'s interpreter cannot run this kernel's key loop")
+    run_interpreted("""
+        import torch
+        from packformer.ops import _triton
+        from packformer.ops.attention import PositionBias, varlen_attention_ref
+        from packformer.ops.flash_varlen import FlashConfig, flash_varlen, tile_table
+        assert _triton.INTERPRET
+        g = torch.Generator().manual_seed(0)
+        # with 32-row query blocks, 16-key blocks and window 5 the 70-token sequence's blocks skip key
+        # blocks on both sides (the ragged one too); R = 4 is reached both ways inside most sequences
+        lens = [1, 9, 70, 0, 16, 23]
+        cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+        cfg = FlashConfig(32, 16, 4, 1)
+        table = torch.randn(2, 2 * 4 + 1, generator=g) * 2                     # [H, 2R+1]
+        modes = {"tiles": (torch.from_numpy(tile_table(lens, cfg.block_m)), False), "self-indexed": (None, False),
+                 "dense": (None, True)}
+        for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 2e-3)):
+            q, k, v = torch.randn(sum(lens), 3, 2, 16, generator=g).to(dtype).unbind(1)   # strided views
+            for bias in (PositionBias(table), PositionBias(window=5), PositionBias(table, 5)):
+                want = varlen_attention_ref(q, k, v, cu, scale=0.3, bias=bias)
+                for mode, (tiles, dense) in modes.items():
+                    if dtype == torch.float16 and bias.table is None:
+                        continue                       # fp16: the bias alone and both, enough for rounding
+                    out = torch.full_like(q, float("nan"))
+                    got = flash_varlen(q, k, v, cu, max(lens), scale=0.3, out=out, config=cfg, tiles=tiles,
+                                       dense=dense, bias_table=bias.table, window=bias.window)
+                    err = (got.float() - want.float()).abs().max().item()
+                    assert got is out and torch.isfinite(got).all() and err < tol, (dtype, bias, mode, err)
         print("ok")
     """)
 
@@ -120,3 +174,67 @@ def test_gpu_empty_segments_replay_in_a_cuda_graph():
     g.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, want)
+
+
+def _lognormal_lens(total: int, cap: int, seed: int = 0) -> list[int]:
+    """Encoder-like lengths (median about 100 tokens) up to `cap`, about `total` tokens in all."""
+    g = torch.Generator().manual_seed(seed)
+    lens = []
+    while sum(lens) < total:
+        lens.append(int(torch.empty(1).log_normal_(4.6, 0.8, generator=g).clamp(1, cap)))
+    return lens + [cap, 1, 0]      # the cap and a single token always present, an empty segment too
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["mpnet", "modernbert-local", "both"])
+def test_gpu_position_bias_and_window_match_the_fp32_reference_on_realistic_shapes(kind, dtype):
+    """MPNet-like: a R = 128 table (shared by the layers) on lengths up to 512; ModernBERT-like: window 64
+    on lengths up to 1024; T about 8k tokens, 12 heads of 64."""
+    cap = 512 if kind == "mpnet" else 1024
+    lens = _lognormal_lens(8192, cap)
+    (q, k, v), cu = _packed(lens, heads=12, dim=64, dtype=dtype, device="cuda")
+    g = torch.Generator().manual_seed(3)
+    table = (torch.randn(12, 2 * 128 + 1, generator=g) * 2).cuda() if kind != "modernbert-local" else None
+    window = 64 if kind != "mpnet" else 0
+    bias = PositionBias(table, window)
+    got = flash_varlen(q, k, v, cu, max(lens), bias_table=table, window=window)
+    want = varlen_attention_ref(q, k, v, cu, bias=bias)
+    tol = 2e-2 if dtype == torch.bfloat16 else 3e-3
+    assert torch.isfinite(got).all() and (got.float() - want.float()).abs().max() <= tol
+    # every grid mode computes each block the same way: the same bits
+    for config in (None, FlashConfig(128, 64, 8, 2)):
+        base = flash_varlen(q, k, v, cu, max(lens), config=config, bias_table=table, window=window)
+        tiles = torch.from_numpy(tile_table(lens, (config or FlashConfig()).block_m)).cuda()
+        assert torch.equal(flash_varlen(q, k, v, cu, max(lens), config=config, tiles=tiles, bias_table=table,
+                                        window=window), base)
+        assert torch.equal(flash_varlen(q, k, v, cu, max(lens), config=config, dense=True, bias_table=table,
+                                        window=window), base)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dim", [32, 40])
+def test_gpu_bias_and_window_with_fp32_and_odd_head_sizes(dim):
+    (q, k, v), cu = _packed(LENS, heads=3, dim=dim, dtype=torch.float32, device="cuda")
+    table = torch.randn(3, 2 * 16 + 1, device="cuda")
+    got = flash_varlen(q, k, v, cu, max(LENS), bias_table=table, window=20)
+    want = varlen_attention_ref(q, k, v, cu, bias=PositionBias(table, 20))
+    assert (got - want).abs().max() <= 5e-3      # tf32 dot products in the kernel
+
+
+@pytest.mark.gpu
+def test_gpu_a_biased_sequence_is_unaffected_by_its_neighbours_and_replays_in_a_cuda_graph():
+    (q, k, v), cu = _packed([40, 300, 25], heads=4, dim=64, dtype=torch.float16, device="cuda")
+    table = torch.randn(4, 2 * 128 + 1, device="cuda")
+    both = flash_varlen(q, k, v, cu, 300, bias_table=table, window=64)
+    alone = flash_varlen(q[40:340], k[40:340], v[40:340], torch.tensor([0, 300], dtype=torch.int32, device="cuda"),
+                         512, bias_table=table, window=64)
+    assert torch.equal(both[40:340], alone)
+    out = torch.empty_like(q)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        flash_varlen(q, k, v, cu, 512, out=out, bias_table=table, window=64)
+    out.zero_()
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, both)

@@ -1,14 +1,19 @@
 """Attention over packed sequences: each sequence attends only to its own tokens.
 
+- `PositionBias`: optional terms that depend only on the (query, key) positions inside a sequence: a
+  learned relative-position bias per head (MPNet) and/or a local window (ModernBERT's local layers).
 - `varlen_attention_ref`: the readable reference (explicit softmax in fp32, one sequence at a time).
 - `varlen_attention`: the dispatcher. On CUDA it uses torch's varlen flash attention where the
-  installed torch has it, else SDPA over a jagged nested tensor (flash/efficient kernels); on CPU
-  it runs SDPA per group of equal-length sequences, so no padding and no [B, L, L] mask is ever built.
+  installed torch has it, else SDPA over a jagged nested tensor (flash/efficient kernels); with a
+  `PositionBias` it uses our Triton `flash_varlen`, since torch's varlen/nested kernels take no bias.
+  On CPU it runs SDPA per group of equal-length sequences, so no padding and no [B, L, L] mask is ever
+  built; a `PositionBias` becomes one [1, H, L, L] mask per group, shared by its sequences.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import numbers
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +28,72 @@ except Exception:  # pragma: no cover - depends on the torch build
     _VARLEN_HAS_SCALE = False
 
 
+def _is_window(w) -> bool:
+    return isinstance(w, numbers.Integral) and not isinstance(w, bool) and w >= 0
+
+
+@dataclass(frozen=True, eq=False)
+class PositionBias:
+    """Attention terms that depend only on the (query, key) positions inside one sequence.
+
+    Positions are token index minus the sequence's start, so cu_seqlens is all the packing they need.
+    Compared by identity (a tensor has no single truth value); `AttentionMeta.masks_for` caches by table."""
+
+    # [H, 2R+1] fp32 on the activations' device: score(i, j) += table[h, clamp(j - i, -R, R) + R]
+    table: torch.Tensor | None = None
+    window: int = 0                     # > 0: query i sees key j only when |j - i| <= window
+
+    def __post_init__(self) -> None:
+        if not _is_window(self.window):
+            raise ValueError(f"PositionBias.window must be an int >= 0 (0: no window), got {self.window!r}")
+        object.__setattr__(self, "window", int(self.window))    # a numpy integer from a config, say
+        t = self.table
+        if t is not None and not (isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[1] % 2 == 1
+                                  and t.dtype == torch.float32):
+            what = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"PositionBias.table must be an fp32 [H, 2R+1] tensor, got {what}")
+
+    @property
+    def radius(self) -> int:
+        """R: relative positions beyond +-R share the table's last (first) column."""
+        return 0 if self.table is None else (self.table.shape[1] - 1) // 2
+
+    @property
+    def active(self) -> bool:
+        return self.table is not None or self.window > 0
+
+
+def _check_bias(bias: PositionBias | None, q: torch.Tensor) -> PositionBias | None:
+    """The bias to apply to q's heads, or None when there is nothing to add (no table, no window)."""
+    if bias is None:
+        return None
+    if not isinstance(bias, PositionBias):
+        raise ValueError(f"bias must be a PositionBias, got {type(bias).__name__}")
+    t = bias.table
+    if t is not None and (t.shape[0] != q.shape[1] or t.device != q.device):
+        raise ValueError(f"PositionBias.table must be [H={q.shape[1]}, 2R+1] on {q.device}, "
+                         f"got {tuple(t.shape)} on {t.device}")
+    return bias if bias.active else None
+
+
+def position_mask(bias: PositionBias, length: int, dtype: torch.dtype = torch.float32,
+                  device: torch.device | str = "cpu") -> torch.Tensor:
+    """[1, H, L, L] (window alone: [1, 1, L, L]) additive mask for one sequence of `length` tokens:
+    table[h, clamp(j - i, -R, R) + R], and -inf where |j - i| > window. It depends on the length only, and
+    the mask for a shorter length is its top-left corner. On the table's device, else on `device`."""
+    device = bias.table.device if bias.table is not None else device
+    pos = torch.arange(length, device=device)
+    rel = pos[None, :] - pos[:, None]                                    # [L, L] key minus query position
+    if bias.table is not None:
+        r = bias.radius
+        mask = bias.table[:, rel.clamp(-r, r) + r].to(dtype)              # [H, L, L]
+    else:
+        mask = torch.zeros(1, length, length, dtype=dtype, device=device)
+    if bias.window > 0:
+        mask.masked_fill_(rel.abs() > bias.window, float("-inf"))
+    return mask.unsqueeze(0)
+
+
 @dataclass
 class AttentionMeta:
     """What attention needs to know about the packing, computed once per forward (not per layer)."""
@@ -32,6 +103,9 @@ class AttentionMeta:
     seqlens: list[int]                # host copy, used by the CPU path to slice without syncs
     # CPU: sequences grouped by equal length -> (length, [starts]) so one SDPA call serves a group
     groups: list[tuple[int, list[int]]] | None = None
+    # CPU with a PositionBias: one mask at the batch's longest length per (table, window, dtype), built
+    # by the first layer and sliced by every group of every layer (see `masks_for`)
+    masks: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def build(cls, cu_seqlens: torch.Tensor, max_seqlen: int, seqlens: list[int] | None = None) -> "AttentionMeta":
@@ -40,18 +114,46 @@ class AttentionMeta:
         groups = group_by_length(seqlens) if cu_seqlens.device.type == "cpu" else None
         return cls(cu_seqlens=cu_seqlens, max_seqlen=int(max_seqlen), seqlens=list(seqlens), groups=groups)
 
+    def masks_for(self, bias: PositionBias, length: int, dtype: torch.dtype = torch.float32,
+                  device: torch.device | str = "cpu") -> torch.Tensor:
+        """`position_mask(bias, n)` for any n <= length, as the [..., :n, :n] corner of the returned mask.
+        Cached on this meta: a forward's layers share it (MPNet's table is shared across layers;
+        ModernBERT's local layers share one window), so it is built once per forward, not per layer or
+        per length group, and it holds no more memory than the longest group's own mask would."""
+        t = bias.table
+        key = (id(t), bias.window, dtype, str(device))
+        version = 0 if t is None else t._version          # an in-place update of the table rebuilds
+        hit = self.masks.get(key)
+        # the entry keeps its table: a new tensor that reuses a freed one's id never matches
+        if hit is None or hit[0] is not t or hit[1] != version or hit[2].shape[-1] < length:
+            hit = (t, version, position_mask(bias, length, dtype, device))
+            self.masks[key] = hit
+        return hit[2]
 
-def varlen_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                         cu_seqlens: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    """q, k, v: [T, H, D] -> [T, H, D]. Plain softmax(q k^T * scale) v per sequence, in fp32."""
+
+def varlen_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                         scale: float | None = None, bias: PositionBias | None = None) -> torch.Tensor:
+    """q, k, v: [T, H, D] -> [T, H, D]. Plain softmax(q k^T * scale + bias) v per sequence, in fp32;
+    the bias (if any) adds table[h, clamp(j - i, -R, R) + R] to score(i, j) and -inf where |j - i| > window,
+    after the scaling, as HF MPNet adds its position bias."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    bias = _check_bias(bias, q)
     out = torch.empty_like(q)
     cu = cu_seqlens.tolist()
     for s, e in zip(cu[:-1], cu[1:]):
         if e == s:
             continue
         qs, ks, vs = (t[s:e].transpose(0, 1).float() for t in (q, k, v))   # [H, L, D]
-        p = torch.softmax(qs @ ks.transpose(-1, -2) * scale, dim=-1)       # [H, L, L]
+        scores = qs @ ks.transpose(-1, -2) * scale                          # [H, L, L]
+        if bias is not None:
+            pos = torch.arange(e - s, device=q.device)
+            rel = pos[None, :] - pos[:, None]                               # [L, L] key minus query position
+            if bias.table is not None:
+                r = bias.radius
+                scores = scores + bias.table.float()[:, rel.clamp(-r, r) + r]
+            if bias.window > 0:
+                scores = scores.masked_fill(rel.abs() > bias.window, float("-inf"))
+        p = torch.softmax(scores, dim=-1)                                   # [H, L, L]
         out[s:e] = (p @ vs).transpose(0, 1).to(q.dtype)
     return out
 
@@ -69,7 +171,7 @@ def group_by_length(seqlens: list[int]) -> list[tuple[int, list[int]]]:
 
 
 def _cpu_grouped_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMeta,
-                      scale: float) -> torch.Tensor:
+                      scale: float, bias: PositionBias | None = None) -> torch.Tensor:
     # Sequences of the same length are stacked into one [G, H, L, D] SDPA call: exact (no mask, no
     # padding) and far fewer calls than one per sequence on lognormal length mixes (offline_b128: 84
     # calls per layer for 128 sequences). Padded length buckets with a key mask were measured no faster
@@ -77,27 +179,46 @@ def _cpu_grouped_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: A
     # A group whose sequences lie next to each other (the engine packs chunks sorted by length; the fast
     # path sorts its batches) is read through strided views of q, k, v (which may be views into one
     # fused QKV output) with no gather; otherwise its rows are gathered first.
+    # A PositionBias is the same for every sequence of one length: the group's SDPA call gets one
+    # [1, H, L, L] fp32 mask (broadcast over G), the corner of the meta's cached mask (`masks_for`).
     t, h, d = q.shape
     groups = meta.groups if meta.groups is not None else group_by_length(meta.seqlens)
+    bias = _check_bias(bias, q)
+    big = None
+    if bias is not None and groups and _needs_mask(bias, groups[-1][0]):
+        big = meta.masks_for(bias, groups[-1][0], device=q.device)         # [1, H|1, Lmax, Lmax]
     if len(groups) == 1 and len(groups[0][1]) * groups[0][0] == t:
         # one length fills the batch (e.g. padded-style input): SDPA's output is [G, L, H, D] in memory
         length, starts = groups[0]
+        mask = _group_mask(big, bias, length)                                               # [1, H|1, L, L]
         qs, ks, vs = (x.view(len(starts), length, h, d).transpose(1, 2) for x in (q, k, v))
-        return F.scaled_dot_product_attention(qs, ks, vs, scale=scale).transpose(1, 2).reshape(t, h, d)
+        return F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale).transpose(1, 2).reshape(t, h, d)
     out = torch.empty_like(q)
     for length, starts in groups:
         g, s = len(starts), starts[0]
+        mask = _group_mask(big, bias, length)                                               # [1, H|1, L, L]
         if starts[-1] - s == (g - 1) * length:      # ascending starts, so this means back to back
             e = s + g * length
             qs, ks, vs = (x[s:e].view(g, length, h, d).transpose(1, 2) for x in (q, k, v))  # [G, H, L, D]
-            o = F.scaled_dot_product_attention(qs, ks, vs, scale=scale)
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale)
             out[s:e].view(g, length, h, d).copy_(o.transpose(1, 2))
             continue
         idx = (torch.tensor(starts)[:, None] + torch.arange(length)[None, :]).flatten()  # [G*L]
         qs, ks, vs = (x.index_select(0, idx).view(g, length, h, d).transpose(1, 2) for x in (q, k, v))
-        o = F.scaled_dot_product_attention(qs, ks, vs, scale=scale)                       # [G, H, L, D]
+        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale)       # [G, H, L, D]
         out.index_copy_(0, idx, o.transpose(1, 2).reshape(g * length, h, d))
     return out
+
+
+def _needs_mask(bias: PositionBias, length: int) -> bool:
+    """False where a window alone covers the whole sequence (ModernBERT's short sequences): SDPA then
+    runs unmasked, as fast as without a bias, and a batch of only such sequences builds no mask."""
+    return bias.table is not None or length > bias.window + 1
+
+
+def _group_mask(big: torch.Tensor | None, bias: PositionBias | None, length: int) -> torch.Tensor | None:
+    """The mask for sequences of `length` tokens: the [..., :L, :L] corner of the cached `big`."""
+    return big[..., :length, :length] if big is not None and _needs_mask(bias, length) else None
 
 
 def _cuda_nested_sdpa(q, k, v, meta: AttentionMeta, scale: float) -> torch.Tensor:
@@ -109,15 +230,25 @@ def _cuda_nested_sdpa(q, k, v, meta: AttentionMeta, scale: float) -> torch.Tenso
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMeta,
-                     scale: float | None = None) -> torch.Tensor:
-    """q, k, v: [T, H, D] packed; returns [T, H, D]. Tokens attend within their own sequence only."""
+                     scale: float | None = None, bias: PositionBias | None = None) -> torch.Tensor:
+    """q, k, v: [T, H, D] packed; returns [T, H, D]. Tokens attend within their own sequence only, with
+    `bias` (if any) added to the scaled scores: softmax(q k^T * scale + bias) v."""
     if not (q.shape == k.shape == v.shape) or q.dim() != 3:
         raise ValueError(f"q, k, v must share one [T, H, D] shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    bias = _check_bias(bias, q)
     if q.shape[0] == 0:
         return torch.empty_like(q)
     if q.device.type == "cpu":
-        return _cpu_grouped_sdpa(q, k, v, meta, scale)
+        return _cpu_grouped_sdpa(q, k, v, meta, scale, bias)
+    if bias is not None:
+        if q.device.type == "cuda":
+            # torch's varlen and nested-tensor kernels take no bias: our Triton kernel adds it in its
+            # tiles and skips the key blocks outside a window (any dtype, any head size)
+            from .flash_varlen import flash_varlen
+            return flash_varlen(q, k, v, meta.cu_seqlens, meta.max_seqlen, scale=scale,
+                                bias_table=bias.table, window=bias.window)
+        return _cpu_grouped_sdpa_any_device(q, k, v, meta, scale, bias)
     if q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16):
         # flash attention straight on the packed [T, H, D] views (last dim contiguous, rows strided):
         # no copy, no padding, no [B, L, L] mask; nothing here reads device memory on the host, so it
@@ -135,12 +266,19 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: At
     return _cpu_grouped_sdpa_any_device(q, k, v, meta, scale)
 
 
-def _cpu_grouped_sdpa_any_device(q, k, v, meta: AttentionMeta, scale: float) -> torch.Tensor:
+def _cpu_grouped_sdpa_any_device(q, k, v, meta: AttentionMeta, scale: float,
+                                 bias: PositionBias | None = None) -> torch.Tensor:
     out = torch.empty_like(q)
+    big = None
+    lmax = max(meta.seqlens, default=0)
+    if bias is not None and lmax and _needs_mask(bias, lmax):
+        # in q's dtype: other devices' SDPA kernels may want the mask in the inputs' dtype
+        big = meta.masks_for(bias, lmax, q.dtype, q.device)
     start = 0
     for n in meta.seqlens:
         if n:
             qs, ks, vs = (t[start:start + n].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
-            out[start:start + n] = F.scaled_dot_product_attention(qs, ks, vs, scale=scale)[0].transpose(0, 1)
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=_group_mask(big, bias, n), scale=scale)
+            out[start:start + n] = o[0].transpose(0, 1)                                       # [L, H, D]
         start += n
     return out

@@ -8,7 +8,10 @@ sizes are chosen per problem; the GPU benchmark decides which kernel the fast pa
 
 - reference: `attention.varlen_attention_ref` (plain softmax in fp32, one sequence at a time).
 - `_flash_varlen_kernel`: one program per (head, query block of a sequence); online softmax in fp32
-  with exp2; the last key block is the only one masked. Three ways to enumerate the query blocks:
+  with exp2; the last key block is the only one masked. Optional position terms (`PositionBias` in
+  attention.py), both constexpr-switched so the plain kernel compiles as before: a relative-position
+  bias table[h, clamp(j - i, -R, R) + R] added to the scaled scores, and a local window |j - i| <= w whose
+  key loop visits only the blocks the query block can see. Three ways to enumerate the query blocks:
   - a tile table (`tile_table`, built on the host from the lengths, once per forward): exactly the
     blocks that exist, longest sequences first (their programs run longest, so the grid's tail is
     short ones);
@@ -22,6 +25,7 @@ sizes are chosen per problem; the GPU benchmark decides which kernel the fast pa
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,31 +66,52 @@ def tile_table(seqlens: list[int] | np.ndarray, block_m: int) -> np.ndarray:
     return out
 
 
+LOG2E = 1.4426950408889634   # the kernel's scores are in log2 units (exp2): qk * scale * log2(e)
+
+
 if triton is not None:
     @triton.jit
     def _attend_block(q, k_base, v_base, rows, seqlen, d_ok, m_i, l_i, acc, qk_scale, stride_kt, stride_vt,
-                      MASKED: tl.constexpr):
+                      qpos, bias_row, R, window,
+                      MASKED: tl.constexpr, BIAS: tl.constexpr, WINDOW: tl.constexpr):
         """One online-softmax step over the key rows `rows` [BN]: returns the updated (max, sum, acc).
-        MASKED: the block runs past the sequence's end (only its last block does)."""
+        MASKED: the block runs past the sequence's end (only its last block does).
+        BIAS: add bias_row[clamp(j - i, -R, R)] (bias_row points at the head's column R) to the scores.
+        WINDOW: only keys with |j - i| <= window count (qpos [BM]: the query positions i)."""
         ok = rows < seqlen
         kv_mask = (ok[:, None] & d_ok[None, :]) if MASKED else d_ok[None, :]
         k = tl.load(k_base + rows[:, None] * stride_kt, mask=kv_mask, other=0.0)                 # [BN, HD]
         s = tl.dot(q, tl.trans(k)) * qk_scale                                                     # [BM, BN]
-        if MASKED:
+        if BIAS or WINDOW:
+            rel = rows[None, :] - qpos[:, None]                        # [BM, BN] key minus query position
+        if BIAS:   # softmax(q k^T * scale + bias): the bias goes into log2 units too
+            s += tl.load(bias_row + tl.minimum(tl.maximum(rel, -R), R)) * 1.4426950408889634
+        if WINDOW:
+            seen = (rel <= window) & (rel >= -window)
+            if MASKED:
+                seen = seen & ok[None, :]
+            s = tl.where(seen, s, float("-inf"))
+        elif MASKED:
             s = tl.where(ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
+        if WINDOW:   # a row may see no key of this block yet: keep exp2(-inf - -inf) from making NaN
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_use = m_new
+        p = tl.math.exp2(s - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + rows[:, None] * stride_vt, mask=kv_mask, other=0.0)                  # [BN, HD]
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
         return m_new, l_i, acc
 
     @triton.jit
-    def _flash_varlen_kernel(Q, K, V, O, CU, TILES, qk_scale, stride_qt, stride_qh, stride_kt, stride_kh,
-                             stride_vt, stride_vh, stride_ot, stride_oh, H, NUM_MB, NSEG, D: tl.constexpr,
+    def _flash_varlen_kernel(Q, K, V, O, CU, TILES, BIAS_TABLE, qk_scale, stride_qt, stride_qh, stride_kt,
+                             stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_bh, R, window,
+                             H, NUM_MB, NSEG, D: tl.constexpr,
                              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                             USE_TILES: tl.constexpr, SELF_INDEX: tl.constexpr, SEG_POW2: tl.constexpr):
+                             USE_TILES: tl.constexpr, SELF_INDEX: tl.constexpr, SEG_POW2: tl.constexpr,
+                             BIAS: tl.constexpr, WINDOW: tl.constexpr):
         if USE_TILES:     # grid (heads, tiles): the table lists the blocks longest sequence first
             h = tl.program_id(0)
             b = tl.load(TILES + 2 * tl.program_id(1))
@@ -123,16 +148,30 @@ if triton is not None:
         q = tl.load(q_ptrs, mask=(offs_m[:, None] < seqlen) & d_ok[None, :], other=0.0)       # [BM, HD]
         k_base = K + row0 * stride_kt + h * stride_kh + offs_d[None, :]
         v_base = V + row0 * stride_vt + h * stride_vh + offs_d[None, :]
+        # query positions; rows past the end take the last row's, so under a window they still see a key
+        qpos = tl.minimum(offs_m, seqlen - 1)
+        bias_row = BIAS_TABLE + h * stride_bh + R                      # the head's column for j - i = 0
         m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         l_i = tl.zeros((BLOCK_M,), tl.float32)
         acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
         full_end = (seqlen // BLOCK_N) * BLOCK_N
-        for n0 in range(0, full_end, BLOCK_N):            # key blocks fully inside the sequence: no mask
+        if WINDOW:
+            # only the key blocks that meet [m0 - window, m0 + BLOCK_M - 1 + window]: the window's saving
+            n_lo = (tl.maximum(m0 - window, 0) // BLOCK_N) * BLOCK_N
+            n_hi = tl.minimum(m0 + BLOCK_M + window, seqlen)           # one past the last key seen
+            n_mid = tl.minimum(n_hi, full_end)
+        else:
+            n_lo = 0
+            n_hi = seqlen
+            n_mid = full_end
+        for n0 in range(n_lo, n_mid, BLOCK_N):            # key blocks fully inside the sequence: no end mask
             m_i, l_i, acc = _attend_block(q, k_base, v_base, n0 + offs_n, seqlen, d_ok, m_i, l_i, acc, qk_scale,
-                                          stride_kt, stride_vt, MASKED=False)
-        if full_end < seqlen:                              # the ragged last key block
+                                          stride_kt, stride_vt, qpos, bias_row, R, window,
+                                          MASKED=False, BIAS=BIAS, WINDOW=WINDOW)
+        if full_end < n_hi:                                # the ragged last key block
             m_i, l_i, acc = _attend_block(q, k_base, v_base, full_end + offs_n, seqlen, d_ok, m_i, l_i, acc,
-                                          qk_scale, stride_kt, stride_vt, MASKED=True)
+                                          qk_scale, stride_kt, stride_vt, qpos, bias_row, R, window,
+                                          MASKED=True, BIAS=BIAS, WINDOW=WINDOW)
         acc = acc / l_i[:, None]
         o_ptrs = O + (row0 + offs_m[:, None]) * stride_ot + h * stride_oh + offs_d[None, :]
         tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=(offs_m[:, None] < seqlen) & d_ok[None, :])
@@ -141,12 +180,14 @@ if triton is not None:
 def flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
                  scale: float | None = None, out: torch.Tensor | None = None,
                  config: FlashConfig | None = None, tiles: torch.Tensor | None = None,
-                 dense: bool = False) -> torch.Tensor:
+                 dense: bool = False, bias_table: torch.Tensor | None = None, window: int = 0) -> torch.Tensor:
     """q, k, v: [T, H, D] (rows may be strided, e.g. views of a fused QKV) -> [T, H, D].
     cu_seqlens: [B+1] int32 on q's device; max_seqlen: an upper bound on every sequence's length.
     tiles: optional `tile_table(lengths, config.block_m)` on q's device (no spare programs, longest
     sequences first); without it the kernel finds each program's block from cu_seqlens (up to
-    SELF_INDEX_MAX_SEQS sequences), or, with dense=True or more sequences, runs the dense grid."""
+    SELF_INDEX_MAX_SEQS sequences), or, with dense=True or more sequences, runs the dense grid.
+    bias_table: optional [H, 2R+1] fp32 on q's device; score(i, j) = q_i k_j * scale + table[h, clamp(j - i,
+    -R, R) + R] (positions inside the sequence). window > 0: query i sees key j only when |j - i| <= window."""
     check(q.dim() == 3 and q.shape == k.shape == v.shape,
           f"q, k, v must share one [T, H, D] shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     check(q.dtype == k.dtype == v.dtype and q.dtype in (torch.float16, torch.bfloat16, torch.float32),
@@ -155,13 +196,23 @@ def flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: 
     check(cu_seqlens.dim() == 1 and cu_seqlens.dtype == torch.int32 and cu_seqlens.device == q.device,
           f"cu_seqlens must be a 1-D int32 tensor on {q.device}, got {cu_seqlens.dtype} on {cu_seqlens.device}")
     t, h, d = q.shape
+    check(isinstance(window, numbers.Integral) and not isinstance(window, bool) and window >= 0,
+          f"window must be an int >= 0 (0: no window), got {window!r}")
+    window = int(window)
+    if bias_table is not None:
+        bt = bias_table
+        check(bt.dim() == 2 and bt.shape[0] == h and bt.shape[1] % 2 == 1 and bt.dtype == torch.float32
+              and bt.device == q.device and bt.stride(1) == 1,
+              f"bias_table must be a [H={h}, 2R+1] fp32 tensor on {q.device} with contiguous rows, "
+              f"got {bt.dtype} {tuple(bt.shape)} on {bt.device}")
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     if out is None:
         out = torch.empty(t, h, d, dtype=q.dtype, device=q.device)
     check(out.shape == q.shape and out.dtype == q.dtype and out.stride(2) == 1, f"out must be {tuple(q.shape)} {q.dtype}")
     if not kernel_ok(q, k, v, cu_seqlens):
-        from .attention import varlen_attention_ref
-        return out.copy_(varlen_attention_ref(q, k, v, cu_seqlens, scale))
+        from .attention import PositionBias, varlen_attention_ref
+        bias = PositionBias(bias_table, window) if bias_table is not None or window else None
+        return out.copy_(varlen_attention_ref(q, k, v, cu_seqlens, scale, bias))
     b = cu_seqlens.numel() - 1
     if t == 0 or b <= 0 or max_seqlen <= 0:
         return out
@@ -180,10 +231,13 @@ def flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: 
         grid = (h, triton.cdiv(t, cfg.block_m) + b)   # each sequence has at most one partial block
     else:
         grid = (b * h, num_mb)
+    has_bias = bias_table is not None
     _flash_varlen_kernel[grid](
-        q, k, v, out, cu_seqlens, tiles if use_tiles else cu_seqlens, scale * 1.4426950408889634, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-        v.stride(0), v.stride(1), out.stride(0), out.stride(1), h, num_mb, b, D=d, HEAD_DIM=max(16, next_pow2(d)),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, USE_TILES=use_tiles, SELF_INDEX=self_index,
-        SEG_POW2=next_pow2(b) if self_index else 1, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages)
+        q, k, v, out, cu_seqlens, tiles if use_tiles else cu_seqlens, bias_table if has_bias else cu_seqlens,
+        scale * LOG2E, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        out.stride(0), out.stride(1), bias_table.stride(0) if has_bias else 0,
+        (bias_table.shape[1] - 1) // 2 if has_bias else 0, window, h, num_mb, b, D=d,
+        HEAD_DIM=max(16, next_pow2(d)), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, USE_TILES=use_tiles,
+        SELF_INDEX=self_index, SEG_POW2=next_pow2(b) if self_index else 1, BIAS=has_bias, WINDOW=window > 0,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
