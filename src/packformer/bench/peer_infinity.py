@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import importlib.util
 import os
 import shutil
 import sys
@@ -155,9 +156,15 @@ def server_command(model_dir: str | Path, device: str, pooling: str, batch_size:
     ServerProcess adds --host and --port. Run it with QUIET_ENV in its environment."""
     exe = Path(sys.executable).with_name("infinity_emb")
     exe = str(exe) if exe.exists() else shutil.which("infinity_emb")
-    if exe is None:
+    if exe is not None:
+        launcher = [exe]
+    elif importlib.util.find_spec("infinity_emb") is not None:
+        # installed without its console script (pip --target, as on a host with no internet): the script
+        # only calls this function
+        launcher = [sys.executable, "-c", "import sys; from infinity_emb.cli import cli; sys.exit(cli())"]
+    else:
         raise FileNotFoundError(f"infinity_emb is not installed: {INFINITY_INSTALL}")
-    cmd = [exe, "v2", "--model-id", str(model_dir), "--served-model-name", SERVED_NAME, "--engine", "torch",
+    cmd = [*launcher, "v2", "--model-id", str(model_dir), "--served-model-name", SERVED_NAME, "--engine", "torch",
            "--device", device, "--pooling-method", pooling_method(pooling), "--batch-size", str(batch_size),
            "--no-compile", "--log-level", "warning"]
     if dtype:
