@@ -5,7 +5,7 @@ import torch
 from packformer.config import EncoderConfig
 from packformer.heads import ClassificationHead
 from packformer.loaders.hf import hf_keymap
-from packformer.loaders.keymap import CheckpointError, strip_prefix
+from packformer.loaders.keymap import CheckpointError, KeyMap, strip_prefix
 from packformer.loaders.parts import param_view
 from packformer.model import Encoder
 
@@ -164,3 +164,19 @@ def test_a_model_parameter_no_rule_fills_is_named():
     model.extra = torch.nn.Linear(2, 2)
     with pytest.raises(CheckpointError, match=r"parameters not filled \(2\): extra\.bias, extra\.weight"):
         hf_keymap("bert", with_head=False).convert(_checkpoint(BERT_ENCODER, _model()), model, CFG.num_layers)
+
+
+def test_absent_targets_load_as_zeros_whatever_the_model_was_initialised_with():
+    # a family that lacks one bias but keeps the others: the model's own (random) init must not survive
+    model = _model()
+    ckpt = _checkpoint(BERT_ENCODER, model)
+    for i in range(CFG.num_layers):
+        del ckpt[f"encoder.layer.{i}.intermediate.dense.bias"]
+    bert = hf_keymap("bert", with_head=False)
+    km = KeyMap([r for r in bert.rules if r.target != "layers.{i}.ffn1.bias"], ignore=bert.ignore,
+                optional=bert.optional, absent=["layers.*.ffn1.bias"])
+    assert model.state_dict()["layers.0.ffn1.bias"].abs().sum() > 0
+    params = km.convert(ckpt, model, CFG.num_layers)
+    for i in range(CFG.num_layers):
+        assert torch.equal(params[f"layers.{i}.ffn1.bias"], torch.zeros(CFG.intermediate_size))
+    assert torch.equal(params["layers.0.ffn2.bias"], ckpt["encoder.layer.0.output.dense.bias"])

@@ -47,7 +47,7 @@ class KeyMap:
     rules: list[Rule]
     ignore: list[str] = field(default_factory=list)   # glob patterns of checkpoint keys known to be unused
     optional: list[str] = field(default_factory=list)  # targets that may be absent (then the model keeps its init)
-    absent: list[str] = field(default_factory=list)    # glob patterns of targets the family never has (kept zero)
+    absent: list[str] = field(default_factory=list)    # glob patterns of targets the family never has (loaded as zeros)
 
     def expand(self, num_layers: int) -> list[Rule]:
         out = []
@@ -101,6 +101,11 @@ class KeyMap:
             problems.append(f"parameters not filled ({len(unfilled)}): {', '.join(unfilled)}")
         if problems:
             raise CheckpointError(f"{what} does not fit the model:\n  " + "\n  ".join(problems))
+        # targets the family never has are zeros, whatever the model was initialised with (a family may
+        # lack one bias while keeping the others: GTE's FFN input projection)
+        for k in expected:
+            if k not in out and any(fnmatch.fnmatchcase(k, p) for p in self.absent):
+                out[k] = torch.zeros_like(expected[k])
         return out
 
     def invert(self, params: Mapping[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
