@@ -2,7 +2,8 @@
 
 - `PositionBias`: optional terms that depend only on the (query, key) positions inside a sequence: a
   learned relative-position bias per head (MPNet) and/or a local window (ModernBERT's local layers).
-- `varlen_attention_ref`: the readable reference (explicit softmax in fp32, one sequence at a time).
+- `varlen_attention_ref`: the readable reference (explicit softmax in fp32, one sequence at a time, in
+  chunks of queries: never an [H, L, L] score matrix).
 - `varlen_attention`: the dispatcher. On CUDA it uses torch's varlen flash attention where the
   installed torch has it, else SDPA over a jagged nested tensor (flash/efficient kernels); with a
   `PositionBias` it uses our Triton `flash_varlen`, since torch's varlen/nested kernels take no bias.
@@ -131,11 +132,17 @@ class AttentionMeta:
         return hit[2]
 
 
+# varlen_attention_ref's scores for one chunk of queries hold at most about this many elements (32 MiB of
+# fp32): [H, C, L] with C = this / (H * L), never [H, L, L] (1 GiB per 4 heads at 8,192 tokens). Each chunk's
+# softmax spans all of its sequence's keys, so chunking changes no result; short sequences are one chunk.
+REF_SCORE_ELEMENTS = 1 << 23
+
+
 def varlen_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                          scale: float | None = None, bias: PositionBias | None = None) -> torch.Tensor:
     """q, k, v: [T, H, D] -> [T, H, D]. Plain softmax(q k^T * scale + bias) v per sequence, in fp32;
     the bias (if any) adds table[h, clamp(j - i, -R, R) + R] to score(i, j) and -inf where |j - i| > window,
-    after the scaling, as HF MPNet adds its position bias."""
+    after the scaling, as HF MPNet adds its position bias. Queries go in chunks (REF_SCORE_ELEMENTS)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     bias = _check_bias(bias, q)
     out = torch.empty_like(q)
@@ -144,17 +151,20 @@ def varlen_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_s
         if e == s:
             continue
         qs, ks, vs = (t[s:e].transpose(0, 1).float() for t in (q, k, v))   # [H, L, D]
-        scores = qs @ ks.transpose(-1, -2) * scale                          # [H, L, L]
-        if bias is not None:
-            pos = torch.arange(e - s, device=q.device)
-            rel = pos[None, :] - pos[:, None]                               # [L, L] key minus query position
-            if bias.table is not None:
-                r = bias.radius
-                scores = scores + bias.table.float()[:, rel.clamp(-r, r) + r]
-            if bias.window > 0:
-                scores = scores.masked_fill(rel.abs() > bias.window, float("-inf"))
-        p = torch.softmax(scores, dim=-1)                                   # [H, L, L]
-        out[s:e] = (p @ vs).transpose(0, 1).to(q.dtype)
+        pos = torch.arange(e - s, device=q.device)
+        step = max(1, REF_SCORE_ELEMENTS // (q.shape[1] * (e - s)))
+        for c0 in range(0, e - s, step):
+            c1 = min(e - s, c0 + step)
+            scores = qs[:, c0:c1] @ ks.transpose(-1, -2) * scale            # [H, C, L]
+            if bias is not None:
+                rel = pos[None, :] - pos[c0:c1, None]                       # [C, L] key minus query position
+                if bias.table is not None:
+                    r = bias.radius
+                    scores = scores + bias.table.float()[:, rel.clamp(-r, r) + r]
+                if bias.window > 0:
+                    scores = scores.masked_fill(rel.abs() > bias.window, float("-inf"))
+            p = torch.softmax(scores, dim=-1)                               # [H, C, L]
+            out[s + c0:s + c1] = (p @ vs).transpose(0, 1).to(q.dtype)
     return out
 
 
