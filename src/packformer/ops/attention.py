@@ -123,7 +123,7 @@ class AttentionMeta:
         per length group, and it holds no more memory than the longest group's own mask would."""
         t = bias.table
         key = (id(t), bias.window, dtype, str(device))
-        version = 0 if t is None else t._version          # an in-place update of the table rebuilds
+        version = 0 if t is None or t.is_inference() else t._version   # an in-place update rebuilds
         hit = self.masks.get(key)
         # the entry keeps its table: a new tensor that reuses a freed one's id never matches
         if hit is None or hit[0] is not t or hit[1] != version or hit[2].shape[-1] < length:
