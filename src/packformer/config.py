@@ -65,6 +65,7 @@ class EncoderConfig:
     rotary: Any = None                # ops.rotary.RotaryConfig of every layer (or of the global ones), or None
     rotary_local: Any = None          # ... of the local-window layers when their base differs (ModernBERT)
     relative_bias: RelativeBuckets | None = None   # a learned per-head bias of bucketed distances (MPNet)
+    disentangled: Any = None          # ops.disentangled.DisentangledConfig: DeBERTa's c2p / p2c relative attention
     local_window: int = 0             # > 0: local layers attend to |i - j| <= local_window only
     global_every: int = 0             # with local_window: layer i is global when i % global_every == 0
     ffn_kind: str = "mlp"             # "mlp": act(x W1) W2; "glu": (act(x Wg) * x Wu) W2, W1 = [Wg; Wu]
@@ -96,6 +97,9 @@ class EncoderConfig:
                 self.rotary_local = RotaryConfig(**self.rotary_local)
         if isinstance(self.relative_bias, dict):
             self.relative_bias = RelativeBuckets(**self.relative_bias)
+        if isinstance(self.disentangled, dict):
+            from .ops.disentangled import DisentangledConfig
+            self.disentangled = DisentangledConfig(**self.disentangled)
         self.id2label = {int(k): str(v) for k, v in self.id2label.items()}
 
     @property
@@ -147,6 +151,9 @@ class EncoderConfig:
                        + (f", local base {self.rotary_local.base:g}" if self.rotary_local is not None else "") + ")")
         if self.relative_bias is not None:
             pos.append(f"relative bias ({self.relative_bias.num_buckets} buckets)")
+        if self.disentangled is not None:
+            pos.append(f"disentangled relative ({'+'.join(self.disentangled.pos_att_type)}, "
+                       f"{2 * self.disentangled.span} relative embeddings)")
         attn = "global"
         if self.local_window:
             attn = (f"+-{self.local_window} window" + (f", global every {self.global_every} layers"
