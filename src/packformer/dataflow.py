@@ -30,6 +30,7 @@ class Context:
     rotary: dict[Any, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # RotaryConfig -> (cos, sin) [T, r/2]
     bias_table: torch.Tensor | None = None        # [H, 2R+1] fp32 relative-position bias, shared by all layers
     tiles: torch.Tensor | None = None             # CUDA: flash_varlen's query-block table for this batch
+    rel_embeddings: torch.Tensor | None = None    # [2k, H] DeBERTa's relative embeddings after their norm (reference)
 
     def bias_for(self, layer) -> PositionBias | None:
         window = getattr(layer, "window", 0)
