@@ -16,6 +16,7 @@ from .batch import PackedBatch
 from .config import EncoderConfig
 from .dataflow import Context, Primitives, build_context, run_encoder
 from .ops.attention import AttentionMeta, PositionBias, varlen_attention
+from .ops.disentangled import disentangled_attention_ref, position_projections
 from .ops.rotary import apply_rotary_ref
 
 
@@ -73,6 +74,7 @@ class EncoderLayer(nn.Module):
         self.act, self.norm_first, self.glu = cfg.activation, cfg.norm_first, cfg.ffn_kind == "glu"
         self.window = cfg.window_of_layer(index)
         self.rotary = cfg.rotary_of_layer(index)
+        self.disentangled = cfg.disentangled     # DeBERTa: c2p / p2c terms in the scores (ops/disentangled.py)
         self.qkv = nn.Linear(h, 3 * h)            # rows: [q; k; v]
         self.out = nn.Linear(h, h)
         self.norm1 = (nn.LayerNorm(h, eps=cfg.layer_norm_eps)
@@ -87,7 +89,8 @@ class EncoderLayer(nn.Module):
 class Encoder(nn.Module):
     """Embeddings + N layers over a PackedBatch -> hidden states [T, H].
 
-    `relative_bias`: MPNet's per-head bias of T5-style relative-position buckets, shared by all layers."""
+    `relative_bias`: MPNet's per-head bias of T5-style relative-position buckets, shared by all layers.
+    `rel_embeddings` (+ `rel_norm`): DeBERTa's relative-position embeddings, shared by all layers."""
 
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
@@ -98,6 +101,17 @@ class Encoder(nn.Module):
         _zero_bias_if(not cfg.norm_bias, self.final_norm)
         rb = cfg.relative_bias
         self.relative_bias = nn.Embedding(rb.num_buckets, cfg.num_heads) if rb is not None else None
+        dis = cfg.disentangled
+        self.rel_embeddings = nn.Embedding(2 * dis.span, cfg.hidden_size) if dis is not None else None
+        self.rel_norm = (nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+                         if dis is not None and dis.norm_rel_ebd == "layer_norm" else None)
+
+    def rel_table(self) -> torch.Tensor | None:
+        """[2k, H]: DeBERTa's relative embeddings after their LayerNorm, or None for other families."""
+        if self.rel_embeddings is None:
+            return None
+        w = self.rel_embeddings.weight
+        return self.rel_norm(w) if self.rel_norm is not None else w
 
     def bias_table(self) -> torch.Tensor | None:
         """[H, 2R+1] fp32: the attention bias for every relative distance j - i in [-R, R] (R = the
@@ -122,7 +136,9 @@ class ReferencePrimitives(Primitives):
 
     def context(self, batch: PackedBatch, meta: AttentionMeta) -> Context:
         table = self.encoder.bias_table() if hasattr(self.encoder, "bias_table") else None
-        return build_context(self.encoder.config if hasattr(self.encoder, "config") else None, batch, meta, table)
+        ctx = build_context(self.encoder.config if hasattr(self.encoder, "config") else None, batch, meta, table)
+        ctx.rel_embeddings = self.encoder.rel_table() if hasattr(self.encoder, "rel_table") else None
+        return ctx
 
     def embed(self, batch: PackedBatch) -> torch.Tensor:
         return self.encoder.embeddings(batch)
@@ -136,6 +152,11 @@ class ReferencePrimitives(Primitives):
         if layer.rotary is not None:
             cos, sin = ctx.rotary[layer.rotary]
             q, k = apply_rotary_ref(q, k, cos, sin, layer.rotary)
+        if getattr(layer, "disentangled", None) is not None:     # DeBERTa: + c2p / p2c relative terms
+            pq, pk = position_projections(ctx.rel_embeddings, layer.qkv.weight, layer.qkv.bias, layer.num_heads,
+                                          torch.float32)
+            a = disentangled_attention_ref(q, k, v, ctx.meta.cu_seqlens, pq, pk, layer.disentangled)
+            return a.reshape(t, layer.num_heads * layer.head_dim)                          # [T, H]
         a = varlen_attention(q, k, v, ctx.meta, bias=ctx.bias_for(layer))                # [T, nh, hd]
         return a.reshape(t, layer.num_heads * layer.head_dim)                              # [T, H]
 
