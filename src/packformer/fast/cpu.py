@@ -32,6 +32,7 @@ from ..config import EncoderConfig
 from ..dataflow import Context, Primitives, build_context, run_encoder
 from ..model import Encoder
 from ..ops.attention import AttentionMeta, _cpu_grouped_sdpa, group_by_length
+from ..ops.disentangled import disentangled_attention, position_projections
 from ..ops.rotary import apply_rotary_
 from .cpu_features import detect
 from .cpu_linear import CpuLinear, act_, make_linear
@@ -60,6 +61,9 @@ class _Layer:
         self.scale = 1.0 / math.sqrt(layer.head_dim)
         self.act, self.norm_first, self.glu = layer.act, layer.norm_first, layer.glu
         self.window, self.rotary, self.hidden = layer.window, layer.rotary, cfg.hidden_size
+        self.disentangled = getattr(layer, "disentangled", None)
+        # DeBERTa: the layer's q / k projections of the relative embeddings [nh, 2k, d] (weights only: once)
+        self.pos_qk = None
         self.qkv: CpuLinear = lin(layer.qkv)
         # int8: the attention output has no outlier channels (measured: keeping 8 in fp32 gains nothing)
         self.out: CpuLinear = lin(layer.out, outlier_channels=False)
@@ -120,6 +124,8 @@ class CpuPrimitives(Primitives):
         if layer.rotary is not None:
             cos, sin = ctx.rotary[layer.rotary]
             apply_rotary_(q, k, cos, sin, layer.rotary)
+        if layer.disentangled is not None:
+            return disentangled_attention(q, k, v, ctx.meta, *layer.pos_qk, layer.disentangled).reshape(t, -1)
         return _cpu_grouped_sdpa(q, k, v, ctx.meta, layer.scale, ctx.bias_for(layer)).reshape(t, -1)  # [T, H]
 
     def ffn_hidden(self, layer: _Layer, h: torch.Tensor) -> torch.Tensor:
@@ -193,6 +199,10 @@ class CpuRunner:
         self.token_type = None if emb.token_type is None else emb.token_type.weight.detach().to(self.dtype)
         self.emb_norm = _norm_params(emb.norm, self.dtype)
         self.layers = [_Layer(l, cfg, lin, self.dtype) for l in encoder.layers]
+        rel = encoder.rel_table() if hasattr(encoder, "rel_table") else None
+        if rel is not None:
+            for ours, l in zip(self.layers, encoder.layers):
+                ours.pos_qk = position_projections(rel, l.qkv.weight, l.qkv.bias, l.num_heads, self.dtype)
         self.linear_backend = type(self.layers[0].out).__name__ if self.layers else "none"
         self.final_norm = _norm_params(encoder.final_norm, self.dtype)
         table = encoder.bias_table()
