@@ -25,6 +25,7 @@ from ..batch import PackedBatch
 from ..dataflow import Context, Primitives, build_context, run_encoder
 from ..model import Encoder
 from ..ops.attention import AttentionMeta
+from ..ops.disentangled import disentangled_attention, position_projections
 from ..ops.embedding import embed_layernorm
 from ..ops.gelu import bias_act
 from ..ops.glu import glu
@@ -74,6 +75,10 @@ class FastEncoder:
         self._flash = flash_config(self.cfg.head_dim, self.cfg.max_tokens_per_sequence)
         table = encoder.bias_table()
         self.bias_table = None if table is None else table.detach()                         # [H, 2R+1] fp32
+        # DeBERTa: each layer's q / k projections of the relative embeddings [nh, 2k, d] (weights only: once)
+        rel = encoder.rel_table() if hasattr(encoder, "rel_table") else None
+        self.pos_qk = None if rel is None else [position_projections(rel, l.qkv.weight, l.qkv.bias, l.num_heads)
+                                                for l in encoder.layers]
         self.primitives = CudaPrimitives(self)
 
     def describe(self) -> dict:
@@ -125,6 +130,9 @@ class CudaPrimitives(Primitives):
         if layer.rotary is not None:
             cos, sin = ctx.rotary[layer.rotary]
             apply_rotary_(q, k, cos, sin, layer.rotary)
+        if getattr(layer, "disentangled", None) is not None:   # grouped by length in torch ops (no graphs)
+            pq, pk = self.fast.pos_qk[layer.index]
+            return disentangled_attention(q, k, v, ctx.meta, pq, pk, layer.disentangled).reshape(t, -1)  # [T, H]
         pb = ctx.bias_for(layer)
         return flash_varlen(q, k, v, ctx.meta.cu_seqlens, ctx.meta.max_seqlen, config=self.fast._flash,
                             tiles=ctx.tiles, bias_table=None if pb is None else pb.table,
@@ -165,7 +173,7 @@ def build_runner(model, options: FastOptions | None = None):
         return model.encoder
     opt = options or FastOptions()
     fast = FastEncoder(model.encoder)
-    if not opt.graphs:
+    if not opt.graphs or model.config.disentangled is not None:   # DeBERTa's attention needs host-side lengths
         return fast
     from .graphs import GraphRunner
 
