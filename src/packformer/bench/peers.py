@@ -196,7 +196,19 @@ class SentenceTransformersEngine(Engine):
 
 # -- builders ------------------------------------------------------------------------------------------------
 
+def _require_transformers_class(ctx: PeerContext, peer: str) -> None:
+    """Peers built through `convert.to_hf` need a transformers model class for the family; families whose
+    checkpoints run remote code (NomicBERT, GTE) have none, and such a peer is skipped saying so."""
+    from ..families import family_named
+
+    fam = family_named(ctx.parts.config.family)
+    if fam.to_hf_config is None:
+        raise NotApplicable(f"{peer} needs a transformers model class, and the {fam.name} family has none (its "
+                            "checkpoints run remote code): no transformers peer for this model")
+
+
 def _hf(ctx: PeerContext, attn: str, dtype: torch.dtype):
+    _require_transformers_class(ctx, "transformers")
     parts = ctx.parts
     return convert.to_hf(parts.encoder, attn_implementation=attn).to(ctx.device, dtype)
 
@@ -251,6 +263,11 @@ def build_hf_int8(ctx):
 
 
 def _bt(ctx: PeerContext, nested: bool, grad: bool, name: str, notes: str) -> Engine:
+    c = ctx.parts.config
+    if c.position_embedding != "absolute" or c.rotary is not None or c.ffn_kind != "mlp" or c.relative_bias is not None \
+            or c.local_window:
+        raise NotApplicable("nn.TransformerEncoder runs learned absolute positions, full attention and a plain MLP "
+                            "only; this model has " + ", ".join(f"{k} {v}" for k, v in c.architecture().items()))
     bt = convert.to_better_transformer(ctx.parts.encoder).to(ctx.device, ctx.dtype)
     bt.set_sparsity(nested)
     bt.requires_grad_(grad)
@@ -280,6 +297,7 @@ def build_bt_slowpath(ctx):
 def build_onnxruntime(ctx: PeerContext) -> Engine:
     from .onnx_export import export_session
 
+    _require_transformers_class(ctx, "onnxruntime (its graph is exported from the transformers model)")
     sess, notes = export_session(ctx.parts.encoder, ctx.workdir / "onnx", ctx.threads)
 
     def call(ids, mask):
