@@ -53,6 +53,10 @@ def load_tokenizer(folder: Path, cfg: EncoderConfig):
                                        lowercase=lower)
     if (folder / "sentencepiece.bpe.model").exists():
         return SentencePieceTokenizer(folder / "sentencepiece.bpe.model")
+    if (folder / "spm.model").exists():   # DeBERTa-v2/v3 folders as released: sentencepiece, no tokenizer.json
+        log.warning("%s has spm.model but no tokenizer.json, which packformer reads: loaded without a tokenizer "
+                    "(token ids only). Write tokenizer.json with transformers: "
+                    "AutoTokenizer.from_pretrained(folder).save_pretrained(folder)", folder)
     return None
 
 
