@@ -196,19 +196,19 @@ class SentenceTransformersEngine(Engine):
 
 # -- builders ------------------------------------------------------------------------------------------------
 
-def _require_transformers_class(ctx: PeerContext, peer: str) -> None:
+def _require_transformers_class(ctx: PeerContext, built_from: str = "") -> None:
     """Peers built through `convert.to_hf` need a transformers model class for the family; families whose
     checkpoints run remote code (NomicBERT, GTE) have none, and such a peer is skipped saying so."""
     from ..families import family_named
 
     fam = family_named(ctx.parts.config.family)
     if fam.to_hf_config is None:
-        raise NotApplicable(f"{peer} needs a transformers model class, and the {fam.name} family has none (its "
-                            "checkpoints run remote code): no transformers peer for this model")
+        raise NotApplicable(f"no transformers peer for this model: the {fam.name} family has no transformers model "
+                            f"class (its checkpoints run remote code){built_from}")
 
 
 def _hf(ctx: PeerContext, attn: str, dtype: torch.dtype):
-    _require_transformers_class(ctx, "transformers")
+    _require_transformers_class(ctx)
     parts = ctx.parts
     return convert.to_hf(parts.encoder, attn_implementation=attn).to(ctx.device, dtype)
 
@@ -297,7 +297,7 @@ def build_bt_slowpath(ctx):
 def build_onnxruntime(ctx: PeerContext) -> Engine:
     from .onnx_export import export_session
 
-    _require_transformers_class(ctx, "onnxruntime (its graph is exported from the transformers model)")
+    _require_transformers_class(ctx, ", and the ONNX graph is exported from that model")
     sess, notes = export_session(ctx.parts.encoder, ctx.workdir / "onnx", ctx.threads)
 
     def call(ids, mask):
