@@ -133,7 +133,10 @@ class CpuPrimitives(Primitives):
             return layer.ffn1(h, act=layer.act)                                       # [rows, F]
         y = layer.ffn1(h)                                                             # [rows, 2F]
         gate, up = y.chunk(2, dim=-1)
-        return act_(gate, layer.act).mul(up)                                          # [rows, F]
+        # the activation runs on a contiguous copy: on the strided half of y, torch's elementwise kernels
+        # round differently with the row count, so a sequence would not give the same bits alone and batched
+        gate = gate.clone(memory_format=torch.contiguous_format)                      # [rows, F]
+        return act_(gate, layer.act).mul_(up)                                         # [rows, F]
 
     def project_add_norm(self, a, lin, residual, norm, keep_sum=False, out=None):
         s = lin(a, residual=residual)
