@@ -77,6 +77,7 @@ class EncoderConfig:
     id2label: dict[int, str] = field(default_factory=dict)
     head_pooling: str = ""            # the head's pooling where each model states it (ModernBERT); "": the family's
     head_bias: bool = True            # False: the head's dense layer has no bias (kept zero)
+    adapters: Any = None              # lora.LoraAdapters: per-task LoRA deltas of every Linear and embedding (Jina v3)
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
@@ -101,6 +102,9 @@ class EncoderConfig:
             from .ops.disentangled import DisentangledConfig
             self.disentangled = DisentangledConfig(**self.disentangled)
         self.id2label = {int(k): str(v) for k, v in self.id2label.items()}
+        if isinstance(self.adapters, dict):
+            from .lora import LoraAdapters
+            self.adapters = LoraAdapters(**self.adapters)
 
     @property
     def head_dim(self) -> int:
@@ -158,9 +162,12 @@ class EncoderConfig:
         if self.local_window:
             attn = (f"+-{self.local_window} window" + (f", global every {self.global_every} layers"
                                                         if self.global_every else ""))
-        return {"norm": "pre" if self.norm_first else "post", "positions": " + ".join(pos) or "none",
-                "attention": attn, "ffn": f"{'GLU' if self.ffn_kind == 'glu' else 'MLP'} ({self.activation})",
-                "biases": self.linear_bias}
+        out = {"norm": "pre" if self.norm_first else "post", "positions": " + ".join(pos) or "none",
+               "attention": attn, "ffn": f"{'GLU' if self.ffn_kind == 'glu' else 'MLP'} ({self.activation})",
+               "biases": self.linear_bias}
+        if self.adapters is not None:
+            out["adapters"] = f"LoRA rank {self.adapters.rank} x {len(self.adapters.tasks)} tasks"
+        return out
 
     def labels(self) -> list[str]:
         return [self.id2label.get(i, f"LABEL_{i}") for i in range(self.num_labels)]
