@@ -15,6 +15,7 @@ from torch import nn
 from .batch import PackedBatch
 from .config import EncoderConfig
 from .dataflow import Context, Primitives, build_context, run_encoder
+from .lora import LoraWeights
 from .ops.attention import AttentionMeta, PositionBias, varlen_attention
 from .ops.disentangled import disentangled_attention_ref, position_projections
 from .ops.rotary import apply_rotary_ref
@@ -105,6 +106,8 @@ class Encoder(nn.Module):
         self.rel_embeddings = nn.Embedding(2 * dis.span, cfg.hidden_size) if dis is not None else None
         self.rel_norm = (nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
                          if dis is not None and dis.norm_rel_ebd == "layer_norm" else None)
+        # Jina v3: per-task LoRA factors; the forward runs the base weights, a task runs a merged copy (lora.py)
+        self.lora = LoraWeights(cfg.adapters, self) if cfg.adapters is not None else None
 
     def rel_table(self) -> torch.Tensor | None:
         """[2k, H]: DeBERTa's relative embeddings after their LayerNorm, or None for other families."""
