@@ -56,6 +56,12 @@ class Family:
     head_act: str = "tanh"                             # the classification head (heads.ClassificationHead)
     head_pooling: str = "cls"
     head_norm: bool = False
+    # the transformers model's own state-dict names, where they differ from the checkpoint names `keymap`
+    # reads (bench.convert.to_hf); None: `keymap` serves both
+    hf_keymap: Callable[[EncoderConfig, bool], KeyMap] | None = None
+    # (pooling mode, normalize) of a plain config.json folder, where the family's own encode() is not mean
+    # pooling without normalization (Jina v3 normalizes); None: ("mean", False)
+    embedding_pooling: Callable[[dict], tuple[str, bool]] | None = None
 
     def make_head(self, cfg: EncoderConfig) -> ClassificationHead | None:
         if not cfg.num_labels:
