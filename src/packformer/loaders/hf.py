@@ -80,7 +80,8 @@ def load_hf(folder: str | Path, with_tokenizer: bool = True) -> ModelParts:
     view.load_state_dict(params, strict=False)
     tok = load_tokenizer(folder, cfg) if with_tokenizer else None
     max_len = cfg.max_tokens_per_sequence
-    return ModelParts(config=cfg, encoder=encoder, head=head, pooler=Pooler("mean", normalize=False),
+    mode, normalize = family.embedding_pooling(d) if family.embedding_pooling is not None else ("mean", False)
+    return ModelParts(config=cfg, encoder=encoder, head=head, pooler=Pooler(mode, normalize=normalize),
                       tokenizer=tok, max_seq_length=max_len, source=str(folder), format="huggingface")
 
 
