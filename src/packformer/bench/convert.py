@@ -53,7 +53,7 @@ def to_hf(encoder: Encoder, head: ClassificationHead | None = None, attn_impleme
     else:
         kwargs = {"add_pooling_layer": False} if fam.hf_pooling_layer else {}
         model = AutoModel.from_config(hcfg, attn_implementation=attn_implementation, **kwargs)
-    keymap = fam.keymap(cfg, with_head)
+    keymap = (fam.hf_keymap or fam.keymap)(cfg, with_head)
     ours = {k: v.detach().float().cpu().clone() for k, v in param_view(encoder, head if with_head else None)
             .state_dict().items()}
     state = keymap.invert(ours, cfg.num_layers)
