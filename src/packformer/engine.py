@@ -2,9 +2,15 @@
 
 Text goes: tokenizer -> id lists -> length-sorted chunks under `max_batch_tokens` -> PackedBatch ->
 encoder [T, H] -> pooling / head in fp32 -> results scattered back to input order.
+
+Models with task adapters (Jina v3, lora.py) run each task through its own runner, built over a merged copy
+of the weights on the task's first use and kept; `task` (at load: the default; per call: an override)
+also prepends the task's instruction to every text. No task: the base weights, no instruction.
 """
 from __future__ import annotations
 
+import logging
+import threading
 from typing import Any, Sequence
 
 import numpy as np
@@ -18,11 +24,24 @@ from .ops.attention import AttentionMeta
 from .runtime import DEFAULT_MAX_BATCH_TOKENS, resolve_device, resolve_dtype
 from .tokenize import check_texts
 
+log = logging.getLogger(__name__)
+
+
+class _TaskView:
+    """What select_runner reads of a Model (device, dtype, options), with a task's merged encoder."""
+
+    def __init__(self, model: "Model", encoder: nn.Module):
+        self._model, self.encoder = model, encoder
+
+    def __getattr__(self, name: str):
+        return getattr(self._model, name)
+
 
 class Model(nn.Module):
     def __init__(self, parts: ModelParts, device: str | torch.device | None = "cpu",
                  dtype: str | torch.dtype | None = None, max_batch_tokens: int | None = None,
-                 fast: bool | None = None, quantize: str | None = None, threads: int | None = None):
+                 fast: bool | None = None, quantize: str | None = None, threads: int | None = None,
+                 task: str | None = None):
         super().__init__()
         self.device_ = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device_)
@@ -45,7 +64,19 @@ class Model(nn.Module):
         if quantize is not None and (fast is False or self.device_.type != "cpu"):
             raise ValueError(f"quantize={quantize!r} is an option of the CPU fast path; it needs device='cpu' "
                              "and fast left on")
-        self.runner = select_runner(self, fast)
+        self.adapters = getattr(self.config, "adapters", None)
+        self._fast_arg = fast
+        self._task_runners: dict[str, tuple[nn.Module, Any]] = {}     # task -> (merged encoder, runner)
+        self._task_lock = threading.Lock()
+        self.task: str | None = None
+        self.task = self.resolve_task(task)
+        if self.task is None:
+            self.runner = select_runner(self, fast)
+            if self.adapters is not None:
+                log.info("%s has task adapters (%s) and runs its base weights: pass task=... for one",
+                         self.source, ", ".join(self.adapters.tasks))
+        else:   # the default task's runner; the base weights get none (no call can ask for them)
+            self.runner = self.runner_for(self.task)
         if self.max_batch_tokens < self.max_seq_length:
             raise ValueError(f"max_batch_tokens ({self.max_batch_tokens}) must hold at least one sequence of the "
                              f"model's maximum length ({self.max_seq_length})")
@@ -58,6 +89,11 @@ class Model(nn.Module):
     @property
     def dim(self) -> int:
         return self.config.hidden_size
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """The task adapters this model has (empty for models without)."""
+        return self.adapters.tasks if self.adapters is not None else ()
 
     @property
     def num_labels(self) -> int:
@@ -77,8 +113,57 @@ class Model(nn.Module):
             "dim": self.dim, "max_seq_length": self.max_seq_length, "pooling": self.pooler.mode,
             "normalize": self.pooler.normalize, "num_labels": c.num_labels, "labels": c.labels(),
             "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
-            "max_batch_tokens": self.max_batch_tokens, "runner": describe_runner(self.runner, self.encoder),
+            "max_batch_tokens": self.max_batch_tokens,
+            "runner": describe_runner(self.runner, self.task_encoder(self.task)),
+            "tasks": list(self.tasks), "task": self.task,
         }
+
+    # ---- tasks ------------------------------------------------------------------------------
+    def resolve_task(self, task: str | None) -> str | None:
+        """`task` checked against the model's adapters; None gives the model's default task (None: base
+        weights). ValueError naming the model's tasks for an unknown one, or for any task on a model
+        without adapters."""
+        if task is None:
+            return self.task
+        if self.adapters is None:
+            raise ValueError(f"model {self.source} has no task adapters, so it takes no task (got {task!r}); "
+                             "tasks are LoRA adapters of models such as jina-embeddings-v3")
+        self.adapters.index(task)              # raises, listing the tasks
+        return task
+
+    def instruction(self, task: str | None = None) -> str:
+        """The text prepended to every input of `task` (the default task if None): "" for most tasks."""
+        task = self.resolve_task(task)
+        return self.adapters.instruction(task) if self.adapters is not None else ""
+
+    def task_encoder(self, task: str | None) -> nn.Module:
+        """The encoder a task runs: the base one for None, else its merged copy (built with its runner)."""
+        if task is None:
+            return self.encoder
+        return self._task_entry(task)[0]
+
+    def runner_for(self, task: str | None = None):
+        """The runner of `task` (the default task if None), built on first use: the task's adapter merged
+        into a copy of the weights (lora.merged_encoder), then the same path selection as at load."""
+        task = self.resolve_task(task)
+        if task is None:
+            return self.runner
+        return self._task_entry(task)[1]
+
+    def _task_entry(self, task: str) -> tuple[nn.Module, Any]:
+        entry = self._task_runners.get(task)
+        if entry is None:
+            with self._task_lock:       # the server's worker and an encode() call may both ask first
+                entry = self._task_runners.get(task)
+                if entry is None:
+                    from .lora import merged_encoder
+
+                    # built as at load (outside inference mode), though first asked for inside a forward
+                    with torch.inference_mode(False), torch.no_grad():
+                        enc = merged_encoder(self.encoder, self.resolve_task(task))
+                        entry = (enc, select_runner(_TaskView(self, enc), self._fast_arg))
+                    self._task_runners[task] = entry
+        return entry
 
     # ---- tokenization -----------------------------------------------------------------------
     def _require_tokenizer(self):
@@ -89,12 +174,19 @@ class Model(nn.Module):
             raise RuntimeError(f"model {self.source} has no tokenizer: pass token ids, or {hint}")
         return self.tokenizer
 
-    def token_ids(self, texts: Sequence[str], truncate: bool = True) -> list[list[int]]:
-        """Token ids (special tokens included, truncated to max_seq_length unless truncate=False)."""
-        return self._require_tokenizer().encode(check_texts(texts), self.max_seq_length, truncate)
+    def with_instruction(self, texts: Sequence[str], task: str | None = None) -> list[str]:
+        """The texts as the model reads them for `task` (default task if None): its instruction first."""
+        texts = check_texts(texts)
+        prefix = self.instruction(task)
+        return [prefix + t for t in texts] if prefix else texts
 
-    def tokenize(self, texts: Sequence[str], truncate: bool = True) -> PackedBatch:
-        ids = self.token_ids(texts, truncate)
+    def token_ids(self, texts: Sequence[str], truncate: bool = True, task: str | None = None) -> list[list[int]]:
+        """Token ids (special tokens included, truncated to max_seq_length unless truncate=False), of the
+        texts with `task`'s instruction prepended (the default task's if None)."""
+        return self._require_tokenizer().encode(self.with_instruction(texts, task), self.max_seq_length, truncate)
+
+    def tokenize(self, texts: Sequence[str], truncate: bool = True, task: str | None = None) -> PackedBatch:
+        ids = self.token_ids(texts, truncate, task)
         return pack(ids, self.config.position_offset, order=range(len(ids)))
 
     def pack_ids(self, ids: Sequence[Sequence[int]]) -> PackedBatch:
@@ -110,20 +202,22 @@ class Model(nn.Module):
 
     # ---- the packed core --------------------------------------------------------------------
     @torch.inference_mode()
-    def hidden_states(self, batch: PackedBatch) -> torch.Tensor:
-        """PackedBatch (any device) -> hidden states [T, H] on the model's device and dtype."""
+    def hidden_states(self, batch: PackedBatch, task: str | None = None) -> torch.Tensor:
+        """PackedBatch (any device) -> hidden states [T, H] on the model's device and dtype, with `task`'s
+        adapter (the default task's if None). Ids are taken as given: no instruction is added here."""
+        runner = self.runner if task is None else self.runner_for(task)
         seqlens = np.diff(batch.cu_seqlens.numpy()).tolist() if batch.device.type == "cpu" else None
-        if seqlens is not None and self.device.type != "cpu" and hasattr(self.runner, "run_host"):
-            return self.runner.run_host(batch, seqlens)     # CUDA graphs: host rows go straight to the graph
+        if seqlens is not None and self.device.type != "cpu" and hasattr(runner, "run_host"):
+            return runner.run_host(batch, seqlens)          # CUDA graphs: host rows go straight to the graph
         if batch.device != self.device:
             batch = batch.to(self.device, non_blocking=True)
         meta = AttentionMeta.build(batch.cu_seqlens, batch.max_seqlen, seqlens)
-        return self.runner(batch, meta)
+        return runner(batch, meta)
 
     @torch.inference_mode()
-    def embed_batch(self, batch: PackedBatch, normalize: bool | None = None) -> torch.Tensor:
+    def embed_batch(self, batch: PackedBatch, normalize: bool | None = None, task: str | None = None) -> torch.Tensor:
         """PackedBatch -> pooled embeddings [B, D], fp32, in the batch's own order."""
-        h = self.hidden_states(batch)
+        h = self.hidden_states(batch, task)
         return self.pooler(h, batch.cu_seqlens.to(h.device, non_blocking=True), normalize=normalize)
 
     @torch.inference_mode()
@@ -138,15 +232,18 @@ class Model(nn.Module):
     def encode(self, texts: str | Sequence[str], batch_size: int | None = None,
                normalize_embeddings: bool | None = None, convert_to_numpy: bool = True,
                show_progress_bar: bool | None = None, truncate: bool = True,
-               convert_to_tensor: bool = False) -> np.ndarray | torch.Tensor:
+               convert_to_tensor: bool = False, task: str | None = None) -> np.ndarray | torch.Tensor:
         """Texts -> embeddings [N, D] in input order (a single str gives [D]).
 
         normalize_embeddings=None follows the model folder (a Normalize module); batch_size caps the
-        sequences per batch on top of the token budget.
+        sequences per batch on top of the token budget. `task` (models with adapters): the task's adapter
+        and instruction, instead of the default task given at load.
         """
         single = isinstance(texts, str)
+        task = self.resolve_task(task)
+        texts = self.with_instruction(texts, task)
         from .pipeline import run_texts   # tokenization of the next chunk overlaps the model's work
-        out = run_texts(self, check_texts(texts), lambda b: self.embed_batch(b, normalize_embeddings), self.dim,
+        out = run_texts(self, texts, lambda b: self.embed_batch(b, normalize_embeddings, task), self.dim,
                         batch_size=batch_size, truncate=truncate, show_progress_bar=show_progress_bar)
         if single:
             out = out[0]
