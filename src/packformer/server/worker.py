@@ -35,8 +35,10 @@ class BatchFailed(RuntimeError):
     """The batch holding a request raised; other batches are unaffected."""
 
 
-def embed_key(normalize: bool | None) -> tuple:
-    return (EMBED, normalize)
+def embed_key(normalize: bool | None, task: str | None = None) -> tuple:
+    """The scheduler key of embedding requests: batches form per key, so a batch never mixes tasks
+    (each task runs its own merged weights, engine.Model.runner_for)."""
+    return (EMBED, normalize) if task is None else (EMBED, normalize, task)
 
 
 CLASSIFY_KEY = (CLASSIFY, None)
@@ -149,9 +151,11 @@ class Worker:
 
     def run(self, key: tuple, seqs: list) -> "np.ndarray":
         """One packed batch through the model -> numpy [B, D] (embeddings) or [B, C] (logits), fp32."""
-        kind, arg = key
+        kind, arg, *rest = key
         batch = pack(seqs, self.model.config.position_offset)
-        if kind == EMBED:
+        if kind == EMBED and rest:
+            out = self.model.embed_batch(batch, arg, task=rest[0])
+        elif kind == EMBED:
             out = self.model.embed_batch(batch, arg)
         elif kind == CLASSIFY:
             out = self.model.classify_batch(batch)
