@@ -10,6 +10,8 @@ from typing import Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 Texts = Union[StrictStr, list[StrictStr]]
+TASK_DESCRIPTION = ("models with task adapters (jina-embeddings-v3): the task's LoRA adapter and instruction "
+                    "(default: the server's --task)")
 
 
 class _Body(BaseModel):
@@ -22,6 +24,7 @@ class EmbedRequest(_Body):
     normalize: StrictBool = True
     truncate: Optional[StrictBool] = Field(None, description="cut over-long inputs (default: the server's --auto-truncate)")
     truncation_direction: Literal["Right", "right"] = "Right"
+    task: Optional[StrictStr] = Field(None, description=TASK_DESCRIPTION)
 
 
 class PredictRequest(_Body):
@@ -57,6 +60,7 @@ class OpenAIEmbeddingRequest(_Body):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: Optional[StrictInt] = Field(None, ge=1, description="keep the first N dimensions, re-normalized")
     user: Optional[str] = None
+    task: Optional[StrictStr] = Field(None, description=TASK_DESCRIPTION + "; token-id inputs get no instruction")
 
 
 class EmbeddingObject(BaseModel):
