@@ -42,7 +42,8 @@ class InferenceService:
         self.model_name = settings.model_name or _default_name(model.source)
         self.scheduler = Scheduler(settings.max_batch_tokens, settings.max_batch_requests)
         self.worker = Worker(model, self.scheduler, metrics)
-        self.prefix, self.suffix = special_wrap(model.token_ids([""])[0])
+        # the tokenizer's own special tokens (model.token_ids would add a default task's instruction)
+        self.prefix, self.suffix = special_wrap(model.tokenizer.encode([""], model.max_seq_length)[0])
         self.inflight = 0
         self._model_info = model.info()
         self._health_probe: asyncio.Future | None = None
@@ -108,14 +109,26 @@ class InferenceService:
     def truncate_default(self, truncate: bool | None) -> bool:
         return self.settings.auto_truncate if truncate is None else truncate
 
+    def resolve_task(self, task: str | None) -> str | None:
+        """A request's `task` (None: the model's default, `serve --task`); 422 naming the model's tasks for
+        an unknown one, or for any task on a model without task adapters."""
+        if task is None:
+            return getattr(self.model, "task", None)
+        try:
+            return self.model.resolve_task(task)
+        except ValueError as e:
+            raise validation(f"`task`: {e}") from e
+
     # ---- tokenization -------------------------------------------------------------------------
-    async def token_ids(self, texts: list[str], truncate: bool, hint: str = "") -> list[list[int]]:
-        """Texts -> ids with special tokens; 413 naming the input for an over-long one with truncation off
-        (`hint` says how to turn truncation on for this route)."""
+    async def token_ids(self, texts: list[str], truncate: bool, hint: str = "",
+                        task: str | None = None) -> list[list[int]]:
+        """Texts -> ids with special tokens (after `task`'s instruction, if it has one); 413 naming the
+        input for an over-long one with truncation off (`hint` says how to turn truncation on for this route)."""
+        kw = {"truncate": truncate} if task is None else {"truncate": truncate, "task": task}
         try:
             if sum(map(len, texts)) <= INLINE_TOKENIZE_CHARS:
-                return self.model.token_ids(texts, truncate=truncate)
-            return await asyncio.to_thread(self.model.token_ids, texts, truncate)
+                return self.model.token_ids(texts, **kw)
+            return await asyncio.to_thread(self.model.token_ids, texts, **kw)
         except ValueError as e:
             raise too_large(f"{e}{hint}") from e
 
@@ -145,8 +158,9 @@ class InferenceService:
             raise unhealthy(str(e)) from e
         return np.stack(rows)
 
-    async def embed(self, ids: list[list[int]], normalize: bool | None) -> np.ndarray:
-        return await self.run(embed_key(normalize), ids)
+    async def embed(self, ids: list[list[int]], normalize: bool | None, task: str | None = None) -> np.ndarray:
+        """`task` (resolved by resolve_task): requests of one task batch together, never with another's."""
+        return await self.run(embed_key(normalize, task), ids)
 
     async def classify(self, ids: list[list[int]]) -> np.ndarray:
         if self.model.head is None:
@@ -209,8 +223,14 @@ class InferenceService:
             "labels": m["labels"], "max_batch_tokens": s.max_batch_tokens, "max_batch_requests": s.max_batch_requests,
             "max_concurrent_requests": s.max_concurrent_requests, "max_client_batch_size": s.max_client_batch_size,
             "auto_truncate": s.auto_truncate, "payload_limit": s.payload_limit, "state": self.worker.state,
-            "runner": describe_runner(self.model.runner, self.model.encoder),   # live: graphs, replays
+            "runner": describe_runner(self.model.runner, self._runner_encoder()),   # live: graphs, replays
+            "tasks": list(getattr(self.model, "tasks", ())), "task": getattr(self.model, "task", None),
         }
+
+    def _runner_encoder(self):
+        """The encoder the default runner was built over (a task's merged copy, or the model's own)."""
+        task = getattr(self.model, "task", None)
+        return self.model.task_encoder(task) if task is not None else self.model.encoder
 
 
 def _default_name(source) -> str:
