@@ -49,9 +49,10 @@ async def embed(body: EmbedRequest, request: Request):
     svc = service_of(request)
     texts = _as_list(body.inputs)
     svc.check_batch(texts, "inputs")
+    task = svc.resolve_task(body.task)
     with svc.admit():
-        ids = await svc.token_ids(texts, svc.truncate_default(body.truncate), TRUNCATE_HINT)
-        emb = await svc.embed(ids, body.normalize)
+        ids = await svc.token_ids(texts, svc.truncate_default(body.truncate), TRUNCATE_HINT, task)
+        emb = await svc.embed(ids, body.normalize, task)
     return json_response(emb)
 
 
@@ -65,12 +66,13 @@ async def _openai_embeddings(body: OpenAIEmbeddingRequest, request: Request):
     if body.dimensions is not None and body.dimensions > dim:
         return error_response(422, f"dimensions must be at most the model's {dim}, got {body.dimensions}",
                               "validation")
+    task = svc.resolve_task(body.task)
     with svc.admit():
-        if pretokenized:
+        if pretokenized:        # ids are the model's input as given: no instruction is added
             ids = svc.wrap_ids(items, svc.settings.auto_truncate)
         else:
-            ids = await svc.token_ids(items, svc.settings.auto_truncate, AUTO_TRUNCATE_HINT)
-        emb = await svc.embed(ids, None)                                  # [N, D]
+            ids = await svc.token_ids(items, svc.settings.auto_truncate, AUTO_TRUNCATE_HINT, task)
+        emb = await svc.embed(ids, None, task)                            # [N, D]
     if body.dimensions is not None:
         emb = shorten(emb, body.dimensions)
     if body.encoding_format == "base64":
