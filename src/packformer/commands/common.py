@@ -26,8 +26,9 @@ def load_model(args):
     extra = {k: v for k, v in (("spm", args.spm), ("num_heads", args.num_heads)) if v is not None}
     if extra and not str(args.model or "").endswith((".pt", ".pth")):
         raise ValueError("--spm and --num-heads apply to torchtext .pt checkpoints only")
+    task = getattr(args, "task", None)          # encode / serve --task: the model's default task
     return packformer.load(args.model, device=args.device, dtype=args.dtype, max_batch_tokens=args.max_batch_tokens,
-                           **extra)
+                           task=task, **extra)
 
 
 def add_text_inputs(p: argparse.ArgumentParser) -> None:
