@@ -17,6 +17,9 @@ def add_parser(sub):
     p.add_argument("--normalize", action=argparse_bool(), default=None,
                    help="L2-normalize embeddings (default: as the model folder says)")
     p.add_argument("--batch-size", type=int, default=None, help="max sequences per batch (on top of the token budget)")
+    p.add_argument("--task", default=None,
+                   help="models with task adapters (jina-embeddings-v3): the task whose LoRA adapter and "
+                        "instruction apply, e.g. retrieval.query (default: the base weights)")
     return p
 
 
