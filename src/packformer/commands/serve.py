@@ -35,6 +35,9 @@ def add_parser(sub):
     p.add_argument("--auto-truncate", action="store_true",
                    help="cut over-long inputs instead of answering 413, unless a request says otherwise")
     p.add_argument("--model-name", default=None, help="name reported by /info and in OpenAI responses")
+    p.add_argument("--task", default=None,
+                   help="models with task adapters (jina-embeddings-v3): the task of requests that name none "
+                        "(a request's \"task\" field picks another; default: the base weights)")
     p.add_argument("--graceful-timeout", type=float, default=30.0,
                    help="seconds to let requests in flight finish on SIGTERM (default: 30)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -62,6 +65,8 @@ def settings_from_args(args):
 
 def run(args) -> int:
     if args.ray:
+        if args.task is not None:
+            raise ValueError("--task is not supported with --ray: name the task in each request's \"task\" field")
         from ..ray.serve_cli import run as run_on_ray
         return run_on_ray(args, settings_from_args(args))
     import uvicorn
