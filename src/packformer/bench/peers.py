@@ -236,10 +236,33 @@ def build_hf_eager(ctx):
                         notes="transformers, attn_implementation=eager, fp32")
 
 
+def _no_sdpa(e: ValueError) -> bool:
+    return "sdpa" in str(e).lower() or "scaled_dot_product" in str(e).lower()
+
+
 def build_hf_sdpa(ctx):
-    m = _hf(ctx, "sdpa", ctx.dtype)
+    try:
+        m = _hf(ctx, "sdpa", ctx.dtype)
+    except ValueError as e:
+        if not _no_sdpa(e):
+            raise
+        raise NotApplicable(f"transformers has no SDPA attention for the {ctx.parts.config.family} family "
+                            "(peer hf_best runs its fastest one)") from None
     return PaddedEngine("hf_sdpa", _hf_call(m), ctx.parts, ctx.device, ctx.dtype, keep=m,
                         notes="transformers, attn_implementation=sdpa")
+
+
+def build_hf_best(ctx):
+    """transformers with the fastest attention it offers for the family, in the bench's dtype: SDPA where
+    the family's model class supports it, else eager (MPNet, DeBERTa-v2)."""
+    try:
+        m, attn = _hf(ctx, "sdpa", ctx.dtype), "sdpa"
+    except ValueError as e:
+        if not _no_sdpa(e):
+            raise
+        m, attn = _hf(ctx, "eager", ctx.dtype), "eager"
+    return PaddedEngine("hf_best", _hf_call(m), ctx.parts, ctx.device, ctx.dtype, keep=m,
+                        notes=f"transformers, attn_implementation={attn} (the fastest this family offers)")
 
 
 def build_hf_sdpa_compiled(ctx):
@@ -395,6 +418,8 @@ PEERS: dict[str, PeerSpec] = {p.name: p for p in [
              description="packformer with quantize='int8' (CPU; lossy, judged by cosine >= 0.99)"),
     PeerSpec("hf_eager_fp32", build_hf_eager, _TF, "pip install transformers", description="transformers eager, fp32"),
     PeerSpec("hf_sdpa", build_hf_sdpa, _TF, "pip install transformers", description="transformers sdpa"),
+    PeerSpec("hf_best", build_hf_best, _TF, "pip install transformers",
+             description="transformers, its fastest attention for the family (sdpa, else eager)"),
     PeerSpec("hf_sdpa_compiled", build_hf_sdpa_compiled, _TF, "pip install transformers",
              description="transformers sdpa + torch.compile"),
     PeerSpec("hf_int8_dynamic", build_hf_int8, _TF, "pip install transformers", devices=("cpu",),
