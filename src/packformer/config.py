@@ -132,10 +132,10 @@ class EncoderConfig:
         return self.max_position_embeddings - self.position_offset
 
     def regular_id_range(self) -> tuple[int, int]:
-        """[lo, hi) of token ids that are not special: BERT vocabularies keep [PAD], [unused*], [UNK],
-        [CLS], [SEP], [MASK] below 999; fairseq/RoBERTa ones keep <s>, <pad>, </s>, <unk> at 0-3 and
-        <mask> last. Random ids in this range make calibration and benchmark batches."""
-        if self.model_type == "bert":
+        """[lo, hi) of token ids that are not special: BERT vocabularies (DistilBERT's too) keep [PAD],
+        [unused*], [UNK], [CLS], [SEP], [MASK] below 999; fairseq/RoBERTa ones keep <s>, <pad>, </s>, <unk>
+        at 0-3 and <mask> last. Random ids in this range make calibration and benchmark batches."""
+        if self.model_type in ("bert", "distilbert"):
             lo = 999 if self.vocab_size > 2000 else max(self.pad_token_id + 1, 4)
             hi = self.vocab_size
         else:
