@@ -156,6 +156,7 @@ def test_random_preset_and_its_transformers_peer():
     assert (c.family, c.hidden_size, c.num_layers, c.num_heads, c.intermediate_size, c.type_vocab_size) == \
         ("distilbert", 768, 6, 12, 3072, 0)
     assert m.info()["family"] == "distilbert" and m.head.act == "relu"
+    assert c.regular_id_range() == (999, 30522)      # BERT's vocabulary: int8 calibration skips [unused*]
     with torch.no_grad():   # random_parts zeroes biases and sets norms to 1: perturb so the peer check bites
         for n, p in m.encoder.named_parameters():
             if "norm" in n or n.endswith("bias"):
