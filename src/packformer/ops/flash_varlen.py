@@ -81,9 +81,8 @@ def bias_tiles(table: torch.Tensor, block_m: int, block_n: int) -> tuple[torch.T
     (every |j - i| >= R), the same as that tile's. Cached per table and tile shape (a forward's layers
     share one table); an in-place update of the table rebuilds it."""
     key = (id(table), block_m, block_n)
-    version = 0 if table.is_inference() else table._version    # inference tensors have no version counter
     hit = _BIAS_TILES.get(key)
-    if hit is not None and hit[0]() is table and hit[1] == version:
+    if hit is not None and hit[0]() is table and hit[1] == table._version:
         return hit[2], hit[3], hit[4]
     r = (table.shape[1] - 1) // 2
     koff = -(-(r + block_n - 1) // block_n)               # offsets d <= -koff * BN: all j - i <= -R
@@ -95,7 +94,7 @@ def bias_tiles(table: torch.Tensor, block_m: int, block_n: int) -> tuple[torch.T
     tiles = (table.detach()[:, rel.clamp(-r, r) + r] * LOG2E).reshape(table.shape[0], -1).contiguous()
     if len(_BIAS_TILES) >= 16:
         _BIAS_TILES.clear()
-    _BIAS_TILES[key] = (weakref.ref(table), version, tiles, koff, n)
+    _BIAS_TILES[key] = (weakref.ref(table), table._version, tiles, koff, n)
     return tiles, koff, n
 
 
