@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from packformer.ops.attention import PositionBias, varlen_attention_ref
-from packformer.ops.flash_varlen import LOG2E, FlashConfig, bias_tiles, flash_varlen, tile_table
+from packformer.ops.flash_varlen import FlashConfig, flash_varlen, tile_table
 
 
 def _packed(lens, heads=2, dim=16, dtype=torch.float32, device="cpu", seed=0):
@@ -41,23 +41,6 @@ def test_launcher_without_a_kernel_runs_the_reference_with_the_bias():
     for bias in (PositionBias(table), PositionBias(window=2), PositionBias(table, 2)):
         want = varlen_attention_ref(q, k, v, cu, 0.3, bias)
         assert torch.equal(flash_varlen(q, k, v, cu, 9, 0.3, bias_table=bias.table, window=bias.window), want)
-
-
-def test_bias_tiles_hold_the_table_per_key_block_offset_and_are_cached_per_table():
-    table = torch.randn(2, 2 * 5 + 1)                      # R = 5
-    tiles, koff, n = bias_tiles(table, 8, 4)               # 8 query rows, 4 keys per block
-    assert tiles.shape == (2, n * 8 * 4)
-    t = tiles.view(2, n, 8, 4) / LOG2E                     # [H, n, BM, BN]
-    for i in range(n):
-        rel = (i - koff) * 4 + torch.arange(4)[None, :] - torch.arange(8)[:, None]   # key minus query position
-        assert torch.allclose(t[:, i], table[:, rel.clamp(-5, 5) + 5])
-    # offsets beyond the first and last tiles see a constant bias, which those tiles already are
-    assert torch.allclose(t[:, 0], table[:, :1, None].expand(2, 8, 4))
-    assert torch.allclose(t[:, -1], table[:, -1:, None].expand(2, 8, 4))
-    assert bias_tiles(table, 8, 4)[0] is tiles             # one build per table and tile shape
-    table.mul_(2.0)                                        # an in-place update rebuilds
-    again = bias_tiles(table, 8, 4)[0]
-    assert again is not tiles and torch.allclose(again, 2 * tiles)
 
 
 def test_tile_table_lists_every_query_block_once_longest_sequences_first():
