@@ -2,31 +2,27 @@
 from __future__ import annotations
 
 from ..config import PRESETS, EncoderConfig
-from ..loaders.keymap import KeyMap, Rule
+from ..loaders.keymap import KeyMap, Rule, module_rules
 from .base import Family, TO_HF_ACTIVATIONS, classification_labels, hf_activation
 
 BERT_LIKE = ("bert",)
 ROBERTA_LIKE = ("roberta", "xlm-roberta", "camembert")
 
 _L = "encoder.layer.{i}."
+# the feed-forward half of a BERT-layout layer, shared by the families that keep BERT's key names there
+BERT_FFN_MODULES = {"layers.{i}.ffn1": _L + "intermediate.dense", "layers.{i}.ffn2": _L + "output.dense",
+                    "layers.{i}.norm2": _L + "output.LayerNorm"}
 ENCODER_RULES = [
     Rule.of("embeddings.word.weight", "embeddings.word_embeddings.weight"),
     Rule.of("embeddings.position.weight", "embeddings.position_embeddings.weight"),
     Rule.of("embeddings.token_type.weight", "embeddings.token_type_embeddings.weight"),
-    Rule.of("embeddings.norm.weight", "embeddings.LayerNorm.weight"),
-    Rule.of("embeddings.norm.bias", "embeddings.LayerNorm.bias"),
-    Rule.of("layers.{i}.qkv.weight", *(_L + f"attention.self.{p}.weight" for p in ("query", "key", "value"))),
-    Rule.of("layers.{i}.qkv.bias", *(_L + f"attention.self.{p}.bias" for p in ("query", "key", "value"))),
-    Rule.of("layers.{i}.out.weight", _L + "attention.output.dense.weight"),
-    Rule.of("layers.{i}.out.bias", _L + "attention.output.dense.bias"),
-    Rule.of("layers.{i}.norm1.weight", _L + "attention.output.LayerNorm.weight"),
-    Rule.of("layers.{i}.norm1.bias", _L + "attention.output.LayerNorm.bias"),
-    Rule.of("layers.{i}.ffn1.weight", _L + "intermediate.dense.weight"),
-    Rule.of("layers.{i}.ffn1.bias", _L + "intermediate.dense.bias"),
-    Rule.of("layers.{i}.ffn2.weight", _L + "output.dense.weight"),
-    Rule.of("layers.{i}.ffn2.bias", _L + "output.dense.bias"),
-    Rule.of("layers.{i}.norm2.weight", _L + "output.LayerNorm.weight"),
-    Rule.of("layers.{i}.norm2.bias", _L + "output.LayerNorm.bias"),
+    *module_rules({
+        "embeddings.norm": "embeddings.LayerNorm",
+        "layers.{i}.qkv": tuple(_L + f"attention.self.{p}" for p in ("query", "key", "value")),
+        "layers.{i}.out": _L + "attention.output.dense",
+        "layers.{i}.norm1": _L + "attention.output.LayerNorm",
+        **BERT_FFN_MODULES,
+    }),
 ]
 BERT_HEAD_RULES = [
     Rule.of("head.dense.weight", "pooler.dense.weight"), Rule.of("head.dense.bias", "pooler.dense.bias"),

@@ -10,26 +10,19 @@ other than the hidden size, attention_head_size other than hidden / heads, no re
 from __future__ import annotations
 
 from ..config import EncoderConfig
-from ..loaders.keymap import KeyMap, Rule
+from ..loaders.keymap import KeyMap, Rule, module_rules
 from ..ops.disentangled import POS_ATT_TYPES, REL_NORMS, DisentangledConfig
 from .base import Family, TO_HF_ACTIVATIONS, classification_labels, hf_activation
+from .bert import BERT_FFN_MODULES
 
 _L = "encoder.layer.{i}."
 _A = _L + "attention.self."
-LAYER_RULES = [
-    Rule.of("layers.{i}.qkv.weight", *(_A + f"{p}_proj.weight" for p in ("query", "key", "value"))),
-    Rule.of("layers.{i}.qkv.bias", *(_A + f"{p}_proj.bias" for p in ("query", "key", "value"))),
-    Rule.of("layers.{i}.out.weight", _L + "attention.output.dense.weight"),
-    Rule.of("layers.{i}.out.bias", _L + "attention.output.dense.bias"),
-    Rule.of("layers.{i}.norm1.weight", _L + "attention.output.LayerNorm.weight"),
-    Rule.of("layers.{i}.norm1.bias", _L + "attention.output.LayerNorm.bias"),
-    Rule.of("layers.{i}.ffn1.weight", _L + "intermediate.dense.weight"),
-    Rule.of("layers.{i}.ffn1.bias", _L + "intermediate.dense.bias"),
-    Rule.of("layers.{i}.ffn2.weight", _L + "output.dense.weight"),
-    Rule.of("layers.{i}.ffn2.bias", _L + "output.dense.bias"),
-    Rule.of("layers.{i}.norm2.weight", _L + "output.LayerNorm.weight"),
-    Rule.of("layers.{i}.norm2.bias", _L + "output.LayerNorm.bias"),
-]
+LAYER_RULES = module_rules({
+    "layers.{i}.qkv": tuple(_A + f"{p}_proj" for p in ("query", "key", "value")),
+    "layers.{i}.out": _L + "attention.output.dense",
+    "layers.{i}.norm1": _L + "attention.output.LayerNorm",
+    **BERT_FFN_MODULES,
+})
 # ContextPooler (pooler.dense, then pooler_hidden_act) and the classifier
 HEAD_RULES = [
     Rule.of("head.dense.weight", "pooler.dense.weight"), Rule.of("head.dense.bias", "pooler.dense.bias"),

@@ -8,7 +8,7 @@ transformers, not a config key)."""
 from __future__ import annotations
 
 from ..config import EncoderConfig
-from ..loaders.keymap import KeyMap, Rule
+from ..loaders.keymap import KeyMap, Rule, module_rules
 from .base import Family, TO_HF_ACTIVATIONS, classification_labels, hf_activation
 
 EPS = 1e-12
@@ -18,20 +18,15 @@ _L = "transformer.layer.{i}."
 ENCODER_RULES = [
     Rule.of("embeddings.word.weight", "embeddings.word_embeddings.weight"),
     Rule.of("embeddings.position.weight", POSITIONS),
-    Rule.of("embeddings.norm.weight", "embeddings.LayerNorm.weight"),
-    Rule.of("embeddings.norm.bias", "embeddings.LayerNorm.bias"),
-    Rule.of("layers.{i}.qkv.weight", *(_L + f"attention.{p}_lin.weight" for p in "qkv")),
-    Rule.of("layers.{i}.qkv.bias", *(_L + f"attention.{p}_lin.bias" for p in "qkv")),
-    Rule.of("layers.{i}.out.weight", _L + "attention.out_lin.weight"),
-    Rule.of("layers.{i}.out.bias", _L + "attention.out_lin.bias"),
-    Rule.of("layers.{i}.norm1.weight", _L + "sa_layer_norm.weight"),
-    Rule.of("layers.{i}.norm1.bias", _L + "sa_layer_norm.bias"),
-    Rule.of("layers.{i}.ffn1.weight", _L + "ffn.lin1.weight"),
-    Rule.of("layers.{i}.ffn1.bias", _L + "ffn.lin1.bias"),
-    Rule.of("layers.{i}.ffn2.weight", _L + "ffn.lin2.weight"),
-    Rule.of("layers.{i}.ffn2.bias", _L + "ffn.lin2.bias"),
-    Rule.of("layers.{i}.norm2.weight", _L + "output_layer_norm.weight"),
-    Rule.of("layers.{i}.norm2.bias", _L + "output_layer_norm.bias"),
+    *module_rules({
+        "embeddings.norm": "embeddings.LayerNorm",
+        "layers.{i}.qkv": tuple(_L + f"attention.{p}_lin" for p in "qkv"),
+        "layers.{i}.out": _L + "attention.out_lin",
+        "layers.{i}.norm1": _L + "sa_layer_norm",
+        "layers.{i}.ffn1": _L + "ffn.lin1",
+        "layers.{i}.ffn2": _L + "ffn.lin2",
+        "layers.{i}.norm2": _L + "output_layer_norm",
+    }),
 ]
 HEAD_RULES = [
     Rule.of("head.dense.weight", "pre_classifier.weight"), Rule.of("head.dense.bias", "pre_classifier.bias"),

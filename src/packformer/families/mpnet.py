@@ -6,8 +6,9 @@ from __future__ import annotations
 import dataclasses
 
 from ..config import EncoderConfig, RelativeBuckets
-from ..loaders.keymap import KeyMap, Rule
+from ..loaders.keymap import KeyMap, Rule, module_rules
 from .base import Family, TO_HF_ACTIVATIONS, classification_labels, hf_activation
+from .bert import BERT_FFN_MODULES
 
 # transformers' MPNetEncoder.compute_position_bias always buckets with these (its num_buckets argument
 # keeps its default of 32 whatever relative_attention_num_buckets says), so they are the only ones we load
@@ -23,21 +24,14 @@ _L = "encoder.layer.{i}."
 RULES = [
     Rule.of("embeddings.word.weight", "embeddings.word_embeddings.weight"),
     Rule.of("embeddings.position.weight", "embeddings.position_embeddings.weight"),
-    Rule.of("embeddings.norm.weight", "embeddings.LayerNorm.weight"),
-    Rule.of("embeddings.norm.bias", "embeddings.LayerNorm.bias"),
     Rule.of("relative_bias.weight", "encoder.relative_attention_bias.weight"),
-    Rule.of("layers.{i}.qkv.weight", *(_L + f"attention.attn.{p}.weight" for p in "qkv")),
-    Rule.of("layers.{i}.qkv.bias", *(_L + f"attention.attn.{p}.bias" for p in "qkv")),
-    Rule.of("layers.{i}.out.weight", _L + "attention.attn.o.weight"),
-    Rule.of("layers.{i}.out.bias", _L + "attention.attn.o.bias"),
-    Rule.of("layers.{i}.norm1.weight", _L + "attention.LayerNorm.weight"),
-    Rule.of("layers.{i}.norm1.bias", _L + "attention.LayerNorm.bias"),
-    Rule.of("layers.{i}.ffn1.weight", _L + "intermediate.dense.weight"),
-    Rule.of("layers.{i}.ffn1.bias", _L + "intermediate.dense.bias"),
-    Rule.of("layers.{i}.ffn2.weight", _L + "output.dense.weight"),
-    Rule.of("layers.{i}.ffn2.bias", _L + "output.dense.bias"),
-    Rule.of("layers.{i}.norm2.weight", _L + "output.LayerNorm.weight"),
-    Rule.of("layers.{i}.norm2.bias", _L + "output.LayerNorm.bias"),
+    *module_rules({
+        "embeddings.norm": "embeddings.LayerNorm",
+        "layers.{i}.qkv": tuple(_L + f"attention.attn.{p}" for p in "qkv"),
+        "layers.{i}.out": _L + "attention.attn.o",
+        "layers.{i}.norm1": _L + "attention.LayerNorm",
+        **BERT_FFN_MODULES,
+    }),
 ]
 # MPNetClassificationHead: dense + tanh + out_proj on the first token
 HEAD_RULES = [

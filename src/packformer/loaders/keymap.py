@@ -42,6 +42,17 @@ class Rule:
         return cls(target, tuple(sources), transform)
 
 
+def module_rules(modules: Mapping[str, str | tuple[str, ...]], leaves: tuple[str, ...] = ("weight", "bias")
+                 ) -> list[Rule]:
+    """One Rule per leaf of each module: {"layers.{i}.qkv": (q, k, v prefixes), "layers.{i}.out": prefix}
+    -> layers.{i}.qkv.weight <- q.weight + k.weight + v.weight, ... (the common case of a key map)."""
+    out = []
+    for target, src in modules.items():
+        srcs = (src,) if isinstance(src, str) else tuple(src)
+        out += [Rule.of(f"{target}.{leaf}", *(f"{s}.{leaf}" for s in srcs)) for leaf in leaves]
+    return out
+
+
 @dataclass
 class KeyMap:
     rules: list[Rule]
