@@ -220,3 +220,19 @@ def test_int8_tracks_the_fp32_linear():
     with torch.inference_mode():
         got, want = DynamicInt8Linear(lin)(x), lin(x)
     assert F.cosine_similarity(got, want, dim=1).min() >= 0.999
+
+
+def test_int8_loads_a_model_with_fewer_positions_than_the_calibration_lengths():
+    """Calibration sequences are cut to the model's own maximum (here 64 positions)."""
+    from packformer.engine import Model
+    from packformer.fast import quant
+    from packformer.loading import random_parts
+
+    parts = random_parts("minilm-l6")
+    small = parts.config.replace(max_position_embeddings=64)
+    assert small.max_tokens_per_sequence < max(quant.CALIBRATION_LENGTHS)
+    parts.config = parts.encoder.config = small
+    parts.max_seq_length = 64
+    parts.encoder.embeddings.position.weight.data = parts.encoder.embeddings.position.weight.data[:64].clone()
+    m = Model(parts, device="cpu", quantize="int8")
+    assert m.encode(["a short text"]).shape == (1, 384)

@@ -219,7 +219,9 @@ def calibrate_outliers(encoder: nn.Module, k: int = OUTLIER_CHANNELS, seed: int 
     cfg = encoder.config
     lo, hi = cfg.regular_id_range()
     g = np.random.default_rng(seed)
-    batch = pack([g.integers(lo, hi, size=n).tolist() for n in CALIBRATION_LENGTHS], cfg.position_offset)
+    # a model with fewer positions calibrates on sequences of its own maximum length
+    lengths = [min(n, cfg.max_tokens_per_sequence) for n in CALIBRATION_LENGTHS]
+    batch = pack([g.integers(lo, hi, size=n).tolist() for n in lengths], cfg.position_offset)
     amax: dict[nn.Linear, torch.Tensor] = {}
 
     def record(mod: nn.Module, inputs: tuple) -> None:
