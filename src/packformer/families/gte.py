@@ -18,7 +18,7 @@ NTK's mixed variant (`mixed_b`), separate q/k/v projections (pack_qkv false; eve
 from __future__ import annotations
 
 from ..config import EncoderConfig
-from ..loaders.keymap import KeyMap, Rule
+from ..loaders.keymap import KeyMap, Rule, module_rules
 from ..ops.rotary import RotaryConfig
 from .base import Family, classification_labels, hf_activation
 
@@ -67,19 +67,15 @@ def keymap(cfg: EncoderConfig, with_head: bool) -> KeyMap:
     stripped by the loader)."""
     rules = [
         Rule.of("embeddings.word.weight", "embeddings.word_embeddings.weight"),
-        Rule.of("embeddings.norm.weight", "embeddings.LayerNorm.weight"),
-        Rule.of("embeddings.norm.bias", "embeddings.LayerNorm.bias"),
-        Rule.of("layers.{i}.qkv.weight", _L + "attention.qkv_proj.weight"),
-        Rule.of("layers.{i}.qkv.bias", _L + "attention.qkv_proj.bias"),
-        Rule.of("layers.{i}.out.weight", _L + "attention.o_proj.weight"),
-        Rule.of("layers.{i}.out.bias", _L + "attention.o_proj.bias"),
-        Rule.of("layers.{i}.norm1.weight", _L + "attn_ln.weight"),
-        Rule.of("layers.{i}.norm1.bias", _L + "attn_ln.bias"),
         Rule.of("layers.{i}.ffn1.weight", _L + "mlp.up_gate_proj.weight", transform="swap_halves"),
-        Rule.of("layers.{i}.ffn2.weight", _L + "mlp.down_proj.weight"),
-        Rule.of("layers.{i}.ffn2.bias", _L + "mlp.down_proj.bias"),
-        Rule.of("layers.{i}.norm2.weight", _L + "mlp_ln.weight"),
-        Rule.of("layers.{i}.norm2.bias", _L + "mlp_ln.bias"),
+        *module_rules({
+            "embeddings.norm": "embeddings.LayerNorm",
+            "layers.{i}.qkv": _L + "attention.qkv_proj",
+            "layers.{i}.out": _L + "attention.o_proj",
+            "layers.{i}.norm1": _L + "attn_ln",
+            "layers.{i}.ffn2": _L + "mlp.down_proj",
+            "layers.{i}.norm2": _L + "mlp_ln",
+        }),
     ]
     if cfg.type_vocab_size > 0:
         rules.append(Rule.of("embeddings.token_type.weight", "embeddings.token_type_embeddings.weight"))
