@@ -17,7 +17,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CAP = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
-CPU_PATH_TESTS = ["tests/fast", "tests/ops", "tests/test_engine.py", "tests/loaders/test_nn_module.py"]
+# tests/families: every family runs the CPU path (rotary, GLU, position masks, disentangled attention)
+CPU_PATH_TESTS = ["tests/fast", "tests/ops", "tests/test_engine.py", "tests/loaders/test_nn_module.py",
+                  "tests/families"]
 
 
 @pytest.mark.timeout(1800)
