@@ -70,3 +70,24 @@ def check_alone_equals_batched(folder: Path, seqs, **load_kw) -> None:
         alone = run_packed(m, [s])
         assert torch.equal(alone, together[start:start + len(s)]), f"length {len(s)} differs alone vs batched"
         start += len(s)
+
+
+# ---- families whose reference is a transcription of remote code (tests/families/ref_*.py) ------------
+# Such a module provides config_json(**fields) -> dict, build(cfg) -> padded model, save(model, cfg, folder)
+# -> folder (config.json + model.safetensors as the real checkpoint names them) and padded_forward(model,
+# ids, mask) -> [B, L, H].
+
+def reference_folders(ref, base: dict, variants: dict[str, dict], tmp_path_factory) -> dict:
+    """variant -> (saved folder, padded reference model, its config.json dict)."""
+    out = {}
+    for name, changes in variants.items():
+        cfg = ref.config_json(**{**base, **changes})
+        model = ref.build(cfg)
+        out[name] = (ref.save(model, cfg, tmp_path_factory.mktemp(name)), model, cfg)
+    return out
+
+
+def reference_hidden(ref, model, lengths: Sequence[int], vocab: tuple[int, int], seed: int = 1):
+    """(the reference's packed hidden states [T, H], the id lists) for random sequences of `lengths`."""
+    ids, mask, seqs = ragged_ids(lengths, vocab, pad_id=0, seed=seed)
+    return packed_reference(ref.padded_forward(model, ids, mask), lengths), seqs

@@ -22,8 +22,8 @@ from packformer.families.gte import config_from_hf
 from packformer.loading import builtin_model_dir, load_parts
 from packformer.ops.rotary import RotaryConfig
 from tests.families import ref_gte as ref
-from tests.families.harness import (check_alone_equals_batched, check_hidden_states, packed_reference,
-                                    ragged_ids, run_packed)
+from tests.families.harness import (check_alone_equals_batched, check_hidden_states, ragged_ids, reference_folders,
+                                    reference_hidden, run_packed)
 
 SMALL = dict(hidden_size=32, num_attention_heads=4, num_hidden_layers=2, intermediate_size=64, vocab_size=30528,
              max_position_embeddings=96)
@@ -41,17 +41,11 @@ VOCAB = (1000, 30522)
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     """variant -> (folder, padded reference model, its config.json)."""
-    out = {}
-    for name, changes in VARIANTS.items():
-        cfg = ref.config_json(**{**SMALL, **changes})
-        model = ref.build(cfg)
-        out[name] = (ref.save(model, cfg, tmp_path_factory.mktemp(name)), model, cfg)
-    return out
+    return reference_folders(ref, SMALL, VARIANTS, tmp_path_factory)
 
 
 def _reference(model, lengths, seed=1):
-    ids, mask, seqs = ragged_ids(lengths, VOCAB, pad_id=0, seed=seed)
-    return packed_reference(ref.padded_forward(model, ids, mask), lengths), seqs
+    return reference_hidden(ref, model, lengths, VOCAB, seed)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

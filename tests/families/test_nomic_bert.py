@@ -20,8 +20,8 @@ from packformer.families import family_of
 from packformer.families.nomic_bert import config_from_hf
 from packformer.loading import builtin_model_dir, load_parts
 from tests.families import ref_nomic_bert as ref
-from tests.families.harness import (check_alone_equals_batched, check_hidden_states, packed_reference,
-                                    ragged_ids, run_packed)
+from tests.families.harness import (check_alone_equals_batched, check_hidden_states, ragged_ids, reference_folders,
+                                    reference_hidden, run_packed)
 
 # Tiny but shaped like the release: 30522 ids padded to a multiple of 64 (30528), n_inner 80 rounded up to
 # 256 by the gated MLP, 4 heads of 8 dims.
@@ -47,17 +47,11 @@ def _lengths(variant: str) -> list[int]:
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     """variant -> (folder, padded reference model, its config.json)."""
-    out = {}
-    for name, changes in VARIANTS.items():
-        cfg = ref.config_json(**{**SMALL, **changes})
-        model = ref.build(cfg)
-        out[name] = (ref.save(model, cfg, tmp_path_factory.mktemp(name)), model, cfg)
-    return out
+    return reference_folders(ref, SMALL, VARIANTS, tmp_path_factory)
 
 
 def _reference(model, lengths, seed=1):
-    ids, mask, seqs = ragged_ids(lengths, VOCAB, pad_id=0, seed=seed)
-    return packed_reference(ref.padded_forward(model, ids, mask), lengths), seqs
+    return reference_hidden(ref, model, lengths, VOCAB, seed)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
