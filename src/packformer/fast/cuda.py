@@ -11,7 +11,8 @@ Per post-norm layer:  x [T, H]
   x   = LN(x + h W_2^T + b_2)         as for the out-projection
 Pre-norm stacks use the same kernels in the other order (dataflow.py writes the order once); rotary
 layers rotate q and k in place in the QKV buffer, relative-position biases and local windows are applied
-inside flash_varlen, GLU feed-forwards take one elementwise pass (ops/glu.py).
+inside flash_varlen, DeBERTa's disentangled terms in a kernel of their own (ops/disentangled_flash.py),
+GLU feed-forwards take one elementwise pass (ops/glu.py).
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ from ..batch import PackedBatch
 from ..dataflow import Context, Primitives, build_context, run_encoder
 from ..model import Encoder
 from ..ops.attention import AttentionMeta
-from ..ops.disentangled import disentangled_attention, position_projections
+from ..ops.disentangled import distance_index, position_projections
+from ..ops.disentangled_flash import disentangled_flash
 from ..ops.embedding import embed_layernorm
 from ..ops.gelu import bias_act
 from ..ops.glu import glu
@@ -79,6 +81,8 @@ class FastEncoder:
         rel = encoder.rel_table() if hasattr(encoder, "rel_table") else None
         self.pos_qk = None if rel is None else [position_projections(rel, l.qkv.weight, l.qkv.bias, l.num_heads)
                                                 for l in encoder.layers]
+        if self.cfg.disentangled is not None:   # its distance index, on the device before any graph capture
+            distance_index(self.cfg.disentangled, self.cfg.max_tokens_per_sequence, self.device)
         self.primitives = CudaPrimitives(self)
 
     def describe(self) -> dict:
@@ -130,9 +134,10 @@ class CudaPrimitives(Primitives):
         if layer.rotary is not None:
             cos, sin = ctx.rotary[layer.rotary]
             apply_rotary_(q, k, cos, sin, layer.rotary)
-        if getattr(layer, "disentangled", None) is not None:   # grouped by length in torch ops (no graphs)
+        if getattr(layer, "disentangled", None) is not None:
             pq, pk = self.fast.pos_qk[layer.index]
-            return disentangled_attention(q, k, v, ctx.meta, pq, pk, layer.disentangled).reshape(t, -1)  # [T, H]
+            return disentangled_flash(q, k, v, ctx.meta.cu_seqlens, ctx.meta.max_seqlen, pq, pk, layer.disentangled,
+                                      config=self.fast._flash, tiles=ctx.tiles).view(t, -1)   # [T, H]
         pb = ctx.bias_for(layer)
         return flash_varlen(q, k, v, ctx.meta.cu_seqlens, ctx.meta.max_seqlen, config=self.fast._flash,
                             tiles=ctx.tiles, bias_table=None if pb is None else pb.table,
@@ -173,7 +178,7 @@ def build_runner(model, options: FastOptions | None = None):
         return model.encoder
     opt = options or FastOptions()
     fast = FastEncoder(model.encoder)
-    if not opt.graphs or model.config.disentangled is not None:   # DeBERTa's attention needs host-side lengths
+    if not opt.graphs:
         return fast
     from .graphs import GraphRunner
 
