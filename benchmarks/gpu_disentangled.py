@@ -1,0 +1,59 @@
+"""DeBERTa's disentangled attention on the GPU, op level: where the position terms come from
+("kernel": per block pair from the table rows its distances reach; "tables": two [nh, T, W] GEMMs first)
+against the grouped torch implementation, on the serve_b32 and offline_b256 lengths of deberta-v3-base
+(12 heads of 64, fp16, DeBERTa-v3's 256 buckets). Prints a table and writes JSON to --out.
+
+    PYTHONPATH=src python3 benchmarks/gpu_disentangled.py --out $OUT/disentangled.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from packformer.bench.timing import measure
+from packformer.bench.workloads import lengths
+from packformer.ops.attention import AttentionMeta
+from packformer.ops.disentangled import DisentangledConfig, disentangled_attention
+from packformer.ops.disentangled_flash import disentangled_flash
+from packformer.ops.flash_varlen import default_config, flash_varlen, tile_table
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", default="disentangled.json")
+    args = ap.parse_args()
+    cfg, nh, d = DisentangledConfig(256, 512, ("c2p", "p2c")), 12, 64
+    rows = []
+    for name in ("serve_b32", "offline_b256"):
+        lens = lengths(name)
+        g = torch.Generator(device="cuda").manual_seed(0)
+        q, k, v = torch.randn(sum(lens), 3, nh, d, device="cuda", generator=g, dtype=torch.float16).unbind(1)
+        pq, pk = (torch.randn(2, nh, 2 * cfg.span, d, device="cuda", generator=g) * 0.5).half().unbind(0)
+        cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+        fc = default_config(d, 512)
+        tiles = torch.from_numpy(tile_table(lens, fc.block_m)).cuda()
+        meta = AttentionMeta.build(cu, max(lens), lens)
+        ways = {
+            "kernel": lambda: disentangled_flash(q, k, v, cu, max(lens), pq, pk, cfg, config=fc, tiles=tiles,
+                                                 terms="kernel"),
+            "tables": lambda: disentangled_flash(q, k, v, cu, max(lens), pq, pk, cfg, config=fc, tiles=tiles,
+                                                 terms="tables"),
+            "grouped_torch": lambda: disentangled_attention(q, k, v, meta, pq, pk, cfg),
+            "plain_flash (no position terms)": lambda: flash_varlen(q, k, v, cu, max(lens), config=fc, tiles=tiles),
+        }
+        ref = ways["grouped_torch"]().float()
+        for way, fn in ways.items():
+            t, out = measure(fn, "cuda", iterations=20, warmup=3)
+            diff = (out.float() - ref).abs().max().item()
+            rows.append({"workload": name, "tokens": sum(lens), "way": way, "median_ms": t.median_ms,
+                         "max_abs_diff_vs_grouped": diff})
+            print(f"{name:13s} {way:32s} {t.median_ms:8.3f} ms  max|diff| {diff:.2e}", flush=True)
+    info = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}
+    with open(args.out, "w") as f:
+        json.dump(info, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
