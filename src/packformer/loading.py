@@ -75,6 +75,9 @@ def load_parts(path_or_name: str | Path | None = None, **kwargs) -> ModelParts:
         raise FileNotFoundError(f"model path not found: {path} (packformer loads local folders and files only; "
                                 f"the built-in model is {DEFAULT_MODEL!r}, presets are 'random:<name>')")
     if path.is_dir():
+        from .rerank import is_cross_encoder_folder, load_cross_encoder_parts
+        if is_cross_encoder_folder(path):         # before modules.json: sentence-transformers 6 writes one
+            return load_cross_encoder_parts(path)
         if (path / "modules.json").exists():
             from .loaders.sentence_transformers import load_sentence_transformers
             return load_sentence_transformers(path)
@@ -93,12 +96,15 @@ def load(path_or_name: str | Path | None = None, device: str | torch.device | No
          dtype: str | torch.dtype | None = None, max_batch_tokens: int | None = None, fast: bool | None = None,
          quantize: str | None = None, threads: int | None = None, task: str | None = None, **kwargs) -> Model:
     """Load a model: None -> the built-in all-MiniLM-L6-v2; a Hugging Face or sentence-transformers
-    folder; a torchtext XLM-R .pt file (kwargs: spm=..., num_classes=..., preset=...); 'random:<preset>'.
+    folder (a cross-encoder folder gives a rerank.CrossEncoderModel); a torchtext XLM-R .pt file (kwargs: spm=...,
+    num_classes=..., preset=...); 'random:<preset>'.
     dtype None means fp32 on CPU and fp16 on CUDA; fast=False runs the readable reference encoder.
     CPU only: quantize="int8" runs the Linear layers in int8; threads=N sets torch's intra-op threads
     (default: $PACKFORMER_THREADS, else at most the physical cores).
     task: models with task adapters (jina-embeddings-v3): the default task of every call (its LoRA adapter
     and instruction); None runs the base weights. An unknown task raises a ValueError naming the tasks."""
     parts = load_parts(path_or_name, **kwargs)
-    return Model(parts, device=device, dtype=dtype, max_batch_tokens=max_batch_tokens, fast=fast,
-                 quantize=quantize, threads=threads, task=task)
+    from .rerank import CrossEncoderModel, CrossEncoderParts
+    cls = CrossEncoderModel if isinstance(parts, CrossEncoderParts) else Model   # cross-encoders: predict / rank
+    return cls(parts, device=device, dtype=dtype, max_batch_tokens=max_batch_tokens, fast=fast,
+               quantize=quantize, threads=threads, task=task)

@@ -27,6 +27,26 @@ def check_texts(texts) -> list[str]:
     return texts
 
 
+def longest_first(n1: int, n2: int, budget: int) -> tuple[int, int]:
+    """Lengths (a, b) a pair of n1 + n2 tokens is cut to so that a + b <= budget, the way the Rust
+    tokenizers' `longest_first` strategy cuts them (what transformers' fast tokenizers and
+    sentence-transformers' CrossEncoder run): the longer side loses tokens first; when both must be cut,
+    each keeps half of the budget and the longer side (the second on a tie) the odd token."""
+    if n1 + n2 <= budget:
+        return n1, n2
+    swap = n1 > n2
+    if swap:
+        n1, n2 = n2, n1
+    a, b = n1, (n1 if n1 > budget else max(n1, budget - n1))
+    if a + b > budget:
+        a = budget // 2
+        b = a + budget % 2
+    if swap:
+        a, b = b, a
+        n1, n2 = n2, n1
+    return min(a, n1), min(b, n2)
+
+
 class Tokenizer:
     """Base: subclasses turn texts into id lists with special tokens, truncated to `max_length`."""
 
@@ -56,6 +76,12 @@ class Tokenizer:
 
     def pack(self, texts: Sequence[str], max_length: int, truncate: bool = True) -> PackedBatch:
         return pack(self.encode(texts, max_length, truncate), position_offset=self.position_offset)
+
+    def encode_pairs(self, pairs: Sequence[tuple[str, str]], max_length: int, truncate: bool = True
+                     ) -> tuple[list[list[int]], list[list[int]]]:
+        """Text pairs (a, b) -> (ids, token type ids) with the tokenizer's pair template; pairs over
+        `max_length` are cut `longest_first`, or with truncate=False raise ValueError naming the pair."""
+        raise NotImplementedError(f"{type(self).__name__} cannot encode text pairs")
 
 
 class HFTokenizer(Tokenizer):
@@ -94,6 +120,40 @@ class HFTokenizer(Tokenizer):
         return [e.ids for e in self.tok.encode_batch_fast(texts)] if hasattr(self.tok, "encode_batch_fast") \
             else [e.ids for e in self.tok.encode_batch(texts)]
 
+    def encode_pairs(self, pairs: Sequence[tuple[str, str]], max_length: int, truncate: bool = True
+                     ) -> tuple[list[list[int]], list[list[int]]]:
+        """The tokenizer's own pair template (BERT: [CLS] a [SEP] b [SEP], types 0/1; XLM-R:
+        <s> a </s></s> b </s>). Pairs that fit are encoded once, untruncated; only the over-long ones are
+        encoded again by a copy of the tokenizer with `longest_first` truncation, as transformers does."""
+        if not pairs:
+            return [], []
+        pairs = [tuple(p) for p in pairs]
+        encode = getattr(self.tok, "encode_batch_fast", self.tok.encode_batch)
+        encs = encode(pairs)
+        over = [i for i, e in enumerate(encs) if len(e.ids) > max_length]
+        if over and not truncate:
+            i = over[0]
+            raise ValueError(f"pairs[{i}] has {len(encs[i].ids)} tokens, more than the model's maximum of "
+                             f"{max_length}; pass truncate=True to cut it")
+        if over:
+            tt = self._truncating(max_length)
+            cut = getattr(tt, "encode_batch_fast", tt.encode_batch)
+            for i, e in zip(over, cut([pairs[i] for i in over])):
+                encs[i] = e
+        return [e.ids for e in encs], [e.type_ids for e in encs]
+
+    def _truncating(self, max_length: int):
+        """A copy of the Rust tokenizer that truncates pairs `longest_first` to max_length (kept per length)."""
+        cache = self.__dict__.setdefault("_truncating_copies", {})
+        tok = cache.get(max_length)
+        if tok is None:
+            from tokenizers import Tokenizer as RustTokenizer
+
+            tok = RustTokenizer.from_str(self.tok.to_str())
+            tok.enable_truncation(max_length, strategy="longest_first")
+            cache[max_length] = tok
+        return tok
+
 
 class SentencePieceTokenizer(Tokenizer):
     """sentencepiece with the fairseq dictionary convention used by XLM-R (torchtext and transformers).
@@ -126,3 +186,25 @@ class SentencePieceTokenizer(Tokenizer):
             a[np.asarray(pieces) == unk] = self.UNK
             out.append([self.BOS, *a.tolist(), self.EOS])
         return out
+
+    def encode_pairs(self, pairs: Sequence[tuple[str, str]], max_length: int, truncate: bool = True
+                     ) -> tuple[list[list[int]], list[list[int]]]:
+        """XLM-R's pair template <s> a </s></s> b </s> (token types all 0), cut `longest_first`."""
+        if not pairs:
+            return [], []
+        firsts = self.encode_raw([p[0] for p in pairs])
+        seconds = self.encode_raw([p[1] for p in pairs])
+        ids, types = [], []
+        for i, (a, b) in enumerate(zip(firsts, seconds)):
+            a, b = a[1:-1], b[1:-1]                       # without their own <s> ... </s>
+            n = len(a) + len(b) + 4
+            if n > max_length:
+                if not truncate:
+                    raise ValueError(f"pairs[{i}] has {n} tokens, more than the model's maximum of "
+                                     f"{max_length}; pass truncate=True to cut it")
+                na, nb = longest_first(len(a), len(b), max_length - 4)
+                a, b = a[:na], b[:nb]
+            seq = [self.BOS, *a, self.EOS, self.EOS, *b, self.EOS]
+            ids.append(seq)
+            types.append([0] * len(seq))
+        return ids, types
