@@ -50,6 +50,8 @@ class Model(nn.Module):
         # pooling and heads stay fp32: they are tiny and fp32 keeps classification argmax stable
         self.head = parts.head.to(self.device_, torch.float32).eval() if parts.head is not None else None
         self.pooler = parts.pooler
+        from .multivector import place_outputs      # sparse / multi-vector heads (SPLADE, bge-m3), if any
+        self.outputs = place_outputs(getattr(parts, "outputs", None), self.device_, self.dtype)
         self.tokenizer = parts.tokenizer
         self.max_seq_length = parts.max_seq_length
         self.source, self.format = parts.source, parts.format
@@ -232,13 +234,24 @@ class Model(nn.Module):
     def encode(self, texts: str | Sequence[str], batch_size: int | None = None,
                normalize_embeddings: bool | None = None, convert_to_numpy: bool = True,
                show_progress_bar: bool | None = None, truncate: bool = True,
-               convert_to_tensor: bool = False, task: str | None = None) -> np.ndarray | torch.Tensor:
+               convert_to_tensor: bool = False, task: str | None = None,
+               output_value: str = "sentence_embedding", convert_to_sparse_tensor: bool = True,
+               max_active_dims: int | None = None) -> np.ndarray | torch.Tensor:
         """Texts -> embeddings [N, D] in input order (a single str gives [D]).
 
         normalize_embeddings=None follows the model folder (a Normalize module); batch_size caps the
         sequences per batch on top of the token budget. `task` (models with adapters): the task's adapter
         and instruction, instead of the default task given at load.
+        output_value="token_embeddings": one [Li, H] array per text (multivector.encode_tokens). SPLADE
+        models give sparse vectors (sparse.encode_sparse: convert_to_sparse_tensor, max_active_dims).
         """
+        if output_value != "sentence_embedding" or "splade" in self.outputs or max_active_dims is not None:
+            from .multivector import encode_output
+            return encode_output(self, texts, output_value, batch_size=batch_size,
+                                 normalize_embeddings=normalize_embeddings, convert_to_numpy=convert_to_numpy,
+                                 convert_to_tensor=convert_to_tensor, truncate=truncate,
+                                 show_progress_bar=show_progress_bar, task=task,
+                                 convert_to_sparse_tensor=convert_to_sparse_tensor, max_active_dims=max_active_dims)
         single = isinstance(texts, str)
         task = self.resolve_task(task)
         texts = self.with_instruction(texts, task)
@@ -248,6 +261,21 @@ class Model(nn.Module):
         if single:
             out = out[0]
         return out if (convert_to_tensor or not convert_to_numpy) else out.numpy()
+
+    def encode_sparse(self, texts: str | Sequence[str], **kwargs):
+        """Texts -> sparse vectors (SPLADE, or bge-m3's lexical weights): packformer.sparse.encode_sparse."""
+        from .sparse import encode_sparse
+        return encode_sparse(self, texts, **kwargs)
+
+    def encode_all(self, texts: str | Sequence[str], **kwargs):
+        """bge-m3: dense, sparse and ColBERT outputs of one forward: packformer.multivector.encode_all."""
+        from .multivector import encode_all
+        return encode_all(self, texts, **kwargs)
+
+    def decode(self, vectors, top_k: int | None = None):
+        """Sparse vector(s) -> [(token, weight)] by descending weight, as SparseEncoder.decode."""
+        from .sparse import decode
+        return decode(self, vectors, top_k)
 
     def classify(self, texts: str | Sequence[str], batch_size: int | None = None, truncate: bool = True,
                  show_progress_bar: bool | None = None) -> np.ndarray:

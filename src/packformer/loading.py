@@ -75,6 +75,9 @@ def load_parts(path_or_name: str | Path | None = None, **kwargs) -> ModelParts:
         raise FileNotFoundError(f"model path not found: {path} (packformer loads local folders and files only; "
                                 f"the built-in model is {DEFAULT_MODEL!r}, presets are 'random:<name>')")
     if path.is_dir():
+        from .loaders.bge_m3 import is_bge_m3_folder, load_bge_m3
+        if is_bge_m3_folder(path):                # before modules.json too: bge-m3 ships one for its dense output
+            return load_bge_m3(path)
         from .rerank import is_cross_encoder_folder, load_cross_encoder_parts
         if is_cross_encoder_folder(path):         # before modules.json: sentence-transformers 6 writes one
             return load_cross_encoder_parts(path)

@@ -173,16 +173,20 @@ class _Readback:
 
 def run_texts(model, texts: list[str], fn: Callable[[PackedBatch], torch.Tensor], width: int, *,
               batch_size: int | None = None, truncate: bool = True, show_progress_bar: bool | None = None,
-              config: PipelineConfig | None = None) -> torch.Tensor:
+              config: PipelineConfig | None = None,
+              sink: Callable[[Any, list[int]], None] | None = None) -> torch.Tensor:
     """texts -> fn(batch) for every packed batch -> [N, width] fp32 on CPU, in input order.
 
     `fn` maps a PackedBatch on the host (pinned on CUDA) to [B, width] on the model's device, in the
-    batch's own sequence order."""
+    batch's own sequence order. With `sink`, outputs whose shape varies per text (token embeddings,
+    sparse vectors) go to `sink(fn(batch), input indices of its sequences)` instead, and the returned
+    tensor is [N, 0]."""
     with host_threads_for(model.device):
-        return _run_texts(model, texts, fn, width, batch_size, truncate, show_progress_bar, config)
+        return _run_texts(model, texts, fn, 0 if sink is not None else width, batch_size, truncate,
+                          show_progress_bar, config, sink)
 
 
-def _run_texts(model, texts, fn, width, batch_size, truncate, show_progress_bar, config) -> torch.Tensor:
+def _run_texts(model, texts, fn, width, batch_size, truncate, show_progress_bar, config, sink=None) -> torch.Tensor:
     cfg = config or default_config(model.device)
     tokenizer = model._require_tokenizer()
     out = torch.empty(len(texts), width, dtype=torch.float32)
@@ -224,6 +228,9 @@ def _run_texts(model, texts, fn, width, batch_size, truncate, show_progress_bar,
         result = fn(batch)
         if staging is not None:
             staging.launched(slot)
+        if sink is not None:
+            sink(result, index)
+            return
         readback.add(result, torch.as_tensor(index, dtype=torch.long))
 
     # The last, partly filled batch of a chunk waits for the next chunk's texts, so every batch but the

@@ -1,7 +1,7 @@
 """What every loader returns: the pieces of a model, before device and dtype are chosen."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 
@@ -20,6 +20,8 @@ class ModelParts:
     max_seq_length: int               # tokens per sequence, special tokens included
     source: str
     format: str                       # "huggingface" | "sentence-transformers" | "torchtext" | "random"
+    # extra heads on the packed rows, by output: "splade", "lexical" (packformer.sparse), "colbert" (multivector)
+    outputs: dict[str, nn.Module] = field(default_factory=dict)
 
 
 def param_view(encoder: Encoder, head: ClassificationHead | None) -> nn.Module:

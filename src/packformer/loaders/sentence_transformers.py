@@ -36,6 +36,9 @@ def load_sentence_transformers(folder: str | Path) -> ModelParts:
     folder = Path(folder)
     modules = json.loads((folder / "modules.json").read_text())
     kinds = [_module_type(m) for m in modules]
+    from .sparse_encoder import is_sparse_encoder, load_sparse_encoder
+    if is_sparse_encoder(folder, modules):        # SPLADE: MLMTransformer + SpladePooling
+        return load_sparse_encoder(folder)
     unknown = [m.get("type") for m, k in zip(modules, kinds) if k not in ("Transformer", "Pooling", "Normalize")]
     if unknown:
         raise ValueError(f"{folder / 'modules.json'}: unsupported module types {unknown}; "
