@@ -75,15 +75,15 @@ def test_kernel_under_triton_interpreter(run_interpreted):
             q, k, v = (torch.randn(sum(lens), 3, nh, d, generator=g) * 1.5).unbind(1)   # strided views
             pq, pk = torch.randn(2, nh, 2 * cfg.span, d, generator=g).unbind(0)
             want = disentangled_attention_ref(q, k, v, cu, pq, pk, cfg)
-            fc = FlashConfig(16, 16, 4, 1)
-            for terms in ("kernel", "tables"):
+            for fc, terms in ((FlashConfig(16, 16, 4, 1), "kernel"), (FlashConfig(16, 8, 4, 1), "kernel"),
+                              (FlashConfig(16, 16, 4, 1), "tables")):   # 16 + 8 rows: a window padded to 32
                 for tiles in (torch.from_numpy(tile_table(lens, fc.block_m)), None):
                     out = torch.full_like(q, float("nan"))
                     got = disentangled_flash(q, k, v, cu, max(lens), pq, pk, cfg, out=out, config=fc, tiles=tiles,
                                              terms=terms)
                     assert got is out and torch.isfinite(got).all()
                     err = (got - want).abs().max().item()
-                    assert err < 1e-5, (cfg, terms, tiles is None, err)
+                    assert err < 1e-5, (cfg, fc, terms, tiles is None, err)
         print("ok")
     """)
 
@@ -102,16 +102,17 @@ def _inputs(lengths, cfg, nh=12, d=64, dtype=torch.float16, seed=0):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gpu_matches_the_reference_as_closely_as_the_reference_in_half_precision(dtype, near_exact):
-    from packformer.ops.flash_varlen import tile_table
+    from packformer.ops.flash_varlen import FlashConfig, default_config, tile_table
     lengths = [1, 63, 64, 65, 127, 128, 129, 200, 300, 512, 7, 0, 90]
     q, k, v, pq, pk, cu = _inputs(lengths, REAL, dtype=dtype)
     exact = disentangled_attention_ref(*(x.double() for x in (q, k, v)), cu, pq.double(), pk.double(), REAL)
     ref = disentangled_attention_ref(q, k, v, cu, pq, pk, REAL)
     tiles = torch.from_numpy(tile_table(lengths, 64)).cuda()
-    for terms in ("kernel", "tables"):
-        for tl_ in (tiles, None):
-            got = disentangled_flash(q, k, v, cu, max(lengths), pq, pk, REAL, tiles=tl_, terms=terms)
-            near_exact(got, ref, exact)
+    for fc in (FlashConfig(64, 64, 4, 2), default_config(64, 512)):      # the family runs the second
+        for terms in ("kernel", "tables"):
+            for tl_ in (tiles, None):
+                got = disentangled_flash(q, k, v, cu, max(lengths), pq, pk, REAL, config=fc, tiles=tl_, terms=terms)
+                near_exact(got, ref, exact)
 
 
 @cuda

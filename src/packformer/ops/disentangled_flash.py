@@ -64,9 +64,9 @@ if triton is not None:
                              stride_rh, stride_rr, span2, center, lo, H, NUM_MB, D: tl.constexpr,
                              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                              USE_TILES: tl.constexpr, HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr,
-                             IN_KERNEL: tl.constexpr):
+                             IN_KERNEL: tl.constexpr, WIN: tl.constexpr):
         """IN_KERNEL: the position terms of each (query block, key block) come from the table rows its
-        distances reach, [BM + BN] of them: q . pk_rows^T and k . pq_rows^T (two tl.dot), then gathered
+        distances reach, [WIN] >= BM + BN - 1 of them: q . pk_rows^T and k . pq_rows^T (two tl.dot), then gathered
         per pair in registers; else they are gathered from the c2p / p2c tables of `position_scores`."""
         if USE_TILES:       # grid (heads, tiles), longest sequences first
             h = tl.program_id(0)
@@ -108,7 +108,7 @@ if triton is not None:
                 d_min = m0 - tl.minimum(n0 + BLOCK_N - 1, seqlen - 1)
                 r0 = tl.load(DIDX + d_min + center)
                 r = tl.load(DIDX + (qpos[:, None] - rows[None, :] + center), mask=pair_ok, other=r0) - r0
-                rr = r0 + tl.arange(0, BLOCK_M + BLOCK_N)                                      # [W] table rows
+                rr = r0 + tl.arange(0, WIN)                                                    # [W] table rows
                 r_mask = (rr < span2)[:, None] & d_ok[None, :]
                 if HAS_C2P:
                     pk = tl.load(PK + h * stride_rh + rr[:, None] * stride_rr + offs_d[None, :], mask=r_mask,
@@ -199,7 +199,7 @@ def disentangled_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seq
         (didx.shape[0] - 1) // 2, lo, nh, num_mb,
         D=d, HEAD_DIM=max(16, next_pow2(d)), BLOCK_M=cfg_k.block_m, BLOCK_N=cfg_k.block_n, USE_TILES=use_tiles,
         HAS_C2P="c2p" in cfg.pos_att_type, HAS_P2C="p2c" in cfg.pos_att_type, IN_KERNEL=in_kernel,
-        num_warps=cfg_k.num_warps, num_stages=cfg_k.num_stages)
+        WIN=next_pow2(cfg_k.block_m + cfg_k.block_n), num_warps=cfg_k.num_warps, num_stages=cfg_k.num_stages)
     return out
 
 
