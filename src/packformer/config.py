@@ -11,6 +11,7 @@ from typing import Any
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
 POSITION_EMBEDDINGS = ("absolute", "none")
 FFN_KINDS = ("mlp", "glu")
+NORM_KINDS = ("layer", "rms")
 
 
 @dataclass(frozen=True)
@@ -77,11 +78,27 @@ class EncoderConfig:
     id2label: dict[int, str] = field(default_factory=dict)
     head_pooling: str = ""            # the head's pooling where each model states it (ModernBERT); "": the family's
     head_bias: bool = True            # False: the head's dense layer has no bias (kept zero)
+    # decoder-style encoders (Qwen3, Gemma 3): each field's default is the BERT-style behaviour
+    norm_kind: str = "layer"          # "layer" (LayerNorm) or "rms" (RMSNorm: w * x / rms(x), no bias)
+    head_size: int = 0                # dims per attention head; 0: hidden_size // num_heads
+    num_kv_heads: int = 0             # key/value heads (grouped-query attention); 0: num_heads
+    qk_norm: bool = False             # an RMSNorm over each q and k head (head_size dims) before rotary
+    sandwich_norm: bool = False       # pre-norm + a norm of each sublayer's output before its residual add
+    causal: bool = False              # query i attends to keys j <= i of its own sequence only
+    attention_scale: float = 0.0      # the scores' scale; 0: 1 / sqrt(head_size)
+    embedding_scale: float = 1.0      # the word embeddings times this (rounded to their dtype, as Gemma)
+    global_offset: int = 0            # with global_every: layer i is global when (i - offset) % global_every == 0
     adapters: Any = None              # lora.LoraAdapters: per-task LoRA deltas of every Linear and embedding (Jina v3)
 
     def __post_init__(self) -> None:
-        if self.hidden_size % self.num_heads:
+        if self.head_size < 0 or self.num_kv_heads < 0:
+            raise ValueError(f"head_size ({self.head_size}) and num_kv_heads ({self.num_kv_heads}) must be >= 0")
+        if not self.head_size and self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.num_heads % self.kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.kv_heads}")
+        if self.norm_kind not in NORM_KINDS:
+            raise ValueError(f"norm_kind {self.norm_kind!r} is not one of {NORM_KINDS}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation {self.activation!r} is not one of {ACTIVATIONS}")
         if self.position_embedding not in POSITION_EMBEDDINGS:
@@ -108,10 +125,25 @@ class EncoderConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+        return self.head_size or self.hidden_size // self.num_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def qkv_size(self) -> int:
+        """Rows of the fused projection [q; k; v]: (heads + 2 kv heads) x head dims."""
+        return (self.num_heads + 2 * self.kv_heads) * self.head_dim
+
+    @property
+    def scale(self) -> float:
+        """The attention scores' scale."""
+        return self.attention_scale or 1.0 / self.head_dim ** 0.5
 
     def is_local(self, layer: int) -> bool:
-        return self.local_window > 0 and not (self.global_every and layer % self.global_every == 0)
+        return self.local_window > 0 and not (self.global_every
+                                              and (layer - self.global_offset) % self.global_every == 0)
 
     def window_of_layer(self, layer: int) -> int:
         """The attention half-width of layer `layer` (0: the whole sequence)."""
@@ -162,7 +194,14 @@ class EncoderConfig:
         if self.local_window:
             attn = (f"+-{self.local_window} window" + (f", global every {self.global_every} layers"
                                                         if self.global_every else ""))
-        out = {"norm": "pre" if self.norm_first else "post", "positions": " + ".join(pos) or "none",
+        if self.causal:
+            attn = "causal" + ("" if attn == "global" else f", {attn}")
+        if self.kv_heads != self.num_heads:
+            attn += f", {self.kv_heads} kv heads"
+        norm = ("pre" if self.norm_first else "post") + (" + post-sublayer" if self.sandwich_norm else "")
+        norm += ", RMSNorm" if self.norm_kind == "rms" else ""
+        norm += ", q/k norm" if self.qk_norm else ""
+        out = {"norm": norm, "positions": " + ".join(pos) or "none",
                "attention": attn, "ffn": f"{'GLU' if self.ffn_kind == 'glu' else 'MLP'} ({self.activation})",
                "biases": self.linear_bias}
         if self.adapters is not None:

@@ -6,6 +6,7 @@ feed-forwards, biases) is data on the layers and in the per-forward `Context`, r
 
     post-norm:  x = N1(x + Wo attn(x));           x = N2(x + ffn(x))
     pre-norm:   x = x + Wo attn(N1 x);             x = x + ffn(N2 x)     (N1 of layer 0 may be identity)
+    sandwich:   x = x + P1(Wo attn(N1 x));         x = x + P2(ffn(N2 x))  (pre-norm + post_norm1/2: Gemma 3)
 
 In pre-norm stacks the sum and the next norm come out of one primitive call (`keep_sum`), so a backend
 can fuse "add, then normalise for the next sublayer" into one pass; the last layer's second norm is the
@@ -33,10 +34,10 @@ class Context:
     rel_embeddings: torch.Tensor | None = None    # [2k, H] DeBERTa's relative embeddings after their norm (reference)
 
     def bias_for(self, layer) -> PositionBias | None:
-        window = getattr(layer, "window", 0)
-        if self.bias_table is None and not window:
+        window, causal = getattr(layer, "window", 0), getattr(layer, "causal", False)
+        if self.bias_table is None and not window and not causal:
             return None
-        return PositionBias(table=self.bias_table, window=window)
+        return PositionBias(table=self.bias_table, window=window, causal=causal)
 
 
 def build_context(cfg, batch: PackedBatch, meta: AttentionMeta, bias_table: torch.Tensor | None) -> Context:
@@ -63,16 +64,21 @@ class Primitives:
     def ffn_hidden(self, layer, h: torch.Tensor) -> torch.Tensor: ...               # act(h W1 + b1) or GLU: [T, F]
 
     def project_add_norm(self, a: torch.Tensor, lin, residual: torch.Tensor, norm, keep_sum: bool = False,
-                         out: torch.Tensor | None = None):
-        """s = residual + a W^T + b; returns norm(s), or (s, norm(s)) with keep_sum. May overwrite
-        `residual` (always the dataflow's own activation); `out` receives norm(s) when given."""
+                         out: torch.Tensor | None = None, post=None):
+        """s = residual + a W^T + b (with `post`, a norm handle: residual + post(a W^T + b)); returns
+        norm(s), or (s, norm(s)) with keep_sum. May overwrite `residual` (always the dataflow's own
+        activation); `out` receives norm(s) when given."""
         raise NotImplementedError
 
     def attention_sublayer(self, layer, h, x, norm, ctx: Context, keep_sum=False, out=None):
-        return self.project_add_norm(self.attention(layer, h, ctx), layer.out, x, norm, keep_sum, out)
+        post = getattr(layer, "post_norm1", None)
+        kw = {} if post is None else {"post": post}
+        return self.project_add_norm(self.attention(layer, h, ctx), layer.out, x, norm, keep_sum, out, **kw)
 
     def ffn_sublayer(self, layer, h, x, norm, keep_sum=False, out=None):
-        return self.project_add_norm(self.ffn_hidden(layer, h), layer.ffn2, x, norm, keep_sum, out)
+        post = getattr(layer, "post_norm2", None)
+        kw = {} if post is None else {"post": post}
+        return self.project_add_norm(self.ffn_hidden(layer, h), layer.ffn2, x, norm, keep_sum, out, **kw)
 
 
 def run_layers(P: Primitives, layers, x: torch.Tensor, ctx: Context, final_norm=None,

@@ -16,7 +16,7 @@ from .batch import PackedBatch
 from .config import EncoderConfig
 from .dataflow import Context, Primitives, build_context, run_encoder
 from .lora import LoraWeights
-from .ops.attention import AttentionMeta, PositionBias, varlen_attention
+from .ops.attention import AttentionMeta, PositionBias, split_qkv, varlen_attention
 from .ops.disentangled import disentangled_attention_ref, position_projections
 from .ops.rotary import apply_rotary_ref
 
@@ -39,6 +39,31 @@ def _zero_bias_if(flag: bool, *modules: nn.Module) -> None:
                 nn.init.zeros_(m.bias)
 
 
+class RMSNorm(nn.Module):
+    """w * x / sqrt(mean(x^2) + eps), in fp32, rounded once to x's dtype. No bias. Gemma's (1 + w) form is
+    folded into `weight` at load (keymap transform "plus_one"), so one norm serves both families."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.eps}"
+
+
+def make_norm(cfg: EncoderConfig, dim: int | None = None) -> nn.Module:
+    """The config's norm over `dim` features (default: hidden_size)."""
+    dim = cfg.hidden_size if dim is None else dim
+    if cfg.norm_kind == "rms":
+        return RMSNorm(dim, eps=cfg.layer_norm_eps)
+    return nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
+
+
 class Embeddings(nn.Module):
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
@@ -46,11 +71,14 @@ class Embeddings(nn.Module):
         self.position = (nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
                          if cfg.position_embedding == "absolute" else None)
         self.token_type = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size) if cfg.type_vocab_size > 0 else None
-        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps) if cfg.embedding_layer_norm else None
+        self.norm = make_norm(cfg) if cfg.embedding_layer_norm else None
+        self.scale = cfg.embedding_scale          # Gemma: sqrt(hidden), applied in the embeddings' dtype
         _zero_bias_if(not cfg.norm_bias, self.norm)
 
     def forward(self, batch: PackedBatch) -> torch.Tensor:
         x = self.word(batch.input_ids)                                              # [T, H]
+        if self.scale != 1.0:
+            x = x * torch.tensor(self.scale).to(x.dtype)      # fp32 scalar rounded to the dtype, as Gemma
         if self.position is not None:
             x = x + self.position(batch.positions)
         if self.token_type is not None:
@@ -65,24 +93,33 @@ class EncoderLayer(nn.Module):
     """The parameters of one layer, and what the dataflow needs to know about it (all from the config).
 
     `ffn1` has 2 x intermediate rows for GLU feed-forwards: [gate; up], out = act(gate) * up.
-    `norm1` is None where a family has no norm before its first attention (ModernBERT, pre-norm)."""
+    `norm1` is None where a family has no norm before its first attention (ModernBERT, pre-norm).
+    `qkv` rows are [q (heads x d); k (kv heads x d); v (kv heads x d)] (grouped-query attention when
+    kv heads < heads). Optional: `q_norm` / `k_norm` over each head (Qwen3, Gemma 3), `post_norm1` /
+    `post_norm2` on each sublayer's output before its residual add (Gemma 3's sandwich norms)."""
 
     def __init__(self, cfg: EncoderConfig, index: int = 0):
         super().__init__()
         h = cfg.hidden_size
         self.index = index
-        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        self.num_heads, self.head_dim, self.kv_heads = cfg.num_heads, cfg.head_dim, cfg.kv_heads
+        self.scale, self.causal = cfg.scale, cfg.causal
         self.act, self.norm_first, self.glu = cfg.activation, cfg.norm_first, cfg.ffn_kind == "glu"
         self.window = cfg.window_of_layer(index)
         self.rotary = cfg.rotary_of_layer(index)
         self.disentangled = cfg.disentangled     # DeBERTa: c2p / p2c terms in the scores (ops/disentangled.py)
-        self.qkv = nn.Linear(h, 3 * h)            # rows: [q; k; v]
-        self.out = nn.Linear(h, h)
-        self.norm1 = (nn.LayerNorm(h, eps=cfg.layer_norm_eps)
+        self.qkv = nn.Linear(h, cfg.qkv_size)     # rows: [q; k; v]
+        self.out = nn.Linear(cfg.num_heads * cfg.head_dim, h)
+        self.norm1 = (make_norm(cfg)
                       if cfg.first_attention_norm or index > 0 or not cfg.norm_first else None)
         self.ffn1 = nn.Linear(h, cfg.intermediate_size * (2 if self.glu else 1))
         self.ffn2 = nn.Linear(cfg.intermediate_size, h)
-        self.norm2 = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
+        self.norm2 = make_norm(cfg)
+        qk = cfg.qk_norm
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.layer_norm_eps) if qk else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.layer_norm_eps) if qk else None
+        self.post_norm1 = make_norm(cfg) if cfg.sandwich_norm else None
+        self.post_norm2 = make_norm(cfg) if cfg.sandwich_norm else None
         _zero_bias_if(not cfg.linear_bias, self.qkv, self.out, self.ffn1, self.ffn2)
         _zero_bias_if(not cfg.norm_bias, self.norm1, self.norm2)
 
@@ -98,7 +135,7 @@ class Encoder(nn.Module):
         self.config = cfg
         self.embeddings = Embeddings(cfg)
         self.layers = nn.ModuleList(EncoderLayer(cfg, i) for i in range(cfg.num_layers))
-        self.final_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps) if cfg.final_layer_norm else None
+        self.final_norm = make_norm(cfg) if cfg.final_layer_norm else None
         _zero_bias_if(not cfg.norm_bias, self.final_norm)
         rb = cfg.relative_bias
         self.relative_bias = nn.Embedding(rb.num_buckets, cfg.num_heads) if rb is not None else None
@@ -151,7 +188,9 @@ class ReferencePrimitives(Primitives):
 
     def attention(self, layer, h: torch.Tensor, ctx: Context) -> torch.Tensor:
         t = h.shape[0]
-        q, k, v = layer.qkv(h).view(t, 3, layer.num_heads, layer.head_dim).unbind(1)  # 3 x [T, nh, hd]
+        q, k, v = split_qkv(layer.qkv(h), layer.num_heads, layer.kv_heads, layer.head_dim)  # [T, nh|nkv, hd]
+        if getattr(layer, "q_norm", None) is not None:                    # per-head RMSNorm before rotary
+            q, k = layer.q_norm(q), layer.k_norm(k)
         if layer.rotary is not None:
             cos, sin = ctx.rotary[layer.rotary]
             q, k = apply_rotary_ref(q, k, cos, sin, layer.rotary)
@@ -160,7 +199,8 @@ class ReferencePrimitives(Primitives):
                                           torch.float32)
             a = disentangled_attention_ref(q, k, v, ctx.meta.cu_seqlens, pq, pk, layer.disentangled)
             return a.reshape(t, layer.num_heads * layer.head_dim)                          # [T, H]
-        a = varlen_attention(q, k, v, ctx.meta, bias=ctx.bias_for(layer))                # [T, nh, hd]
+        a = varlen_attention(q, k, v, ctx.meta, scale=getattr(layer, "scale", None),
+                             bias=ctx.bias_for(layer))                                     # [T, nh, hd]
         return a.reshape(t, layer.num_heads * layer.head_dim)                              # [T, H]
 
     def ffn_hidden(self, layer, h: torch.Tensor) -> torch.Tensor:
@@ -170,12 +210,14 @@ class ReferencePrimitives(Primitives):
             return activation(layer.act, gate) * up                                        # [T, F]
         return activation(layer.act, y)
 
-    def project_add_norm(self, a, lin, residual, norm, keep_sum=False, out=None):
-        s = residual + lin(a)                                                              # [T, H]
+    def project_add_norm(self, a, lin, residual, norm, keep_sum=False, out=None, post=None):
+        y = lin(a)                                                                         # [T, H]
+        s = residual + (y if post is None else post(y))
         y = s if norm is None else norm(s)
         if out is not None:
             y = out.copy_(y)
         return (s, y) if keep_sum else y
 
 
-__all__ = ["Encoder", "EncoderLayer", "Embeddings", "ReferencePrimitives", "PositionBias", "activation"]
+__all__ = ["Encoder", "EncoderLayer", "Embeddings", "RMSNorm", "ReferencePrimitives", "PositionBias", "activation",
+           "make_norm"]

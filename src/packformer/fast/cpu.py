@@ -31,7 +31,7 @@ from ..batch import PackedBatch, cu_seqlens_from_lengths
 from ..config import EncoderConfig
 from ..dataflow import Context, Primitives, build_context, run_encoder
 from ..model import Encoder
-from ..ops.attention import AttentionMeta, _cpu_grouped_sdpa, group_by_length
+from ..ops.attention import AttentionMeta, _cpu_grouped_sdpa, group_by_length, split_qkv
 from ..ops.disentangled import disentangled_attention, position_projections
 from ..ops.rotary import apply_rotary_
 from .cpu_features import detect
@@ -58,7 +58,9 @@ class _Layer:
 
     def __init__(self, layer, cfg: EncoderConfig, lin, dtype: torch.dtype):
         self.index, self.num_heads, self.head_dim = layer.index, layer.num_heads, layer.head_dim
-        self.scale = 1.0 / math.sqrt(layer.head_dim)
+        self.kv_heads = getattr(layer, "kv_heads", layer.num_heads)
+        self.scale = getattr(layer, "scale", None) or 1.0 / math.sqrt(layer.head_dim)
+        self.causal = getattr(layer, "causal", False)
         self.act, self.norm_first, self.glu = layer.act, layer.norm_first, layer.glu
         self.window, self.rotary, self.hidden = layer.window, layer.rotary, cfg.hidden_size
         self.disentangled = getattr(layer, "disentangled", None)
@@ -71,6 +73,10 @@ class _Layer:
         self.ffn2: CpuLinear = lin(layer.ffn2)
         self.norm1 = _norm_params(layer.norm1, dtype)
         self.norm2 = _norm_params(layer.norm2, dtype)
+        self.q_norm = _norm_params(getattr(layer, "q_norm", None), dtype)          # per-head RMSNorm (Qwen3)
+        self.k_norm = _norm_params(getattr(layer, "k_norm", None), dtype)
+        self.post_norm1 = _norm_params(getattr(layer, "post_norm1", None), dtype)  # sandwich norms (Gemma 3)
+        self.post_norm2 = _norm_params(getattr(layer, "post_norm2", None), dtype)
         # The FFN runs block by block of rows, and the QKV projection fills one [T, 3H] buffer per forward
         # block by block: each block's output is small enough for glibc to recycle from its heap, while a
         # whole-batch [T, 4H] or [T, 3H] output is above its largest mmap threshold (32 MB) and comes back
@@ -83,16 +89,23 @@ class _Layer:
 
 
 def _norm_params(norm, dtype) -> tuple | None:
+    """(weight, bias, eps) of a LayerNorm; (weight, None, eps) of an RMSNorm (model.RMSNorm has no bias)."""
     if norm is None:
         return None
-    return norm.weight.detach().to(dtype), norm.bias.detach().to(dtype), norm.eps
+    bias = getattr(norm, "bias", None)
+    return norm.weight.detach().to(dtype), None if bias is None else bias.detach().to(dtype), norm.eps
 
 
 def _layer_norm(x: torch.Tensor, p: tuple | None) -> torch.Tensor:
+    """LayerNorm, or RMSNorm (no bias), over the last dim. RMSNorm computes in fp32 and rounds once, as
+    model.RMSNorm; every row on its own (the same bits alone and batched)."""
     if p is None:
         return x
     w, b, eps = p
-    return F.layer_norm(x, (x.shape[1],), w, b, eps)
+    if b is None:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * w.float()).to(x.dtype)
+    return F.layer_norm(x, (x.shape[-1],), w, b, eps)
 
 
 class CpuPrimitives(Primitives):
@@ -120,7 +133,9 @@ class CpuPrimitives(Primitives):
             qkv = qkv_out
             for r0 in range(0, t, layer.block_rows):
                 qkv[r0:r0 + layer.block_rows] = layer.qkv(h[r0:r0 + layer.block_rows])
-        q, k, v = qkv.view(t, 3, layer.num_heads, layer.head_dim).unbind(1)           # 3 x [T, nh, hd] views
+        q, k, v = split_qkv(qkv, layer.num_heads, layer.kv_heads, layer.head_dim)   # [T, nh|nkv, hd] views
+        if layer.q_norm is not None:                           # per-head RMSNorm before rotary (new tensors)
+            q, k = _layer_norm(q, layer.q_norm), _layer_norm(k, layer.k_norm)
         if layer.rotary is not None:
             cos, sin = ctx.rotary[layer.rotary]
             apply_rotary_(q, k, cos, sin, layer.rotary)
@@ -138,12 +153,16 @@ class CpuPrimitives(Primitives):
         gate = gate.clone(memory_format=torch.contiguous_format)                      # [rows, F]
         return act_(gate, layer.act).mul_(up)                                         # [rows, F]
 
-    def project_add_norm(self, a, lin, residual, norm, keep_sum=False, out=None):
-        s = lin(a, residual=residual)
+    def project_add_norm(self, a, lin, residual, norm, keep_sum=False, out=None, post=None):
+        s = lin(a, residual=residual) if post is None else residual.add_(_layer_norm(lin(a), post))
         y = _layer_norm(s, norm)
         return (s, y) if keep_sum else y
 
     def ffn_sublayer(self, layer: _Layer, h, x, norm, keep_sum=False, out=None):
+        if layer.post_norm2 is not None:      # sandwich norm: residual + post(ffn(h)), row by row
+            s = x.add_(_layer_norm(layer.ffn2(self.ffn_hidden(layer, h)), layer.post_norm2))
+            y = _layer_norm(s, norm)
+            return (s, y) if keep_sum else y
         if h.shape[0] <= layer.block_above:
             s = layer.ffn2(self.ffn_hidden(layer, h), residual=x)
         else:
@@ -201,6 +220,7 @@ class CpuRunner:
         self.position = None if emb.position is None else emb.position.weight.detach().to(self.dtype)
         self.token_type = None if emb.token_type is None else emb.token_type.weight.detach().to(self.dtype)
         self.emb_norm = _norm_params(emb.norm, self.dtype)
+        self.emb_scale = getattr(emb, "scale", 1.0)          # Gemma: sqrt(hidden), rounded to the dtype
         self.layers = [_Layer(l, cfg, lin, self.dtype) for l in encoder.layers]
         rel = encoder.rel_table() if hasattr(encoder, "rel_table") else None
         if rel is not None:
@@ -213,6 +233,8 @@ class CpuRunner:
 
     def _embed(self, batch: PackedBatch) -> torch.Tensor:
         x = F.embedding(batch.input_ids, self.word)                                  # [T, H]
+        if self.emb_scale != 1.0:
+            x.mul_(torch.tensor(self.emb_scale).to(x.dtype))
         if self.position is not None:
             x.add_(F.embedding(batch.positions, self.position))
         if self.token_type is not None:
@@ -230,7 +252,7 @@ class CpuRunner:
         # one QKV buffer for all layers (int8, and batches over BLOCK_ABOVE): a fresh [T, 3H] output per
         # layer is mapped and page-faulted anew every time (42 MB at offline_b128, ~12 ms per first touch)
         big = self.options.quantize or batch.num_tokens > BLOCK_ABOVE
-        qkv_out = torch.empty(batch.num_tokens, 3 * self.config.hidden_size, dtype=self.dtype) if big else None
+        qkv_out = torch.empty(batch.num_tokens, self.config.qkv_size, dtype=self.dtype) if big else None
         x = run_encoder(CpuPrimitives(self, qkv_out), self, batch, meta)                # [T, H]
         if perm is None:
             return x

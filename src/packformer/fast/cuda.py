@@ -12,7 +12,10 @@ Per post-norm layer:  x [T, H]
 Pre-norm stacks use the same kernels in the other order (dataflow.py writes the order once); rotary
 layers rotate q and k in place in the QKV buffer, relative-position biases and local windows are applied
 inside flash_varlen, DeBERTa's disentangled terms in a kernel of their own (ops/disentangled_flash.py),
-GLU feed-forwards take one elementwise pass (ops/glu.py).
+GLU feed-forwards take one elementwise pass (ops/glu.py). Decoder-style encoders (Qwen3, Gemma 3):
+RMSNorms (torch's fused rms_norm), per-head q/k norms before rotary, causal masks and grouped kv heads
+inside flash_varlen (kv heads read in place, never expanded), sandwich norms on each sublayer's output
+before its residual add, and the embedding scale in the embeddings' dtype.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ import torch.nn.functional as F
 from ..batch import PackedBatch
 from ..dataflow import Context, Primitives, build_context, run_encoder
 from ..model import Encoder
-from ..ops.attention import AttentionMeta
+from ..ops.attention import AttentionMeta, split_qkv
 from ..ops.disentangled import distance_index, position_projections
 from ..ops.disentangled_flash import disentangled_flash
 from ..ops.embedding import embed_layernorm
@@ -104,6 +107,15 @@ class FastEncoder:
         return table.to(self.device, non_blocking=True)
 
 
+def _is_rms(norm) -> bool:
+    return getattr(norm, "bias", None) is None
+
+
+def _rms_norm(x: torch.Tensor, norm) -> torch.Tensor:
+    """model.RMSNorm (weight only) over the last dim, in x's dtype."""
+    return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.eps)
+
+
 class CudaPrimitives(Primitives):
     """The dataflow's primitives as fused kernels; norms and linears are the modules themselves."""
 
@@ -118,6 +130,17 @@ class CudaPrimitives(Primitives):
     def embed(self, batch: PackedBatch) -> torch.Tensor:
         emb = self.fast.encoder.embeddings
         norm = emb.norm
+        scale = getattr(emb, "scale", 1.0)
+        if scale != 1.0 or (norm is not None and _is_rms(norm)):   # Gemma: scaled, no position table
+            x = F.embedding(batch.input_ids, emb.word.weight)                                  # [T, H]
+            if scale != 1.0:
+                x = x * torch.tensor(scale).to(x.dtype)
+            if emb.position is not None:
+                x = x + F.embedding(batch.positions, emb.position.weight)
+            if emb.token_type is not None:
+                x = x + (emb.token_type.weight[0] if batch.token_type_ids is None
+                         else F.embedding(batch.token_type_ids, emb.token_type.weight))
+            return self.norm(x, norm)
         return embed_layernorm(batch.input_ids, batch.positions, batch.token_type_ids, emb.word.weight,
                                emb.position.weight if emb.position is not None else None,
                                emb.token_type.weight if emb.token_type is not None else None,
@@ -125,12 +148,19 @@ class CudaPrimitives(Primitives):
                                norm.eps if norm is not None else 0.0)                          # [T, H]
 
     def norm(self, x, norm):
-        return x if norm is None else add_layernorm(x, norm.weight, norm.bias, norm.eps)
+        if norm is None:
+            return x
+        if _is_rms(norm):
+            return _rms_norm(x, norm)
+        return add_layernorm(x, norm.weight, norm.bias, norm.eps)
 
     def attention(self, layer, h: torch.Tensor, ctx: Context) -> torch.Tensor:
         t = h.shape[0]
-        qkv = F.linear(h, layer.qkv.weight, layer.qkv.bias)                               # [T, 3H]
-        q, k, v = qkv.view(t, 3, layer.num_heads, layer.head_dim).unbind(1)                 # 3 x [T, nh, hd]
+        qkv = F.linear(h, layer.qkv.weight, layer.qkv.bias)                               # [T, (nh + 2 nkv) hd]
+        q, k, v = split_qkv(qkv, layer.num_heads, getattr(layer, "kv_heads", layer.num_heads),
+                            layer.head_dim)                                                 # [T, nh|nkv, hd]
+        if getattr(layer, "q_norm", None) is not None:            # per-head RMSNorm before rotary (new tensors)
+            q, k = _rms_norm(q, layer.q_norm), _rms_norm(k, layer.k_norm)
         if layer.rotary is not None:
             cos, sin = ctx.rotary[layer.rotary]
             apply_rotary_(q, k, cos, sin, layer.rotary)
@@ -139,9 +169,10 @@ class CudaPrimitives(Primitives):
             return disentangled_flash(q, k, v, ctx.meta.cu_seqlens, ctx.meta.max_seqlen, pq, pk, layer.disentangled,
                                       config=self.fast._flash, tiles=ctx.tiles).view(t, -1)   # [T, H]
         pb = ctx.bias_for(layer)
-        return flash_varlen(q, k, v, ctx.meta.cu_seqlens, ctx.meta.max_seqlen, config=self.fast._flash,
-                            tiles=ctx.tiles, bias_table=None if pb is None else pb.table,
-                            window=0 if pb is None else pb.window).view(t, -1)              # [T, H]
+        return flash_varlen(q, k, v, ctx.meta.cu_seqlens, ctx.meta.max_seqlen, scale=getattr(layer, "scale", None),
+                            config=self.fast._flash, tiles=ctx.tiles, bias_table=None if pb is None else pb.table,
+                            window=0 if pb is None else pb.window,
+                            causal=False if pb is None else pb.causal).view(t, -1)          # [T, nh hd]
 
     def ffn_hidden(self, layer, x: torch.Tensor) -> torch.Tensor:
         w, b, act = layer.ffn1.weight, layer.ffn1.bias, layer.act
@@ -155,8 +186,20 @@ class CudaPrimitives(Primitives):
         h = F.linear(x, w)                                                                  # [T, F]
         return bias_act(h, b, act, out=h)                                                   # erf GELU, in place
 
-    def project_add_norm(self, a, lin, residual, norm, keep_sum=False, out=None):
-        """residual += a W^T in the GEMM; the bias add is fused into the LayerNorm kernel."""
+    def project_add_norm(self, a, lin, residual, norm, keep_sum=False, out=None, post=None):
+        """residual += a W^T in the GEMM; the bias add is fused into the LayerNorm kernel. With `post`
+        (sandwich norms) or an RMSNorm: the GEMM, the norms and the add as separate steps."""
+        if post is not None or (norm is not None and _is_rms(norm)):
+            if post is not None:
+                s = residual.add_(self.norm(F.linear(a, lin.weight, lin.bias), post))           # [T, H]
+            else:
+                s = residual.addmm_(a, lin.weight.t())
+                if lin.bias is not None:
+                    s.add_(lin.bias)
+            y = self.norm(s, norm)
+            if out is not None:
+                y = out.copy_(y)
+            return (s, y) if keep_sum else y
         s = residual.addmm_(a, lin.weight.t())                                              # [T, H]
         if norm is None:
             if lin.bias is not None:

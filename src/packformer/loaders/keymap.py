@@ -26,6 +26,8 @@ def _swap_halves(t: torch.Tensor) -> torch.Tensor:
 TRANSFORMS = {
     # a fused [up; gate] projection becomes packformer's [gate; up] (its own inverse)
     "swap_halves": (_swap_halves, _swap_halves),
+    # Gemma's RMSNorms scale by (1 + w): packformer's RMSNorm holds the folded weight 1 + w
+    "plus_one": (lambda t: t + 1.0, lambda t: t - 1.0),
 }
 
 

@@ -1,7 +1,10 @@
 """Attention over packed sequences: each sequence attends only to its own tokens.
 
 - `PositionBias`: optional terms that depend only on the (query, key) positions inside a sequence: a
-  learned relative-position bias per head (MPNet) and/or a local window (ModernBERT's local layers).
+  learned relative-position bias per head (MPNet), a local window (ModernBERT's local layers) and/or a
+  causal mask (decoder-style encoders: Qwen3).
+- Grouped-query attention: k and v may have fewer heads than q (q head h reads kv head h // (Hq / Hkv));
+  they are never expanded in memory on the fast paths (CPU SDPA's enable_gqa, flash_varlen's head map).
 - `varlen_attention_ref`: the readable reference (explicit softmax in fp32, one sequence at a time, in
   chunks of queries: never an [H, L, L] score matrix).
 - `varlen_attention`: the dispatcher. On CUDA it uses torch's varlen flash attention where the
@@ -43,10 +46,13 @@ class PositionBias:
     # [H, 2R+1] fp32 on the activations' device: score(i, j) += table[h, clamp(j - i, -R, R) + R]
     table: torch.Tensor | None = None
     window: int = 0                     # > 0: query i sees key j only when |j - i| <= window
+    causal: bool = False                # query i sees key j only when j <= i
 
     def __post_init__(self) -> None:
         if not _is_window(self.window):
             raise ValueError(f"PositionBias.window must be an int >= 0 (0: no window), got {self.window!r}")
+        if not isinstance(self.causal, bool):
+            raise ValueError(f"PositionBias.causal must be a bool, got {self.causal!r}")
         object.__setattr__(self, "window", int(self.window))    # a numpy integer from a config, say
         t = self.table
         if t is not None and not (isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[1] % 2 == 1
@@ -61,7 +67,32 @@ class PositionBias:
 
     @property
     def active(self) -> bool:
-        return self.table is not None or self.window > 0
+        return self.table is not None or self.window > 0 or self.causal
+
+    @property
+    def causal_only(self) -> bool:
+        """Only the causal mask: SDPA's is_causal serves it with no mask tensor."""
+        return self.causal and self.table is None and self.window == 0
+
+
+def split_qkv(qkv: torch.Tensor, heads: int, kv_heads: int, head_dim: int
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A fused projection [T, (heads + 2 kv_heads) d], rows [q; k; v] -> views q [T, heads, d], k and v
+    [T, kv_heads, d] (strided rows, contiguous heads)."""
+    t = qkv.shape[0]
+    if kv_heads == heads:
+        return qkv.view(t, 3, heads, head_dim).unbind(1)
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=1)
+    return q.view(t, heads, head_dim), k.view(t, kv_heads, head_dim), v.view(t, kv_heads, head_dim)
+
+
+def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """q [T, Hq, D], k and v [T, Hkv, D] with Hq a multiple of Hkv."""
+    ok = (q.dim() == 3 and k.shape == v.shape and k.dim() == 3 and k.shape[0] == q.shape[0]
+          and k.shape[2] == q.shape[2] and k.shape[1] > 0 and q.shape[1] % k.shape[1] == 0)
+    if not ok:
+        raise ValueError(f"q, k, v must share one [T, H, D] shape (k and v may have Hkv heads, H a multiple of "
+                         f"Hkv), got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
 
 
 def _check_bias(bias: PositionBias | None, q: torch.Tensor) -> PositionBias | None:
@@ -79,9 +110,10 @@ def _check_bias(bias: PositionBias | None, q: torch.Tensor) -> PositionBias | No
 
 def position_mask(bias: PositionBias, length: int, dtype: torch.dtype = torch.float32,
                   device: torch.device | str = "cpu") -> torch.Tensor:
-    """[1, H, L, L] (window alone: [1, 1, L, L]) additive mask for one sequence of `length` tokens:
-    table[h, clamp(j - i, -R, R) + R], and -inf where |j - i| > window. It depends on the length only, and
-    the mask for a shorter length is its top-left corner. On the table's device, else on `device`."""
+    """[1, H, L, L] (window / causal alone: [1, 1, L, L]) additive mask for one sequence of `length` tokens:
+    table[h, clamp(j - i, -R, R) + R], -inf where |j - i| > window, and -inf where j > i if causal. It
+    depends on the length only, and the mask for a shorter length is its top-left corner. On the table's
+    device, else on `device`."""
     device = bias.table.device if bias.table is not None else device
     pos = torch.arange(length, device=device)
     rel = pos[None, :] - pos[:, None]                                    # [L, L] key minus query position
@@ -92,6 +124,8 @@ def position_mask(bias: PositionBias, length: int, dtype: torch.dtype = torch.fl
         mask = torch.zeros(1, length, length, dtype=dtype, device=device)
     if bias.window > 0:
         mask.masked_fill_(rel.abs() > bias.window, float("-inf"))
+    if bias.causal:
+        mask.masked_fill_(rel > 0, float("-inf"))
     return mask.unsqueeze(0)
 
 
@@ -122,7 +156,7 @@ class AttentionMeta:
         ModernBERT's local layers share one window), so it is built once per forward, not per layer or
         per length group, and it holds no more memory than the longest group's own mask would."""
         t = bias.table
-        key = (id(t), bias.window, dtype, str(device))
+        key = (id(t), bias.window, bias.causal, dtype, str(device))
         version = 0 if t is None or t.is_inference() else t._version   # an in-place update rebuilds
         hit = self.masks.get(key)
         # the entry keeps its table: a new tensor that reuses a freed one's id never matches
@@ -140,10 +174,15 @@ REF_SCORE_ELEMENTS = 1 << 23
 
 def varlen_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                          scale: float | None = None, bias: PositionBias | None = None) -> torch.Tensor:
-    """q, k, v: [T, H, D] -> [T, H, D]. Plain softmax(q k^T * scale + bias) v per sequence, in fp32;
-    the bias (if any) adds table[h, clamp(j - i, -R, R) + R] to score(i, j) and -inf where |j - i| > window,
-    after the scaling, as HF MPNet adds its position bias. Queries go in chunks (REF_SCORE_ELEMENTS)."""
+    """q: [T, H, D], k, v: [T, Hkv, D] -> [T, H, D]. Plain softmax(q k^T * scale + bias) v per sequence, in
+    fp32; the bias (if any) adds table[h, clamp(j - i, -R, R) + R] to score(i, j), -inf where |j - i| > window
+    and -inf where j > i if causal, after the scaling, as HF MPNet adds its position bias. Grouped kv heads
+    are repeated here (the readable form). Queries go in chunks (REF_SCORE_ELEMENTS)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    _check_qkv(q, k, v)
+    if k.shape[1] != q.shape[1]:                      # q head h reads kv head h // group
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     bias = _check_bias(bias, q)
     out = torch.empty_like(q)
     cu = cu_seqlens.tolist()
@@ -163,6 +202,8 @@ def varlen_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_s
                     scores = scores + bias.table.float()[:, rel.clamp(-r, r) + r]
                 if bias.window > 0:
                     scores = scores.masked_fill(rel.abs() > bias.window, float("-inf"))
+                if bias.causal:
+                    scores = scores.masked_fill(rel > 0, float("-inf"))
             p = torch.softmax(scores, dim=-1)                               # [H, C, L]
             out[s + c0:s + c1] = (p @ vs).transpose(0, 1).to(q.dtype)
     return out
@@ -192,8 +233,10 @@ def _cpu_grouped_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: A
     # A PositionBias is the same for every sequence of one length: the group's SDPA call gets one
     # [1, H, L, L] fp32 mask (broadcast over G), the corner of the meta's cached mask (`masks_for`).
     t, h, d = q.shape
+    hk = k.shape[1]                                   # grouped-query attention: SDPA's enable_gqa
     groups = meta.groups if meta.groups is not None else group_by_length(meta.seqlens)
     bias = _check_bias(bias, q)
+    causal = bias is not None and bias.causal
     big = None
     if bias is not None and groups and _needs_mask(bias, groups[-1][0]):
         big = meta.masks_for(bias, groups[-1][0], device=q.device)         # [1, H|1, Lmax, Lmax]
@@ -201,29 +244,38 @@ def _cpu_grouped_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: A
         # one length fills the batch (e.g. padded-style input): SDPA's output is [G, L, H, D] in memory
         length, starts = groups[0]
         mask = _group_mask(big, bias, length)                                               # [1, H|1, L, L]
-        qs, ks, vs = (x.view(len(starts), length, h, d).transpose(1, 2) for x in (q, k, v))
-        return F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale).transpose(1, 2).reshape(t, h, d)
+        qs, ks, vs = (x.view(len(starts), length, x.shape[1], d).transpose(1, 2) for x in (q, k, v))
+        return _sdpa(qs, ks, vs, mask, scale, causal).transpose(1, 2).reshape(t, h, d)
     out = torch.empty_like(q)
     for length, starts in groups:
         g, s = len(starts), starts[0]
         mask = _group_mask(big, bias, length)                                               # [1, H|1, L, L]
         if starts[-1] - s == (g - 1) * length:      # ascending starts, so this means back to back
             e = s + g * length
-            qs, ks, vs = (x[s:e].view(g, length, h, d).transpose(1, 2) for x in (q, k, v))  # [G, H, L, D]
-            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale)
+            qs, ks, vs = (x[s:e].view(g, length, x.shape[1], d).transpose(1, 2) for x in (q, k, v))  # [G, H, L, D]
+            o = _sdpa(qs, ks, vs, mask, scale, causal)
             out[s:e].view(g, length, h, d).copy_(o.transpose(1, 2))
             continue
         idx = (torch.tensor(starts)[:, None] + torch.arange(length)[None, :]).flatten()  # [G*L]
-        qs, ks, vs = (x.index_select(0, idx).view(g, length, h, d).transpose(1, 2) for x in (q, k, v))
-        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale)       # [G, H, L, D]
+        qs, ks, vs = (x.index_select(0, idx).view(g, length, x.shape[1], d).transpose(1, 2) for x in (q, k, v))
+        o = _sdpa(qs, ks, vs, mask, scale, causal)                                         # [G, H, L, D]
         out.index_copy_(0, idx, o.transpose(1, 2).reshape(g * length, h, d))
     return out
 
 
+def _sdpa(q, k, v, mask: torch.Tensor | None, scale: float, causal: bool) -> torch.Tensor:
+    """SDPA on [G, H, L, D] (k, v: [G, Hkv, L, D]); a causal mask without a mask tensor is SDPA's
+    is_causal (a mask tensor, when there is one, already holds it: `position_mask`)."""
+    kw = {"enable_gqa": True} if k.shape[1] != q.shape[1] else {}
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, is_causal=causal and mask is None,
+                                          **kw)
+
+
 def _needs_mask(bias: PositionBias, length: int) -> bool:
-    """False where a window alone covers the whole sequence (ModernBERT's short sequences): SDPA then
-    runs unmasked, as fast as without a bias, and a batch of only such sequences builds no mask."""
-    return bias.table is not None or length > bias.window + 1
+    """False where a window alone covers the whole sequence (ModernBERT's short sequences), or where the
+    only term is the causal mask (SDPA's is_causal): SDPA then runs without a mask tensor, as fast as
+    without a bias, and a batch of only such sequences builds no mask."""
+    return bias.table is not None or (bias.window > 0 and length > bias.window + 1)
 
 
 def _group_mask(big: torch.Tensor | None, bias: PositionBias | None, length: int) -> torch.Tensor | None:
@@ -241,10 +293,10 @@ def _cuda_nested_sdpa(q, k, v, meta: AttentionMeta, scale: float) -> torch.Tenso
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMeta,
                      scale: float | None = None, bias: PositionBias | None = None) -> torch.Tensor:
-    """q, k, v: [T, H, D] packed; returns [T, H, D]. Tokens attend within their own sequence only, with
-    `bias` (if any) added to the scaled scores: softmax(q k^T * scale + bias) v."""
-    if not (q.shape == k.shape == v.shape) or q.dim() != 3:
-        raise ValueError(f"q, k, v must share one [T, H, D] shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    """q: [T, H, D], k, v: [T, Hkv, D] packed (Hkv divides H: grouped-query attention); returns [T, H, D].
+    Tokens attend within their own sequence only, with `bias` (if any) added to the scaled scores:
+    softmax(q k^T * scale + bias) v."""
+    _check_qkv(q, k, v)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     bias = _check_bias(bias, q)
     if q.shape[0] == 0:
@@ -257,8 +309,11 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: At
             # tiles and skips the key blocks outside a window (any dtype, any head size)
             from .flash_varlen import flash_varlen
             return flash_varlen(q, k, v, meta.cu_seqlens, meta.max_seqlen, scale=scale,
-                                bias_table=bias.table, window=bias.window)
+                                bias_table=bias.table, window=bias.window, causal=bias.causal)
         return _cpu_grouped_sdpa_any_device(q, k, v, meta, scale, bias)
+    if q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16) and k.shape[1] != q.shape[1]:
+        from .flash_varlen import flash_varlen       # grouped kv heads, read in place by our kernel
+        return flash_varlen(q, k, v, meta.cu_seqlens, meta.max_seqlen, scale=scale)
     if q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16):
         # flash attention straight on the packed [T, H, D] views (last dim contiguous, rows strided):
         # no copy, no padding, no [B, L, L] mask; nothing here reads device memory on the host, so it
@@ -280,6 +335,7 @@ def _cpu_grouped_sdpa_any_device(q, k, v, meta: AttentionMeta, scale: float,
                                  bias: PositionBias | None = None) -> torch.Tensor:
     out = torch.empty_like(q)
     big = None
+    causal = bias is not None and bias.causal
     lmax = max(meta.seqlens, default=0)
     if bias is not None and lmax and _needs_mask(bias, lmax):
         # in q's dtype: other devices' SDPA kernels may want the mask in the inputs' dtype
@@ -288,7 +344,7 @@ def _cpu_grouped_sdpa_any_device(q, k, v, meta: AttentionMeta, scale: float,
     for n in meta.seqlens:
         if n:
             qs, ks, vs = (t[start:start + n].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
-            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=_group_mask(big, bias, n), scale=scale)
+            o = _sdpa(qs, ks, vs, _group_mask(big, bias, n), scale, causal)
             out[start:start + n] = o[0].transpose(0, 1)                                       # [L, H, D]
         start += n
     return out

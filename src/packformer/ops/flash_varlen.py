@@ -11,7 +11,9 @@ sizes are chosen per problem; the GPU benchmark decides which kernel the fast pa
   with exp2; the last key block is the only one masked. Optional position terms (`PositionBias` in
   attention.py), both constexpr-switched so the plain kernel compiles as before: a relative-position
   bias table[h, clamp(j - i, -R, R) + R] added to the scaled scores, and a local window |j - i| <= w whose
-  key loop visits only the blocks the query block can see. Three ways to enumerate the query blocks:
+  key loop visits only the blocks the query block can see; and a causal mask j <= i (CAUSAL: the key
+  loop stops at the query block's diagonal, so the blocks above it are never read). Grouped-query
+  attention: k and v may have fewer heads (head h reads kv head h // GROUP), read in place. Three ways to enumerate the query blocks:
   - a tile table (`tile_table`, built on the host from the lengths, once per forward): exactly the
     blocks that exist, longest sequences first (their programs run longest, so the grid's tail is
     short ones);
@@ -49,7 +51,10 @@ def default_config(head_dim: int, max_seqlen: int) -> FlashConfig:
     """Tiles chosen on an H200 by benchmarks/gpu_fastpath.py --sections attention (NOTES-gpu.md): 64 query
     rows, 3 stages (128-row tiles lost 10-20% to padding on these short sequences); 32 keys per step up
     to head size 64: for head size 32 (MiniLM offline_b256) 88 vs 103 us with 64 keys; for head size 64
-    the same on offline_b256 (131 us) and 10% faster on serve_b32 (12.5 vs 14.0 us)."""
+    the same on offline_b256 (131 us) and 10% faster on serve_b32 (12.5 vs 14.0 us). Heads over 128 dims
+    (EmbeddingGemma: 256) take 32 keys and 2 stages, so the K/V stages fit in shared memory (not measured)."""
+    if head_dim > 128:
+        return FlashConfig(64, 32, 4, 2)
     return FlashConfig(64, 32 if head_dim <= 64 else 64, 4, 3)
 
 
@@ -73,28 +78,34 @@ if triton is not None:
     @triton.jit
     def _attend_block(q, k_base, v_base, rows, seqlen, d_ok, m_i, l_i, acc, qk_scale, stride_kt, stride_vt,
                       qpos, bias_row, R, window,
-                      MASKED: tl.constexpr, BIAS: tl.constexpr, WINDOW: tl.constexpr):
+                      MASKED: tl.constexpr, BIAS: tl.constexpr, WINDOW: tl.constexpr, CAUSAL: tl.constexpr):
         """One online-softmax step over the key rows `rows` [BN]: returns the updated (max, sum, acc).
         MASKED: the block runs past the sequence's end (only its last block does).
         BIAS: add bias_row[clamp(j - i, -R, R)] (bias_row points at the head's column R) to the scores.
-        WINDOW: only keys with |j - i| <= window count (qpos [BM]: the query positions i)."""
+        WINDOW: only keys with |j - i| <= window count (qpos [BM]: the query positions i).
+        CAUSAL: only keys with j <= i count."""
         ok = rows < seqlen
         kv_mask = (ok[:, None] & d_ok[None, :]) if MASKED else d_ok[None, :]
         k = tl.load(k_base + rows[:, None] * stride_kt, mask=kv_mask, other=0.0)                 # [BN, HD]
         s = tl.dot(q, tl.trans(k)) * qk_scale                                                     # [BM, BN]
-        if BIAS or WINDOW:
+        if BIAS or WINDOW or CAUSAL:
             rel = rows[None, :] - qpos[:, None]                        # [BM, BN] key minus query position
         if BIAS:   # softmax(q k^T * scale + bias): the bias goes into log2 units too
             s += tl.load(bias_row + tl.minimum(tl.maximum(rel, -R), R)) * 1.4426950408889634
-        if WINDOW:
-            seen = (rel <= window) & (rel >= -window)
+        if WINDOW or CAUSAL:
+            if WINDOW and CAUSAL:
+                seen = (rel <= 0) & (rel >= -window)
+            elif WINDOW:
+                seen = (rel <= window) & (rel >= -window)
+            else:
+                seen = rel <= 0
             if MASKED:
                 seen = seen & ok[None, :]
             s = tl.where(seen, s, float("-inf"))
         elif MASKED:
             s = tl.where(ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        if WINDOW:   # a row may see no key of this block yet: keep exp2(-inf - -inf) from making NaN
+        if WINDOW or CAUSAL:   # a row may see no key of this block yet: keep exp2(-inf - -inf) from making NaN
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         else:
             m_use = m_new
@@ -108,10 +119,10 @@ if triton is not None:
     @triton.jit
     def _flash_varlen_kernel(Q, K, V, O, CU, TILES, BIAS_TABLE, qk_scale, stride_qt, stride_qh, stride_kt,
                              stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_bh, R, window,
-                             H, NUM_MB, NSEG, D: tl.constexpr,
+                             H, NUM_MB, NSEG, GROUP, D: tl.constexpr,
                              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                              USE_TILES: tl.constexpr, SELF_INDEX: tl.constexpr, SEG_POW2: tl.constexpr,
-                             BIAS: tl.constexpr, WINDOW: tl.constexpr):
+                             BIAS: tl.constexpr, WINDOW: tl.constexpr, CAUSAL: tl.constexpr):
         if USE_TILES:     # grid (heads, tiles): the table lists the blocks longest sequence first
             h = tl.program_id(0)
             b = tl.load(TILES + 2 * tl.program_id(1))
@@ -146,8 +157,9 @@ if triton is not None:
         row0 = start.to(tl.int64)
         q_ptrs = Q + (row0 + offs_m[:, None]) * stride_qt + h * stride_qh + offs_d[None, :]
         q = tl.load(q_ptrs, mask=(offs_m[:, None] < seqlen) & d_ok[None, :], other=0.0)       # [BM, HD]
-        k_base = K + row0 * stride_kt + h * stride_kh + offs_d[None, :]
-        v_base = V + row0 * stride_vt + h * stride_vh + offs_d[None, :]
+        hk = h // GROUP                                                # the kv head of query head h
+        k_base = K + row0 * stride_kt + hk * stride_kh + offs_d[None, :]
+        v_base = V + row0 * stride_vt + hk * stride_vh + offs_d[None, :]
         # query positions; rows past the end take the last row's, so under a window they still see a key
         qpos = tl.minimum(offs_m, seqlen - 1)
         bias_row = BIAS_TABLE + h * stride_bh + R                      # the head's column for j - i = 0
@@ -164,14 +176,17 @@ if triton is not None:
             n_lo = 0
             n_hi = seqlen
             n_mid = full_end
+        if CAUSAL:      # no key past the block's last query: the blocks above the diagonal are skipped
+            n_hi = tl.minimum(n_hi, m0 + BLOCK_M)
+            n_mid = tl.minimum(n_hi, full_end)
         for n0 in range(n_lo, n_mid, BLOCK_N):            # key blocks fully inside the sequence: no end mask
             m_i, l_i, acc = _attend_block(q, k_base, v_base, n0 + offs_n, seqlen, d_ok, m_i, l_i, acc, qk_scale,
                                           stride_kt, stride_vt, qpos, bias_row, R, window,
-                                          MASKED=False, BIAS=BIAS, WINDOW=WINDOW)
+                                          MASKED=False, BIAS=BIAS, WINDOW=WINDOW, CAUSAL=CAUSAL)
         if full_end < n_hi:                                # the ragged last key block
             m_i, l_i, acc = _attend_block(q, k_base, v_base, full_end + offs_n, seqlen, d_ok, m_i, l_i, acc,
                                           qk_scale, stride_kt, stride_vt, qpos, bias_row, R, window,
-                                          MASKED=True, BIAS=BIAS, WINDOW=WINDOW)
+                                          MASKED=True, BIAS=BIAS, WINDOW=WINDOW, CAUSAL=CAUSAL)
         acc = acc / l_i[:, None]
         o_ptrs = O + (row0 + offs_m[:, None]) * stride_ot + h * stride_oh + offs_d[None, :]
         tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=(offs_m[:, None] < seqlen) & d_ok[None, :])
@@ -180,16 +195,22 @@ if triton is not None:
 def flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
                  scale: float | None = None, out: torch.Tensor | None = None,
                  config: FlashConfig | None = None, tiles: torch.Tensor | None = None,
-                 dense: bool = False, bias_table: torch.Tensor | None = None, window: int = 0) -> torch.Tensor:
-    """q, k, v: [T, H, D] (rows may be strided, e.g. views of a fused QKV) -> [T, H, D].
+                 dense: bool = False, bias_table: torch.Tensor | None = None, window: int = 0,
+                 causal: bool = False) -> torch.Tensor:
+    """q: [T, H, D], k, v: [T, Hkv, D] (rows may be strided, e.g. views of a fused QKV; Hkv divides H:
+    grouped-query attention, q head h reads kv head h // (H / Hkv)) -> [T, H, D].
     cu_seqlens: [B+1] int32 on q's device; max_seqlen: an upper bound on every sequence's length.
     tiles: optional `tile_table(lengths, config.block_m)` on q's device (no spare programs, longest
     sequences first); without it the kernel finds each program's block from cu_seqlens (up to
     SELF_INDEX_MAX_SEQS sequences), or, with dense=True or more sequences, runs the dense grid.
     bias_table: optional [H, 2R+1] fp32 on q's device; score(i, j) = q_i k_j * scale + table[h, clamp(j - i,
-    -R, R) + R] (positions inside the sequence). window > 0: query i sees key j only when |j - i| <= window."""
-    check(q.dim() == 3 and q.shape == k.shape == v.shape,
-          f"q, k, v must share one [T, H, D] shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    -R, R) + R] (positions inside the sequence). window > 0: query i sees key j only when |j - i| <= window.
+    causal: query i sees key j only when j <= i."""
+    check(q.dim() == 3 and k.dim() == 3 and k.shape == v.shape and k.shape[0] == q.shape[0]
+          and k.shape[2] == q.shape[2] and k.shape[1] > 0 and q.shape[1] % k.shape[1] == 0,
+          f"q must be [T, H, D] and k, v one [T, Hkv, D] shape with H a multiple of Hkv, got {tuple(q.shape)}, "
+          f"{tuple(k.shape)}, {tuple(v.shape)}")
+    check(isinstance(causal, bool), f"causal must be a bool, got {causal!r}")
     check(q.dtype == k.dtype == v.dtype and q.dtype in (torch.float16, torch.bfloat16, torch.float32),
           f"q, k, v need one dtype among fp16/bf16/fp32, got {q.dtype}, {k.dtype}, {v.dtype}")
     check(all(x.stride(2) == 1 for x in (q, k, v)), "q, k, v need a contiguous last (head) dimension")
@@ -211,7 +232,7 @@ def flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: 
     check(out.shape == q.shape and out.dtype == q.dtype and out.stride(2) == 1, f"out must be {tuple(q.shape)} {q.dtype}")
     if not kernel_ok(q, k, v, cu_seqlens):
         from .attention import PositionBias, varlen_attention_ref
-        bias = PositionBias(bias_table, window) if bias_table is not None or window else None
+        bias = PositionBias(bias_table, window, causal) if bias_table is not None or window or causal else None
         return out.copy_(varlen_attention_ref(q, k, v, cu_seqlens, scale, bias))
     b = cu_seqlens.numel() - 1
     if t == 0 or b <= 0 or max_seqlen <= 0:
@@ -236,8 +257,9 @@ def flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: 
         q, k, v, out, cu_seqlens, tiles if use_tiles else cu_seqlens, bias_table if has_bias else cu_seqlens,
         scale * LOG2E, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1), bias_table.stride(0) if has_bias else 0,
-        (bias_table.shape[1] - 1) // 2 if has_bias else 0, window, h, num_mb, b, D=d,
+        (bias_table.shape[1] - 1) // 2 if has_bias else 0, window, h, num_mb, b, h // k.shape[1], D=d,
         HEAD_DIM=max(16, next_pow2(d)), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, USE_TILES=use_tiles,
         SELF_INDEX=self_index, SEG_POW2=next_pow2(b) if self_index else 1, BIAS=has_bias, WINDOW=window > 0,
+        CAUSAL=causal,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
