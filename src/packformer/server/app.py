@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from .errors import install_error_handlers
 from .metrics import Metrics
 from .middleware import APIKeyMiddleware, BodyLimitMiddleware, MetricsMiddleware
+from .output_routes import ROUTES as OUTPUT_ROUTES, router as output_router
 from .routes import ROUTES, router
 from .service import InferenceService
 from .settings import ServerSettings
@@ -51,9 +52,10 @@ def create_app(model: "Model", settings: ServerSettings | None = None, *, warm_b
     app.state.settings = settings
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(output_router)          # /embed_sparse, /embed_all (sparse and per-token outputs)
     # add_middleware wraps: the last added is outermost. Order of a request: metrics -> key -> size.
     app.add_middleware(BodyLimitMiddleware, limit=settings.payload_limit)
     if settings.api_key is not None:
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
-    app.add_middleware(MetricsMiddleware, metrics=metrics, routes=ROUTES)
+    app.add_middleware(MetricsMiddleware, metrics=metrics, routes=OUTPUT_ROUTES + ROUTES)
     return app

@@ -14,6 +14,8 @@ import time
 from typing import TYPE_CHECKING
 
 from ..batch import pack
+from ..multivector import token_embeddings_batch
+from ..sparse import sparse_batch, sparse_kind
 from ..scheduler import Batch, Scheduler
 
 if TYPE_CHECKING:
@@ -42,6 +44,9 @@ def embed_key(normalize: bool | None, task: str | None = None) -> tuple:
 
 
 CLASSIFY_KEY = (CLASSIFY, None)
+# outputs of varying shape per sequence: sparse vectors (ids, weights) and token embeddings [L, H]
+SPARSE_KEY, TOKENS_KEY = ("sparse", None), ("tokens", None)
+ROW_OUTPUTS = {"sparse": sparse_batch, "tokens": token_embeddings_batch}
 
 
 def serving_shapes(max_batch_tokens: int) -> list[tuple[int, int]]:
@@ -148,11 +153,16 @@ class Worker:
         for key in keys:
             for seqs in batches:
                 self.run(key, seqs)
+        if sparse_kind(m) is not None:    # the sparse head at a full batch (SPLADE's [tokens, V] blocks)
+            for seqs in batches:
+                self.run(SPARSE_KEY, seqs)
 
     def run(self, key: tuple, seqs: list) -> "np.ndarray":
         """One packed batch through the model -> numpy [B, D] (embeddings) or [B, C] (logits), fp32."""
         kind, arg, *rest = key
         batch = pack(seqs, self.model.config.position_offset)
+        if kind in ROW_OUTPUTS:     # one result of its own shape per sequence (server/output_routes.py)
+            return ROW_OUTPUTS[kind](self.model, batch)
         if kind == EMBED and rest:
             out = self.model.embed_batch(batch, arg, task=rest[0])
         elif kind == EMBED:
