@@ -90,5 +90,5 @@ class ErrorBody(BaseModel):
 class Info(BaseModel):
     model_config = ConfigDict(extra="allow", protected_namespaces=())
     model_id: str
-    model_type: Literal["embedding", "classifier"]
+    model_type: Literal["embedding", "classifier", "reranker"]
     version: str

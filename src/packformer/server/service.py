@@ -18,7 +18,7 @@ from ..scheduler import Scheduler, SchedulerClosed
 from .errors import APIError, too_large, unhealthy, validation
 from .formats import special_wrap, wrap_token_ids
 from .settings import ServerSettings
-from .worker import CLASSIFY_KEY, BatchFailed, Worker, WorkerDied, embed_key
+from .worker import CLASSIFY_KEY, SCORE_KEY, BatchFailed, Worker, WorkerDied, embed_key
 
 if TYPE_CHECKING:
     from ..engine import Model
@@ -38,6 +38,8 @@ class InferenceService:
                              f"model's maximum length ({model.max_seq_length})")
         self.model = model
         self.settings = settings
+        from ..rerank import model_kind
+        self.kind = model_kind(model)            # embedding / classifier / reranker: which routes it serves
         self.metrics = metrics
         self.model_name = settings.model_name or _default_name(model.source)
         self.scheduler = Scheduler(settings.max_batch_tokens, settings.max_batch_requests)
@@ -145,11 +147,6 @@ class InferenceService:
     # ---- running ------------------------------------------------------------------------------
     async def run(self, key: tuple, ids: list[list[int]]) -> np.ndarray:
         """Queue tokenized inputs and wait for their rows: [N, D] embeddings or [N, C] logits, input order."""
-        return np.stack(await self.run_rows(key, ids))
-
-    async def run_rows(self, key: tuple, ids: list[list[int]]) -> list:
-        """Queue tokenized inputs and wait for one result per input, in input order (results of any shape:
-        embedding rows, sparse vectors, token embeddings)."""
         self.check_ready()
         try:
             fut = self.scheduler.submit(ids, key)
@@ -161,10 +158,11 @@ class InferenceService:
             raise APIError(500, str(e), "backend") from e
         except (WorkerDied, SchedulerClosed) as e:
             raise unhealthy(str(e)) from e
-        return rows
+        return np.stack(rows)
 
     async def embed(self, ids: list[list[int]], normalize: bool | None, task: str | None = None) -> np.ndarray:
         """`task` (resolved by resolve_task): requests of one task batch together, never with another's."""
+        self.check_embedder()
         return await self.run(embed_key(normalize, task), ids)
 
     async def classify(self, ids: list[list[int]]) -> np.ndarray:
@@ -172,6 +170,20 @@ class InferenceService:
             raise validation(f"model {self.model_name} has no classification head: /predict needs a "
                              "*ForSequenceClassification model; use /embed")
         return await self.run(CLASSIFY_KEY, ids)
+
+    async def score(self, seqs: list) -> np.ndarray:
+        """Tokenized (query, document) pairs (rerank.PairSeq) -> logits [N, C], input order. Each pair is one
+        scheduler entry, so a rerank of N documents packs with other traffic under the token budget."""
+        if self.kind != "reranker":
+            raise validation(f"model {self.model_name} is an {self.kind} model: reranking needs a cross-encoder "
+                             "(a CrossEncoder folder, or a *ForSequenceClassification folder with one label)")
+        return await self.run(SCORE_KEY, seqs)
+
+    def check_embedder(self) -> None:
+        """422 for embedding routes on a cross-encoder, naming what it serves instead."""
+        if self.kind == "reranker":
+            raise validation(f"model {self.model_name} is a reranker (cross-encoder): it scores (query, document) "
+                             "pairs on /rerank, /v1/rerank and /v2/rerank, and does not embed texts")
 
     async def health(self) -> str | None:
         """None when the model answers; else why not. Shares one probe among concurrent callers and
@@ -183,7 +195,8 @@ class InferenceService:
         if time.monotonic() - self.worker.last_success < 1.0:
             return None
         if self._health_probe is None or self._health_probe.done():
-            self._health_probe = asyncio.ensure_future(self.embed([self.worker.probe_ids], None))
+            # the probe runs the encoder (pooled) on every kind of model, rerankers included
+            self._health_probe = asyncio.ensure_future(self.run(embed_key(None), [self.worker.probe_ids]))
             # a probe that fails after its waiters timed out must not log "exception never retrieved"
             self._health_probe.add_done_callback(lambda t: t.cancelled() or t.exception())
         try:
@@ -220,7 +233,7 @@ class InferenceService:
         from .. import __version__
         from ..fast import describe_runner
         return {
-            "model_id": self.model_name, "model_type": "classifier" if self.model.head is not None else "embedding",
+            "model_id": self.model_name, "model_type": self.kind,
             "version": __version__, "source": str(m["source"]), "format": m["format"], "family": m["family"],
             "architecture": m["architecture"],
             "model_dtype": m["dtype"], "device": m["device"], "dim": m["dim"],

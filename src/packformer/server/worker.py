@@ -14,8 +14,6 @@ import time
 from typing import TYPE_CHECKING
 
 from ..batch import pack
-from ..multivector import token_embeddings_batch
-from ..sparse import sparse_batch, sparse_kind
 from ..scheduler import Batch, Scheduler
 
 if TYPE_CHECKING:
@@ -26,7 +24,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("packformer.server")
 
-EMBED, CLASSIFY = "embed", "classify"
+EMBED, CLASSIFY, SCORE = "embed", "classify", "score"
 
 
 class WorkerDied(RuntimeError):
@@ -44,9 +42,8 @@ def embed_key(normalize: bool | None, task: str | None = None) -> tuple:
 
 
 CLASSIFY_KEY = (CLASSIFY, None)
-# outputs of varying shape per sequence: sparse vectors (ids, weights) and token embeddings [L, H]
-SPARSE_KEY, TOKENS_KEY = ("sparse", None), ("tokens", None)
-ROW_OUTPUTS = {"sparse": sparse_batch, "tokens": token_embeddings_batch}
+# cross-encoders: each entry is one tokenized (query, document) pair (rerank.PairSeq), scored on its own
+SCORE_KEY = (SCORE, None)
 
 
 def serving_shapes(max_batch_tokens: int) -> list[tuple[int, int]]:
@@ -153,16 +150,20 @@ class Worker:
         for key in keys:
             for seqs in batches:
                 self.run(key, seqs)
-        if sparse_kind(m) is not None:    # the sparse head at a full batch (SPLADE's [tokens, V] blocks)
-            for seqs in batches:
-                self.run(SPARSE_KEY, seqs)
+        if hasattr(m, "score_seqs"):                          # a cross-encoder: its pairs carry token types
+            if callable(runner_warmup) and m.uses_token_types:
+                runner_warmup(serving_shapes(self.scheduler.max_batch_tokens), has_token_types=True)
+            pair = m.pair_ids([("a", "b")])[0]
+            long_pair = m.pair_ids([("a", "a " * n)])[0]            # cut to the model's maximum
+            for seqs in ([pair], [long_pair] * max(1, self.warmup_tokens // len(long_pair))):
+                self.run(SCORE_KEY, seqs)
 
     def run(self, key: tuple, seqs: list) -> "np.ndarray":
         """One packed batch through the model -> numpy [B, D] (embeddings) or [B, C] (logits), fp32."""
         kind, arg, *rest = key
+        if kind == SCORE:           # tokenized pairs: the cross-encoder packs them with their token types
+            return self.model.score_seqs(seqs).float().cpu().numpy()
         batch = pack(seqs, self.model.config.position_offset)
-        if kind in ROW_OUTPUTS:     # one result of its own shape per sequence (server/output_routes.py)
-            return ROW_OUTPUTS[kind](self.model, batch)
         if kind == EMBED and rest:
             out = self.model.embed_batch(batch, arg, task=rest[0])
         elif kind == EMBED:
