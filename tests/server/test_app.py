@@ -207,5 +207,6 @@ def test_openapi_documents_every_route(minilm):
     app = create_app(minilm, ServerSettings(**SMALL))
     paths = TestClient(app).get("/openapi.json").json()["paths"]
     assert set(paths) == {"/embed", "/v1/embeddings", "/embeddings", "/predict", "/tokenize", "/health", "/info",
-                          "/metrics", "/rerank", "/v1/rerank", "/v2/rerank"}
+                          "/metrics", "/embed_sparse", "/embed_all",
+                          "/rerank", "/v1/rerank", "/v2/rerank"}
     assert "422" in paths["/embed"]["post"]["responses"] and "429" in paths["/v1/embeddings"]["post"]["responses"]

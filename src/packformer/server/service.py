@@ -147,6 +147,11 @@ class InferenceService:
     # ---- running ------------------------------------------------------------------------------
     async def run(self, key: tuple, ids: list[list[int]]) -> np.ndarray:
         """Queue tokenized inputs and wait for their rows: [N, D] embeddings or [N, C] logits, input order."""
+        return np.stack(await self.run_rows(key, ids))
+
+    async def run_rows(self, key: tuple, ids: list[list[int]]) -> list:
+        """Queue tokenized inputs and wait for one result per input, in input order (results of any shape:
+        embedding rows, sparse vectors, token embeddings)."""
         self.check_ready()
         try:
             fut = self.scheduler.submit(ids, key)
@@ -158,7 +163,7 @@ class InferenceService:
             raise APIError(500, str(e), "backend") from e
         except (WorkerDied, SchedulerClosed) as e:
             raise unhealthy(str(e)) from e
-        return np.stack(rows)
+        return rows
 
     async def embed(self, ids: list[list[int]], normalize: bool | None, task: str | None = None) -> np.ndarray:
         """`task` (resolved by resolve_task): requests of one task batch together, never with another's."""

@@ -14,6 +14,8 @@ import time
 from typing import TYPE_CHECKING
 
 from ..batch import pack
+from ..multivector import token_embeddings_batch
+from ..sparse import sparse_batch, sparse_kind
 from ..scheduler import Batch, Scheduler
 
 if TYPE_CHECKING:
@@ -44,6 +46,9 @@ def embed_key(normalize: bool | None, task: str | None = None) -> tuple:
 CLASSIFY_KEY = (CLASSIFY, None)
 # cross-encoders: each entry is one tokenized (query, document) pair (rerank.PairSeq), scored on its own
 SCORE_KEY = (SCORE, None)
+# outputs of varying shape per sequence: sparse vectors (ids, weights) and token embeddings [L, H]
+SPARSE_KEY, TOKENS_KEY = ("sparse", None), ("tokens", None)
+ROW_OUTPUTS = {"sparse": sparse_batch, "tokens": token_embeddings_batch}
 
 
 def serving_shapes(max_batch_tokens: int) -> list[tuple[int, int]]:
@@ -157,6 +162,9 @@ class Worker:
             long_pair = m.pair_ids([("a", "a " * n)])[0]            # cut to the model's maximum
             for seqs in ([pair], [long_pair] * max(1, self.warmup_tokens // len(long_pair))):
                 self.run(SCORE_KEY, seqs)
+        if sparse_kind(m) is not None:    # the sparse head at a full batch (SPLADE's [tokens, V] blocks)
+            for seqs in batches:
+                self.run(SPARSE_KEY, seqs)
 
     def run(self, key: tuple, seqs: list) -> "np.ndarray":
         """One packed batch through the model -> numpy [B, D] (embeddings) or [B, C] (logits), fp32."""
@@ -164,6 +172,8 @@ class Worker:
         if kind == SCORE:           # tokenized pairs: the cross-encoder packs them with their token types
             return self.model.score_seqs(seqs).float().cpu().numpy()
         batch = pack(seqs, self.model.config.position_offset)
+        if kind in ROW_OUTPUTS:     # one result of its own shape per sequence (server/output_routes.py)
+            return ROW_OUTPUTS[kind](self.model, batch)
         if kind == EMBED and rest:
             out = self.model.embed_batch(batch, arg, task=rest[0])
         elif kind == EMBED:
