@@ -1,6 +1,6 @@
-"""DeBERTa's disentangled attention on the GPU, op level: where the position terms come from
-("kernel": per block pair from the table rows its distances reach; "tables": two [nh, T, W] GEMMs first)
-against the grouped torch implementation, on the serve_b32 and offline_b256 lengths of deberta-v3-base
+"""DeBERTa's disentangled attention on the GPU, op level: the flash kernel (ops/disentangled_flash.py)
+against the grouped torch implementation (ops/disentangled.py) and the plain flash kernel without position
+terms, on the serve_b32 and offline_b256 lengths of deberta-v3-base
 (12 heads of 64, fp16, DeBERTa-v3's 256 buckets). Prints a table and writes JSON to --out.
 
     PYTHONPATH=src python3 benchmarks/gpu_disentangled.py --out $OUT/disentangled.json
@@ -36,10 +36,8 @@ def main() -> None:
         tiles = torch.from_numpy(tile_table(lens, fc.block_m)).cuda()
         meta = AttentionMeta.build(cu, max(lens), lens)
         ways = {
-            "kernel": lambda: disentangled_flash(q, k, v, cu, max(lens), pq, pk, cfg, config=fc, tiles=tiles,
-                                                 terms="kernel"),
-            "tables": lambda: disentangled_flash(q, k, v, cu, max(lens), pq, pk, cfg, config=fc, tiles=tiles,
-                                                 terms="tables"),
+            "disentangled_flash": lambda: disentangled_flash(q, k, v, cu, max(lens), pq, pk, cfg, config=fc,
+                                                             tiles=tiles),
             "grouped_torch": lambda: disentangled_attention(q, k, v, meta, pq, pk, cfg),
             "plain_flash (no position terms)": lambda: flash_varlen(q, k, v, cu, max(lens), config=fc, tiles=tiles),
         }

@@ -12,7 +12,6 @@ from packformer.ops.disentangled import DisentangledConfig, disentangled_attenti
 from packformer.ops.disentangled_flash import disentangled_flash, reachable_rows
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-REAL = DisentangledConfig(256, 512, ("c2p", "p2c"))          # DeBERTa-v3's own buckets
 
 
 def test_reachable_rows_cover_every_distance_of_the_longest_sequence():
@@ -27,30 +26,12 @@ def test_reachable_rows_cover_every_distance_of_the_longest_sequence():
         assert (lo, hi) == (int(used.min()), int(used.max()))
 
 
-def test_rows_per_tile_bounds_the_rows_of_every_tile():
-    from packformer.ops.disentangled import distance_index
-    from packformer.ops.disentangled_flash import rows_per_tile
-    from packformer.ops.flash_varlen import FlashConfig
-    for cfg in (REAL, DisentangledConfig(8, 32), DisentangledConfig(-1, 8), DisentangledConfig(256, 256)):
-        fc = FlashConfig(16, 16, 4, 1)
-        n = rows_per_tile(cfg, fc)
-        r = distance_index(cfg, 1200)
-        c = (r.shape[0] - 1) // 2
-        for m0 in range(0, 600, 16):            # every tile of a 600-token sequence against every key block
-            for n0 in range(0, 600, 16):
-                d = torch.arange(m0 - n0 - 15, m0 - n0 + 16)
-                used = r[d + c]
-                assert int(used.max() - used.min()) + 1 <= n
-
-
 def test_launcher_rejects_mismatched_tables():
     cfg = DisentangledConfig(8, 32)
     q = torch.randn(5, 2, 8)
     cu = torch.tensor([0, 5], dtype=torch.int32)
     with pytest.raises(ValueError, match="pos_q, pos_k must be"):
         disentangled_flash(q, q, q, cu, 5, torch.randn(2, 4, 8), torch.randn(2, 4, 8), cfg)
-    with pytest.raises(ValueError, match="terms must be"):
-        disentangled_flash(q, q, q, cu, 5, torch.randn(2, 16, 8), torch.randn(2, 16, 8), cfg, terms="fast")
     with pytest.raises(ValueError, match="one dtype"):
         disentangled_flash(q, q, q, cu, 5, torch.randn(2, 16, 8).half(), torch.randn(2, 16, 8), cfg)
 
@@ -75,15 +56,13 @@ def test_kernel_under_triton_interpreter(run_interpreted):
             q, k, v = (torch.randn(sum(lens), 3, nh, d, generator=g) * 1.5).unbind(1)   # strided views
             pq, pk = torch.randn(2, nh, 2 * cfg.span, d, generator=g).unbind(0)
             want = disentangled_attention_ref(q, k, v, cu, pq, pk, cfg)
-            for fc, terms in ((FlashConfig(16, 16, 4, 1), "kernel"), (FlashConfig(16, 8, 4, 1), "kernel"),
-                              (FlashConfig(16, 16, 4, 1), "tables")):   # 16 + 8 rows: a window padded to 32
-                for tiles in (torch.from_numpy(tile_table(lens, fc.block_m)), None):
-                    out = torch.full_like(q, float("nan"))
-                    got = disentangled_flash(q, k, v, cu, max(lens), pq, pk, cfg, out=out, config=fc, tiles=tiles,
-                                             terms=terms)
-                    assert got is out and torch.isfinite(got).all()
-                    err = (got - want).abs().max().item()
-                    assert err < 1e-5, (cfg, fc, terms, tiles is None, err)
+            fc = FlashConfig(16, 16, 4, 1)
+            for tiles in (torch.from_numpy(tile_table(lens, fc.block_m)), None):
+                out = torch.full_like(q, float("nan"))
+                got = disentangled_flash(q, k, v, cu, max(lens), pq, pk, cfg, out=out, config=fc, tiles=tiles)
+                assert got is out and torch.isfinite(got).all()
+                err = (got - want).abs().max().item()
+                assert err < 1e-5, (cfg, tiles is None, err)
         print("ok")
     """)
 
@@ -97,6 +76,8 @@ def _inputs(lengths, cfg, nh=12, d=64, dtype=torch.float16, seed=0):
     return q, k, v, pq, pk, cu
 
 
+REAL = DisentangledConfig(256, 512, ("c2p", "p2c"))          # DeBERTa-v3's own buckets
+
 
 @cuda
 @pytest.mark.gpu
@@ -109,10 +90,9 @@ def test_gpu_matches_the_reference_as_closely_as_the_reference_in_half_precision
     ref = disentangled_attention_ref(q, k, v, cu, pq, pk, REAL)
     tiles = torch.from_numpy(tile_table(lengths, 64)).cuda()
     for fc in (FlashConfig(64, 64, 4, 2), default_config(64, 512)):      # the family runs the second
-        for terms in ("kernel", "tables"):
-            for tl_ in (tiles, None):
-                got = disentangled_flash(q, k, v, cu, max(lengths), pq, pk, REAL, config=fc, tiles=tl_, terms=terms)
-                near_exact(got, ref, exact)
+        for tl_ in (tiles, None):
+            got = disentangled_flash(q, k, v, cu, max(lengths), pq, pk, REAL, config=fc, tiles=tl_)
+            near_exact(got, ref, exact)
 
 
 @cuda
@@ -134,3 +114,17 @@ def test_gpu_a_sequence_is_unaffected_by_its_neighbours_and_replays_in_a_cuda_gr
     g.replay()
     torch.cuda.synchronize()
     assert (out - whole).abs().max().item() < 2e-3
+
+
+@cuda
+@pytest.mark.gpu
+def test_gpu_grouped_torch_path_agrees_when_the_host_index_outgrew_the_device_one():
+    from packformer.ops.attention import AttentionMeta
+    from packformer.ops.disentangled import disentangled_attention, distance_index
+    lengths = [30, 200, 7]
+    q, k, v, pq, pk, cu = _inputs(lengths, REAL, dtype=torch.float32)
+    distance_index(REAL, 512, "cuda")
+    distance_index(REAL, 2000)                   # the host copy grows; the device one stays at 512
+    got = disentangled_attention(q, k, v, AttentionMeta.build(cu, max(lengths), lengths), pq, pk, REAL)
+    want = disentangled_attention_ref(q, k, v, cu, pq, pk, REAL)
+    assert (got - want).abs().max().item() < 1e-4

@@ -178,6 +178,7 @@ def disentangled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, me
     host = distance_index(cfg, lmax)                                              # [2n - 1] on the host
     dev = host if q.device.type == "cpu" else distance_index(cfg, lmax, q.device)
     center = (host.shape[0] - 1) // 2
+    dev_center = (dev.shape[0] - 1) // 2        # the device copy may have been grown to another length
     scale = cfg.scale / math.sqrt(d)
     c2p, p2c = "c2p" in cfg.pos_att_type, "p2c" in cfg.pos_att_type
     # CUDA's fused SDPA kernels take a mask in the inputs' dtype; on CPU an fp32 mask keeps the bias exact
@@ -185,7 +186,7 @@ def disentangled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, me
     for length, starts in groups:
         lo, hi = int(host[center - length + 1]), int(host[center + length - 1])  # rows reached by |i - j| < L
         pos = torch.arange(length, device=q.device)
-        idx = dev[pos[:, None] - pos[None, :] + center] - lo                      # [L, L] r(i, j) - lo
+        idx = dev[pos[:, None] - pos[None, :] + dev_center] - lo                  # [L, L] r(i, j) - lo
         pk, pq = pos_k[:, lo:hi + 1], pos_q[:, lo:hi + 1]                         # [nh, W, d]
         per_seq = nh * length * max(length, hi - lo + 1)
         chunk = max(1, MAX_CHUNK_ELEMENTS // per_seq)

@@ -12,7 +12,9 @@ The position terms are split in two steps, so nothing of size [L, L] is ever bui
 
 Why a kernel of its own next to `flash_varlen`: its inputs are two per-token tables read by a per-pair
 gather, where flash_varlen's bias is a per-head table indexed by j - i; keeping them apart leaves
-flash_varlen's hot loop untouched. The readable reference is `disentangled.disentangled_attention_ref`.
+flash_varlen's hot loop untouched. Computing the terms per block pair inside the kernel instead (q and k
+against the BM + BN table rows a tile's distances reach, then a register gather) needs no [nh, T, W]
+tables, but measured 1.3x (serve_b32) and 1.9x (offline_b256) slower on an H200 (tl.gather). The readable reference is `disentangled.disentangled_attention_ref`.
 
 Query blocks come from `flash_varlen.tile_table` (host lengths known) or, under CUDA-graph capture, a
 dense (slots x heads, max_seqlen / BLOCK_M) grid whose programs past their sequence's end return at once.
@@ -35,15 +37,6 @@ def reachable_rows(cfg: DisentangledConfig, max_seqlen: int) -> tuple[int, int]:
     return int(host[c - max_seqlen + 1]), int(host[c + max_seqlen - 1])
 
 
-def rows_per_tile(cfg: DisentangledConfig, flash: FlashConfig) -> int:
-    """The most table rows that the distances of one (query block, key block) pair reach: r over any
-    BLOCK_M + BLOCK_N - 1 consecutive distances (r is monotone in i - j, with steps of at most one row
-    where the buckets are exact and fewer where they are log-spaced)."""
-    n = flash.block_m + flash.block_n - 1
-    r = distance_index(cfg, max(cfg.span, cfg.max_relative_positions) + n)
-    return int((r[n - 1:] - r[:r.shape[0] - n + 1]).max()) + 1
-
-
 def position_scores(q: torch.Tensor, k: torch.Tensor, pos_q: torch.Tensor, pos_k: torch.Tensor,
                     cfg: DisentangledConfig, lo: int, hi: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """c2p = q . pk[lo:hi+1] and p2c = k . pq[lo:hi+1] per token and head: each [nh, T, W] in q's dtype
@@ -58,16 +51,12 @@ def position_scores(q: torch.Tensor, k: torch.Tensor, pos_q: torch.Tensor, pos_k
 
 if triton is not None:
     @triton.jit
-    def _disentangled_kernel(Q, K, V, O, C2P, P2C, PQ, PK, DIDX, CU, TILES, qk_scale,
+    def _disentangled_kernel(Q, K, V, O, C2P, P2C, DIDX, CU, TILES, qk_scale,
                              stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                              stride_ot, stride_oh, stride_ch, stride_ct, stride_ph, stride_pt,
-                             stride_rh, stride_rr, span2, center, lo, H, NUM_MB, D: tl.constexpr,
-                             HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                             USE_TILES: tl.constexpr, HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr,
-                             IN_KERNEL: tl.constexpr, WIN: tl.constexpr):
-        """IN_KERNEL: the position terms of each (query block, key block) come from the table rows its
-        distances reach, [WIN] >= BM + BN - 1 of them: q . pk_rows^T and k . pq_rows^T (two tl.dot), then gathered
-        per pair in registers; else they are gathered from the c2p / p2c tables of `position_scores`."""
+                             center, lo, H, NUM_MB, D: tl.constexpr, HEAD_DIM: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TILES: tl.constexpr,
+                             HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr):
         if USE_TILES:       # grid (heads, tiles), longest sequences first
             h = tl.program_id(0)
             b = tl.load(TILES + 2 * tl.program_id(1))
@@ -103,29 +92,11 @@ if triton is not None:
                         mask=kv_mask, other=0.0)                                                # [BN, HD]
             s = tl.dot(q, tl.trans(k))                                                          # [BM, BN] fp32
             pair_ok = ok[None, :] & (qpos[:, None] >= 0)
-            if IN_KERNEL:
-                # the block's distances i - j run from m0 - (last key) to (last query) - n0; r is monotone
-                d_min = m0 - tl.minimum(n0 + BLOCK_N - 1, seqlen - 1)
-                r0 = tl.load(DIDX + d_min + center)
-                r = tl.load(DIDX + (qpos[:, None] - rows[None, :] + center), mask=pair_ok, other=r0) - r0
-                rr = r0 + tl.arange(0, WIN)                                                    # [W] table rows
-                r_mask = (rr < span2)[:, None] & d_ok[None, :]
-                if HAS_C2P:
-                    pk = tl.load(PK + h * stride_rh + rr[:, None] * stride_rr + offs_d[None, :], mask=r_mask,
-                                 other=0.0)                                                    # [W, HD]
-                    c2p = tl.dot(q, tl.trans(pk))                                              # [BM, W]
-                    s += tl.gather(c2p, r.to(tl.int32), axis=1)
-                if HAS_P2C:
-                    pq = tl.load(PQ + h * stride_rh + rr[:, None] * stride_rr + offs_d[None, :], mask=r_mask,
-                                 other=0.0)                                                    # [W, HD]
-                    p2c = tl.dot(k, tl.trans(pq))                                              # [BN, W]
-                    s += tl.trans(tl.gather(p2c, tl.trans(r).to(tl.int32), axis=1))
-            else:
-                r = tl.load(DIDX + (qpos[:, None] - rows[None, :] + center), mask=pair_ok, other=lo) - lo
-                if HAS_C2P:
-                    s += tl.load(c2p_rows + r, mask=pair_ok, other=0.0).to(tl.float32)
-                if HAS_P2C:
-                    s += tl.load(p2c_base + rows[None, :] * stride_pt + r, mask=pair_ok, other=0.0).to(tl.float32)
+            r = tl.load(DIDX + (qpos[:, None] - rows[None, :] + center), mask=pair_ok, other=lo) - lo
+            if HAS_C2P:
+                s += tl.load(c2p_rows + r, mask=pair_ok, other=0.0).to(tl.float32)
+            if HAS_P2C:
+                s += tl.load(p2c_base + rows[None, :] * stride_pt + r, mask=pair_ok, other=0.0).to(tl.float32)
             s = tl.where(ok[None, :], s * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             p = tl.math.exp2(s - m_new[:, None])
@@ -143,13 +114,11 @@ if triton is not None:
 def disentangled_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                        max_seqlen: int, pos_q: torch.Tensor, pos_k: torch.Tensor, cfg: DisentangledConfig,
                        out: torch.Tensor | None = None, config: FlashConfig | None = None,
-                       tiles: torch.Tensor | None = None, terms: str = "auto") -> torch.Tensor:
+                       tiles: torch.Tensor | None = None) -> torch.Tensor:
     """q, k, v [T, nh, d] packed (views of a fused QKV are fine); pos_q, pos_k [nh, 2k, d] in q's dtype
     -> [T, nh, d]. cu_seqlens [B+1] int32 on q's device; max_seqlen bounds every sequence's length.
     tiles: `tile_table(lengths, config.block_m)` on q's device; without it the dense grid runs (what a
-    CUDA graph captures: nothing here reads the device back). terms: where the position terms come from,
-    "kernel" (computed per block pair from the reachable table rows), "tables" (two [nh, T, W] GEMMs
-    first) or "auto" (the kernel where the tile's distances reach at most BLOCK_M + BLOCK_N rows)."""
+    CUDA graph captures: nothing here reads the device back)."""
     check(q.dim() == 3 and q.shape == k.shape == v.shape,
           f"q, k, v must share one [T, nh, d] shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     t, nh, d = q.shape
@@ -160,7 +129,6 @@ def disentangled_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seq
     check(all(x.stride(2) == 1 for x in (q, k, v)), "q, k, v need a contiguous last (head) dimension")
     check(cu_seqlens.dim() == 1 and cu_seqlens.dtype == torch.int32 and cu_seqlens.device == q.device,
           f"cu_seqlens must be a 1-D int32 tensor on {q.device}, got {cu_seqlens.dtype} on {cu_seqlens.device}")
-    check(terms in ("auto", "kernel", "tables"), f"terms must be 'auto', 'kernel' or 'tables', got {terms!r}")
     if out is None:
         out = torch.empty(t, nh, d, dtype=q.dtype, device=q.device)
     b = cu_seqlens.numel() - 1
@@ -169,17 +137,10 @@ def disentangled_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seq
     if not kernel_ok(q, k, v, cu_seqlens):
         from .disentangled import disentangled_attention_ref
         return out.copy_(disentangled_attention_ref(q, k, v, cu_seqlens, pos_q, pos_k, cfg))
-    cfg_k = config or FlashConfig(64, 64, 4, 2)
-    in_kernel = terms == "kernel" or (terms == "auto" and rows_per_tile(cfg, cfg_k) <= cfg_k.block_m + cfg_k.block_n)
-    check(not in_kernel or rows_per_tile(cfg, cfg_k) <= cfg_k.block_m + cfg_k.block_n,
-          f"terms='kernel' needs the distances of one tile to reach at most {cfg_k.block_m + cfg_k.block_n} table "
-          f"rows; {cfg} reaches {rows_per_tile(cfg, cfg_k)}")
     lo, hi = reachable_rows(cfg, max_seqlen)
+    c2p, p2c = position_scores(q, k, pos_q, pos_k, cfg, lo, hi)                                # [nh, T, W]
     didx = distance_index(cfg, max_seqlen, q.device)                                           # [2n - 1]
-    if in_kernel:
-        c2p = p2c = q.new_empty(1, 1)                                                          # unused
-    else:
-        c2p, p2c = position_scores(q, k, pos_q, pos_k, cfg, lo, hi)                            # [nh, T, W]
+    cfg_k = config or FlashConfig(64, 64, 4, 2)
     if tiles is not None:
         check(tiles.dim() == 2 and tiles.shape[1] == 2 and tiles.dtype == torch.int32 and tiles.device == q.device,
               "tiles must be tile_table(...) as an int32 [n, 2] tensor on q's device")
@@ -191,16 +152,14 @@ def disentangled_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seq
     first = c2p if c2p is not None else p2c
     c2p, p2c = (first if c2p is None else c2p), (first if p2c is None else p2c)   # unused pointers stay valid
     scale = cfg.scale / math.sqrt(d)
-    pq, pk = pos_q.contiguous(), pos_k.contiguous()
     _disentangled_kernel[grid](
-        q, k, v, out, c2p, p2c, pq, pk, didx, cu_seqlens, tiles if use_tiles else cu_seqlens, scale * LOG2E,
+        q, k, v, out, c2p, p2c, didx, cu_seqlens, tiles if use_tiles else cu_seqlens, scale * LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        c2p.stride(0), c2p.stride(1), p2c.stride(0), p2c.stride(1), pq.stride(0), pq.stride(1), pq.shape[1],
-        (didx.shape[0] - 1) // 2, lo, nh, num_mb,
+        c2p.stride(0), c2p.stride(1), p2c.stride(0), p2c.stride(1), (didx.shape[0] - 1) // 2, lo, nh, num_mb,
         D=d, HEAD_DIM=max(16, next_pow2(d)), BLOCK_M=cfg_k.block_m, BLOCK_N=cfg_k.block_n, USE_TILES=use_tiles,
-        HAS_C2P="c2p" in cfg.pos_att_type, HAS_P2C="p2c" in cfg.pos_att_type, IN_KERNEL=in_kernel,
-        WIN=next_pow2(cfg_k.block_m + cfg_k.block_n), num_warps=cfg_k.num_warps, num_stages=cfg_k.num_stages)
+        HAS_C2P="c2p" in cfg.pos_att_type, HAS_P2C="p2c" in cfg.pos_att_type,
+        num_warps=cfg_k.num_warps, num_stages=cfg_k.num_stages)
     return out
 
 
-__all__ = ["disentangled_flash", "position_scores", "reachable_rows", "rows_per_tile"]
+__all__ = ["disentangled_flash", "position_scores", "reachable_rows"]
