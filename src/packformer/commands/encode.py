@@ -17,6 +17,12 @@ def add_parser(sub):
     p.add_argument("--normalize", action=argparse_bool(), default=None,
                    help="L2-normalize embeddings (default: as the model folder says)")
     p.add_argument("--batch-size", type=int, default=None, help="max sequences per batch (on top of the token budget)")
+    shape = p.add_mutually_exclusive_group()
+    shape.add_argument("--sparse", action="store_true",
+                       help="sparse vectors (SPLADE models, bge-m3's lexical weights): per text its nonzero "
+                            "[token id, weight] pairs, as JSON lines (SPLADE models give them by default)")
+    shape.add_argument("--token-embeddings", action="store_true",
+                       help="every token's embedding (no pooling): per text [tokens][hidden], as JSON lines")
     p.add_argument("--task", default=None,
                    help="models with task adapters (jina-embeddings-v3): the task whose LoRA adapter and "
                         "instruction apply, e.g. retrieval.query (default: the base weights)")
@@ -45,9 +51,37 @@ def write_rows(rows: np.ndarray, texts: list[str], output: str | None, key: str)
             print(f"wrote {rows.shape[0]} rows to {output}", file=sys.stderr)
 
 
+def run_per_text(args, texts: list[str], model) -> int:
+    """--sparse / --token-embeddings (and SPLADE models): outputs whose shape varies per text, as JSON lines
+    {"text": ..., "sparse": [[token id, weight], ...]} or {"text": ..., "token_embeddings": [[...], ...]}."""
+    if args.output and not args.output.endswith(".jsonl"):
+        raise ValueError(f"sparse vectors and token embeddings are written as JSON lines: --output must end in "
+                         f".jsonl, got {args.output!r}")
+    if args.normalize:
+        raise ValueError("--normalize applies to dense sentence embeddings, not to --sparse / --token-embeddings")
+    kw = dict(batch_size=args.batch_size, truncate=not args.no_truncate, show_progress_bar=len(texts) > 1000)
+    if args.token_embeddings:
+        key, rows = "token_embeddings", (np.round(r.astype(np.float64), 7).tolist()
+                                         for r in model.encode(texts, output_value="token_embeddings", **kw))
+    else:
+        key, rows = "sparse", ([[i, round(w, 7)] for i, w in row]
+                               for row in model.encode_sparse(texts, convert_to_sparse_tensor=False, **kw))
+    f = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+    try:
+        for t, r in zip(texts, rows):
+            f.write(json.dumps({"text": t, key: r}) + "\n")
+    finally:
+        if args.output:
+            f.close()
+            print(f"wrote {len(texts)} rows to {args.output}", file=sys.stderr)
+    return 0
+
+
 def run(args) -> int:
     texts = read_texts(args)
     model = load_model(args)
+    if args.sparse or args.token_embeddings or "splade" in getattr(model, "outputs", {}):
+        return run_per_text(args, texts, model)
     emb = model.encode(texts, batch_size=args.batch_size, normalize_embeddings=args.normalize,
                        truncate=not args.no_truncate, show_progress_bar=len(texts) > 1000)
     write_rows(emb, texts, args.output, "embedding")
