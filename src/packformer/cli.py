@@ -7,7 +7,7 @@ import importlib
 import sys
 
 # Order is the order of `packformer --help`.
-COMMANDS = ["encode", "classify", "info", "serve", "bench-serve", "embed-dataset", "tutorial", "bench", "profile"]
+COMMANDS = ["encode", "classify", "rerank", "info", "serve", "bench-serve", "embed-dataset", "tutorial", "bench", "profile"]
 
 
 def build_parser() -> argparse.ArgumentParser:
