@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from packformer.ops.attention import PositionBias, varlen_attention_ref
-from packformer.ops.flash_varlen import FlashConfig, flash_varlen, tile_table
+from packformer.ops.flash_varlen import FlashConfig, LOG2E, bias_tiles, flash_varlen, tile_table
 
 
 def _packed(lens, heads=2, dim=16, dtype=torch.float32, device="cpu", seed=0):
@@ -43,6 +43,26 @@ def test_launcher_without_a_kernel_runs_the_reference_with_the_bias():
         assert torch.equal(flash_varlen(q, k, v, cu, 9, 0.3, bias_table=bias.table, window=bias.window), want)
 
 
+def test_bias_tiles_hold_the_table_per_key_block_offset_and_are_cached_per_table():
+    table = torch.randn(2, 2 * 5 + 1)                      # R = 5
+    tiles, koff, n = bias_tiles(table, 8, 4)               # 8 query rows, 4 keys per block
+    assert tiles.shape == (2, n * 8 * 4)
+    t = tiles.view(2, n, 8, 4) / LOG2E                     # [H, n, BM, BN]
+    for i in range(n):
+        rel = (i - koff) * 4 + torch.arange(4)[None, :] - torch.arange(8)[:, None]   # key minus query position
+        assert torch.allclose(t[:, i], table[:, rel.clamp(-5, 5) + 5])
+    # offsets beyond the first and last tiles see a constant bias, which those tiles already are
+    assert torch.allclose(t[:, 0], table[:, :1, None].expand(2, 8, 4))
+    assert torch.allclose(t[:, -1], table[:, -1:, None].expand(2, 8, 4))
+    assert bias_tiles(table, 8, 4)[0] is tiles             # one build per table and tile shape
+    table.mul_(2.0)                                        # an in-place update rebuilds
+    again = bias_tiles(table, 8, 4)[0]
+    assert again is not tiles and torch.allclose(again, 2 * tiles)
+    with torch.inference_mode():                           # no version counter there: cached by identity
+        frozen = torch.randn(2, 11)
+        assert bias_tiles(frozen, 8, 4)[0] is bias_tiles(frozen, 8, 4)[0]
+
+
 def test_tile_table_lists_every_query_block_once_longest_sequences_first():
     lens = [3, 0, 130, 64, 65]
     table = tile_table(lens, 64)
@@ -67,7 +87,7 @@ def test_kernel_under_triton_interpreter(run_interpreted):
         import torch
         from packformer.ops import _triton
         from packformer.ops.attention import varlen_attention_ref
-        from packformer.ops.flash_varlen import FlashConfig, flash_varlen, tile_table
+        from packformer.ops.flash_varlen import FlashConfig, LOG2E, bias_tiles, flash_varlen, tile_table
         assert _triton.INTERPRET
         g = torch.Generator().manual_seed(0)
         lens = [1, 7, 33, 0, 32, 20]                     # a 1-token, an empty, a block-exact and ragged ones
@@ -96,7 +116,7 @@ def test_kernel_with_position_bias_and_window_under_triton_interpreter(run_inter
         import torch
         from packformer.ops import _triton
         from packformer.ops.attention import PositionBias, varlen_attention_ref
-        from packformer.ops.flash_varlen import FlashConfig, flash_varlen, tile_table
+        from packformer.ops.flash_varlen import FlashConfig, LOG2E, bias_tiles, flash_varlen, tile_table
         assert _triton.INTERPRET
         g = torch.Generator().manual_seed(0)
         # with 32-row query blocks, 16-key blocks and window 5 the 70-token sequence's blocks skip key

@@ -10,7 +10,10 @@ sizes are chosen per problem; the GPU benchmark decides which kernel the fast pa
 - `_flash_varlen_kernel`: one program per (head, query block of a sequence); online softmax in fp32
   with exp2; the last key block is the only one masked. Optional position terms (`PositionBias` in
   attention.py), both constexpr-switched so the plain kernel compiles as before: a relative-position
-  bias table[h, clamp(j - i, -R, R) + R] added to the scaled scores, and a local window |j - i| <= w whose
+  bias table[h, clamp(j - i, -R, R) + R] added to the scaled scores, read as one [BM, BN] tile per key
+  block (`bias_tiles`: the bias depends on the block's offset from the query block only, so a handful of
+  tiles per head serve every block, loaded like K and V instead of gathered element by element), and a
+  local window |j - i| <= w whose
   key loop visits only the blocks the query block can see; and a causal mask j <= i (CAUSAL: the key
   loop stops at the query block's diagonal, so the blocks above it are never read). Grouped-query
   attention: k and v may have fewer heads (head h reads kv head h // GROUP), read in place. Three ways to enumerate the query blocks:
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,25 +78,56 @@ def tile_table(seqlens: list[int] | np.ndarray, block_m: int) -> np.ndarray:
 LOG2E = 1.4426950408889634   # the kernel's scores are in log2 units (exp2): qk * scale * log2(e)
 
 
+_BIAS_TILES: dict = {}        # (id(table), block_m, block_n) -> (weakref to the table, its version, tiles, koff, n)
+
+
+def bias_tiles(table: torch.Tensor, block_m: int, block_n: int) -> tuple[torch.Tensor, int, int]:
+    """The relative-position bias as the kernel reads it: ([H, n * BM * BN] fp32, koff, n), where tile t
+    of head h is table[h, clamp(d + c - r, -R, R) + R] * log2(e) at row r, column c, for the key-block
+    offset d = n0 - m0 = (t - koff) * BN. Offsets beyond the first or last tile see a constant bias
+    (every |j - i| >= R), the same as that tile's. Cached per table and tile shape (a forward's layers
+    share one table); an in-place update of the table rebuilds it."""
+    key = (id(table), block_m, block_n)
+    version = 0 if table.is_inference() else table._version    # inference tensors have no version counter
+    hit = _BIAS_TILES.get(key)
+    if hit is not None and hit[0]() is table and hit[1] == version:
+        return hit[2], hit[3], hit[4]
+    r = (table.shape[1] - 1) // 2
+    koff = -(-(r + block_n - 1) // block_n)               # offsets d <= -koff * BN: all j - i <= -R
+    n = koff + -(-(r + block_m - 1) // block_n) + 1        # offsets d >= (n - 1 - koff) * BN: all j - i >= R
+    dev = table.device
+    d = (torch.arange(n, device=dev) - koff) * block_n                                   # [n]
+    rel = (d[:, None, None] + torch.arange(block_n, device=dev)[None, None, :]
+           - torch.arange(block_m, device=dev)[None, :, None])                          # [n, BM, BN]
+    tiles = (table.detach()[:, rel.clamp(-r, r) + r] * LOG2E).reshape(table.shape[0], -1).contiguous()
+    if len(_BIAS_TILES) >= 16:
+        _BIAS_TILES.clear()
+    _BIAS_TILES[key] = (weakref.ref(table), version, tiles, koff, n)
+    return tiles, koff, n
+
+
 if triton is not None:
     @triton.jit
     def _attend_block(q, k_base, v_base, rows, seqlen, d_ok, m_i, l_i, acc, qk_scale, stride_kt, stride_vt,
-                      qpos, bias_row, R, window,
-                      MASKED: tl.constexpr, BIAS: tl.constexpr, WINDOW: tl.constexpr, CAUSAL: tl.constexpr):
-        """One online-softmax step over the key rows `rows` [BN]: returns the updated (max, sum, acc).
-        MASKED: the block runs past the sequence's end (only its last block does).
-        BIAS: add bias_row[clamp(j - i, -R, R)] (bias_row points at the head's column R) to the scores.
+                      qpos, n0, m0, bias_head, koff, num_bt, window, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, MASKED: tl.constexpr, BIAS: tl.constexpr, WINDOW: tl.constexpr,
+                      CAUSAL: tl.constexpr):
+        """One online-softmax step over the key rows `rows` = n0 + [0, BN): returns the updated (max, sum,
+        acc). MASKED: the block runs past the sequence's end (only its last block does).
+        BIAS: add the head's bias tile for key offset n0 - m0 (`bias_tiles`; koff: the tile of offset 0,
+        num_bt: tiles per head) to the scores.
         WINDOW: only keys with |j - i| <= window count (qpos [BM]: the query positions i).
         CAUSAL: only keys with j <= i count."""
         ok = rows < seqlen
         kv_mask = (ok[:, None] & d_ok[None, :]) if MASKED else d_ok[None, :]
         k = tl.load(k_base + rows[:, None] * stride_kt, mask=kv_mask, other=0.0)                 # [BN, HD]
         s = tl.dot(q, tl.trans(k)) * qk_scale                                                     # [BM, BN]
-        if BIAS or WINDOW or CAUSAL:
-            rel = rows[None, :] - qpos[:, None]                        # [BM, BN] key minus query position
-        if BIAS:   # softmax(q k^T * scale + bias): the bias goes into log2 units too
-            s += tl.load(bias_row + tl.minimum(tl.maximum(rel, -R), R)) * 1.4426950408889634
+        if BIAS:   # softmax(q k^T * scale + bias); the tiles hold bias * log2(e), the scores' units
+            t = tl.minimum(tl.maximum((n0 - m0) // BLOCK_N + koff, 0), num_bt - 1)
+            tile = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]     # [BM, BN]
+            s += tl.load(bias_head + t * (BLOCK_M * BLOCK_N) + tile)
         if WINDOW or CAUSAL:
+            rel = rows[None, :] - qpos[:, None]                        # [BM, BN] key minus query position
             if WINDOW and CAUSAL:
                 seen = (rel <= 0) & (rel >= -window)
             elif WINDOW:
@@ -117,8 +152,9 @@ if triton is not None:
         return m_new, l_i, acc
 
     @triton.jit
-    def _flash_varlen_kernel(Q, K, V, O, CU, TILES, BIAS_TABLE, qk_scale, stride_qt, stride_qh, stride_kt,
-                             stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_bh, R, window,
+    def _flash_varlen_kernel(Q, K, V, O, CU, TILES, BIAS_TILES, qk_scale, stride_qt, stride_qh, stride_kt,
+                             stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_bh, koff, num_bt,
+                             window,
                              H, NUM_MB, NSEG, GROUP, D: tl.constexpr,
                              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                              USE_TILES: tl.constexpr, SELF_INDEX: tl.constexpr, SEG_POW2: tl.constexpr,
@@ -162,7 +198,7 @@ if triton is not None:
         v_base = V + row0 * stride_vt + hk * stride_vh + offs_d[None, :]
         # query positions; rows past the end take the last row's, so under a window they still see a key
         qpos = tl.minimum(offs_m, seqlen - 1)
-        bias_row = BIAS_TABLE + h * stride_bh + R                      # the head's column for j - i = 0
+        bias_head = BIAS_TILES + h * stride_bh                         # the head's tiles [num_bt, BM, BN]
         m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         l_i = tl.zeros((BLOCK_M,), tl.float32)
         acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
@@ -181,12 +217,13 @@ if triton is not None:
             n_mid = tl.minimum(n_hi, full_end)
         for n0 in range(n_lo, n_mid, BLOCK_N):            # key blocks fully inside the sequence: no end mask
             m_i, l_i, acc = _attend_block(q, k_base, v_base, n0 + offs_n, seqlen, d_ok, m_i, l_i, acc, qk_scale,
-                                          stride_kt, stride_vt, qpos, bias_row, R, window,
-                                          MASKED=False, BIAS=BIAS, WINDOW=WINDOW, CAUSAL=CAUSAL)
+                                          stride_kt, stride_vt, qpos, n0, m0, bias_head, koff, num_bt, window,
+                                          BLOCK_M, BLOCK_N, MASKED=False, BIAS=BIAS, WINDOW=WINDOW, CAUSAL=CAUSAL)
         if full_end < n_hi:                                # the ragged last key block
             m_i, l_i, acc = _attend_block(q, k_base, v_base, full_end + offs_n, seqlen, d_ok, m_i, l_i, acc,
-                                          qk_scale, stride_kt, stride_vt, qpos, bias_row, R, window,
-                                          MASKED=True, BIAS=BIAS, WINDOW=WINDOW, CAUSAL=CAUSAL)
+                                          qk_scale, stride_kt, stride_vt, qpos, full_end, m0, bias_head, koff,
+                                          num_bt, window, BLOCK_M, BLOCK_N, MASKED=True, BIAS=BIAS,
+                                          WINDOW=WINDOW, CAUSAL=CAUSAL)
         acc = acc / l_i[:, None]
         o_ptrs = O + (row0 + offs_m[:, None]) * stride_ot + h * stride_oh + offs_d[None, :]
         tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=(offs_m[:, None] < seqlen) & d_ok[None, :])
@@ -253,11 +290,15 @@ def flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: 
     else:
         grid = (b * h, num_mb)
     has_bias = bias_table is not None
+    if has_bias:
+        check(cfg.block_m % cfg.block_n == 0, f"a bias table needs block_m a multiple of block_n, got {cfg}")
+        bt, koff, num_bt = bias_tiles(bias_table, cfg.block_m, cfg.block_n)
+    else:
+        bt, koff, num_bt = cu_seqlens, 0, 0
     _flash_varlen_kernel[grid](
-        q, k, v, out, cu_seqlens, tiles if use_tiles else cu_seqlens, bias_table if has_bias else cu_seqlens,
+        q, k, v, out, cu_seqlens, tiles if use_tiles else cu_seqlens, bt,
         scale * LOG2E, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        out.stride(0), out.stride(1), bias_table.stride(0) if has_bias else 0,
-        (bias_table.shape[1] - 1) // 2 if has_bias else 0, window, h, num_mb, b, h // k.shape[1], D=d,
+        out.stride(0), out.stride(1), bt.stride(0) if has_bias else 0, koff, num_bt, window, h, num_mb, b, h // k.shape[1], D=d,
         HEAD_DIM=max(16, next_pow2(d)), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, USE_TILES=use_tiles,
         SELF_INDEX=self_index, SEG_POW2=next_pow2(b) if self_index else 1, BIAS=has_bias, WINDOW=window > 0,
         CAUSAL=causal,
