@@ -70,6 +70,9 @@ class Tokenizer:
         return ids
 
     def _truncate(self, seq: list[int], n: int) -> list[int]:
+        trailing = getattr(self, "num_trailing_special", None)
+        if trailing is not None and self.num_special == 1:   # one special token, at the end (Qwen3's EOS): kept
+            return seq[: n - trailing] + seq[len(seq) - trailing:] if trailing else seq[:n]
         if self.num_special >= 2:             # keep the leading and the trailing special token
             return seq[: n - 1] + seq[-1:]
         return seq[:n]
@@ -94,6 +97,10 @@ class HFTokenizer(Tokenizer):
         self.pad_id = pad_id
         self.position_offset = position_offset
         self.num_special = tok.num_special_tokens_to_add(False)
+        # special tokens after the text (Qwen3-Embedding's appended EOS, [SEP]): truncation keeps them, as
+        # the tokenizer's own truncation does
+        mask = tok.encode("a").special_tokens_mask
+        self.num_trailing_special = next((i for i, m in enumerate(reversed(mask)) if not m), len(mask))
 
     @classmethod
     def from_folder(cls, folder: str | os.PathLike, pad_id: int, position_offset: int = 0,

@@ -56,7 +56,10 @@ def to_hf(encoder: Encoder, head: ClassificationHead | None = None, attn_impleme
     keymap = (fam.hf_keymap or fam.keymap)(cfg, with_head)
     ours = {k: v.detach().float().cpu().clone() for k, v in param_view(encoder, head if with_head else None)
             .state_dict().items()}
-    state = keymap.invert(ours, cfg.num_layers)
+    prefix = model.base_model_prefix + "."
+    rows = {(k[len(prefix):] if with_head and k.startswith(prefix) else k): v.shape[0]
+            for k, v in model.state_dict().items() if v.dim()}
+    state = keymap.invert(ours, cfg.num_layers, rows)
     if with_head:   # the encoder lives under base_model_prefix; transformers' own head keys stay at the top
         prefix = model.base_model_prefix + "."
         state = {(k if k.startswith(fam.hf_head_keys) else prefix + k): v for k, v in state.items()}

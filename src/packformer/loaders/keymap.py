@@ -121,8 +121,11 @@ class KeyMap:
                 out[k] = torch.zeros_like(expected[k])
         return out
 
-    def invert(self, params: Mapping[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
-        """packformer state dict -> checkpoint state dict (for round-trip tests and export)."""
+    def invert(self, params: Mapping[str, torch.Tensor], num_layers: int,
+               rows: Mapping[str, int] | None = None) -> dict[str, torch.Tensor]:
+        """packformer state dict -> checkpoint state dict (for round-trip tests and export). A fused target
+        splits into equal parts, or by `rows` (checkpoint key -> its dim-0 size) where it names every
+        source (grouped-query attention: q has more rows than k and v)."""
         out: dict[str, torch.Tensor] = {}
         for rule in self.expand(num_layers):
             if rule.target not in params:
@@ -130,7 +133,10 @@ class KeyMap:
             value = params[rule.target]
             if rule.transform is not None:
                 value = TRANSFORMS[rule.transform][1](value)
-            parts = value.chunk(len(rule.sources), dim=0)
+            if rows is not None and len(rule.sources) > 1 and all(s in rows for s in rule.sources):
+                parts = value.split([rows[s] for s in rule.sources], dim=0)
+            else:
+                parts = value.chunk(len(rule.sources), dim=0)
             out.update(zip(rule.sources, parts))
         return out
 
