@@ -68,6 +68,24 @@ def run(args) -> int:
     from ..bench.report import bench_chart, print_bench, write_json
     from ..bench.run import run_bench
 
+    names = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    if "rerank" in names:           # a cross-encoder workload: packformer vs CrossEncoder.predict, apart
+        from ..bench.rerank import run_rerank_bench
+        r = run_rerank_bench(args.model, args.device, args.dtype, args.iterations, args.warmup,
+                             args.max_seconds or None, batch_size=args.batch_size, log=None if args.json else print)
+        if args.json:
+            print(json.dumps(r, indent=1))
+        if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / f"bench-rerank-{r['device'].replace(':', '')}-{r['dtype']}.json").write_text(
+                json.dumps(r, indent=1) + "\n")
+        names.remove("rerank")
+        if not r["agrees"]:
+            print("packformer disagreed with CrossEncoder.predict on the rerank workload")
+            return 1
+        if not names:
+            return 0
+        args.workloads = ",".join(names)
     quiet = args.json
     result = run_bench(source_for(args), workloads=args.workloads, peers=args.peers, device=args.device,
                        dtype=args.dtype, texts=args.texts, iterations=args.iterations, warmup=args.warmup,

@@ -33,6 +33,9 @@ def add_parser(sub):
                    help="also drive this embedding server on the same model folder (repeatable): infinity = "
                         "`infinity_emb v2` (pip install -e \".[peers]\")")
     p.add_argument("--no-offline", action="store_true", help="skip offline encode() throughput")
+    p.add_argument("--rerank", type=int, default=None, metavar="N",
+                   help="rerank mode: POST /rerank of one query x N passages to packformer serve on a cross-encoder "
+                        "MODEL (default: a MiniLM-size one); latency and requests/s per concurrency")
     p.add_argument("--server-arg", action="append", default=[],
                    help="extra argument for the started server (repeatable), e.g. --server-arg=--max-batch-requests=64")
     p.add_argument("--output", "-o", default="bench-serve.json", help="JSON results file (default: bench-serve.json)")
@@ -80,6 +83,9 @@ def _timed(fn) -> float:
 
 
 def run(args) -> int:
+    if args.rerank is not None:
+        from ..bench.rerank import serve_rerank
+        return serve_rerank(args)
     import packformer
     from ..bench.launch import ServerProcess
     from ..bench.loadgen import run_level
