@@ -46,7 +46,8 @@ def add_parser(sub):
                                    "medians, tokens/s, ratios to each peer and to the GEMM floor, output agreement.")
     add_bench_model_options(p)
     p.add_argument("--workloads", default="serve_b32",
-                   help=f"comma-separated: {', '.join(ID_WORKLOADS)}, {', '.join(TEXT_WORKLOADS)} (default: serve_b32)")
+                   help=f"comma-separated: {', '.join(ID_WORKLOADS)}, {', '.join(TEXT_WORKLOADS)} (default: serve_b32); "
+                        "sparse (SPLADE vs SparseEncoder) and bge_m3 (encode_all vs dense vs FlagEmbedding) run apart")
     p.add_argument("--peers", default=None,
                    help=f"comma-separated: {', '.join(PEERS)} (aliases: {', '.join(ALIASES)}); default: the "
                         "device's usual set. packformer always runs")
@@ -68,6 +69,9 @@ def run(args) -> int:
     from ..bench.report import bench_chart, print_bench, write_json
     from ..bench.run import run_bench
 
+    from ..bench.outputs import OUTPUT_WORKLOADS, run_output_bench
+    if set(args.workloads.split(",")) & set(OUTPUT_WORKLOADS):    # sparse / multi-vector outputs: their own runs
+        return run_output_bench(args)
     names = [w.strip() for w in args.workloads.split(",") if w.strip()]
     if "rerank" in names:           # a cross-encoder workload: packformer vs CrossEncoder.predict, apart
         from ..bench.rerank import run_rerank_bench
