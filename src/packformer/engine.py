@@ -19,6 +19,7 @@ from torch import nn
 
 from .batch import PackedBatch, pack, pack_padded_ids, pad_input
 from .fast import describe_runner, select_runner
+from . import outputs
 from .loaders.parts import ModelParts
 from .ops.attention import AttentionMeta
 from .runtime import DEFAULT_MAX_BATCH_TOKENS, resolve_device, resolve_dtype
@@ -41,7 +42,7 @@ class Model(nn.Module):
     def __init__(self, parts: ModelParts, device: str | torch.device | None = "cpu",
                  dtype: str | torch.dtype | None = None, max_batch_tokens: int | None = None,
                  fast: bool | None = None, quantize: str | None = None, threads: int | None = None,
-                 task: str | None = None):
+                 task: str | None = None, truncate_dim: int | None = None):
         super().__init__()
         self.device_ = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device_)
@@ -72,6 +73,12 @@ class Model(nn.Module):
         self._task_lock = threading.Lock()
         self.task: str | None = None
         self.task = self.resolve_task(task)
+        # sentence-transformers' prompts and Matryoshka default (outputs.py); the folder's, else none
+        oc = parts.output_config
+        self.prompts, self.default_prompt_name = oc.prompts, oc.default_prompt_name
+        self.include_prompt = oc.include_prompt
+        self.truncate_dim = outputs.check_truncate_dim(oc.truncate_dim if truncate_dim is None else truncate_dim,
+                                                       self.dim)
         if self.task is None:
             self.runner = select_runner(self, fast)
             if self.adapters is not None:
@@ -118,6 +125,8 @@ class Model(nn.Module):
             "max_batch_tokens": self.max_batch_tokens,
             "runner": describe_runner(self.runner, self.task_encoder(self.task)),
             "tasks": list(self.tasks), "task": self.task,
+            "prompts": dict(self.prompts), "default_prompt_name": self.default_prompt_name,
+            "include_prompt": self.include_prompt, "truncate_dim": self.truncate_dim,
         }
 
     # ---- tasks ------------------------------------------------------------------------------
@@ -176,19 +185,37 @@ class Model(nn.Module):
             raise RuntimeError(f"model {self.source} has no tokenizer: pass token ids, or {hint}")
         return self.tokenizer
 
-    def with_instruction(self, texts: Sequence[str], task: str | None = None) -> list[str]:
-        """The texts as the model reads them for `task` (default task if None): its instruction first."""
+    def text_prefix(self, task: str | None = None, prompt: str | None = None, prompt_name: str | None = None) -> str:
+        """The text put before every input: the prompt (`prompt`, else `prompt_name`'s, else the default
+        prompt: SentenceTransformer.encode's rules), else `task`'s instruction (the default task's if None).
+        A prompt replaces the instruction: both are the text a model was trained to see first."""
+        p = outputs.resolve_prompt(outputs.OutputConfig(self.prompts, self.default_prompt_name), prompt, prompt_name)
+        return p if p is not None else self.instruction(task)
+
+    def pool_skip(self, prefix: str) -> int:
+        """Leading tokens left out of pooling for inputs starting with `prefix`: the prompt's (as ST counts
+        them) when the Pooling module says include_prompt=False, else 0."""
+        if self.include_prompt or not prefix:
+            return 0
+        return outputs.prompt_length(self._require_tokenizer(), prefix, self.max_seq_length)
+
+    def with_instruction(self, texts: Sequence[str], task: str | None = None, prompt: str | None = None,
+                         prompt_name: str | None = None) -> list[str]:
+        """The texts as the model reads them: text_prefix(task, prompt, prompt_name) first."""
         texts = check_texts(texts)
-        prefix = self.instruction(task)
+        prefix = self.text_prefix(task, prompt, prompt_name)
         return [prefix + t for t in texts] if prefix else texts
 
-    def token_ids(self, texts: Sequence[str], truncate: bool = True, task: str | None = None) -> list[list[int]]:
+    def token_ids(self, texts: Sequence[str], truncate: bool = True, task: str | None = None,
+                  prompt: str | None = None, prompt_name: str | None = None) -> list[list[int]]:
         """Token ids (special tokens included, truncated to max_seq_length unless truncate=False), of the
-        texts with `task`'s instruction prepended (the default task's if None)."""
-        return self._require_tokenizer().encode(self.with_instruction(texts, task), self.max_seq_length, truncate)
+        texts with their prefix (text_prefix: the prompt, else `task`'s instruction) prepended."""
+        return self._require_tokenizer().encode(self.with_instruction(texts, task, prompt, prompt_name),
+                                                self.max_seq_length, truncate)
 
-    def tokenize(self, texts: Sequence[str], truncate: bool = True, task: str | None = None) -> PackedBatch:
-        ids = self.token_ids(texts, truncate, task)
+    def tokenize(self, texts: Sequence[str], truncate: bool = True, task: str | None = None,
+                 prompt: str | None = None, prompt_name: str | None = None) -> PackedBatch:
+        ids = self.token_ids(texts, truncate, task, prompt, prompt_name)
         return pack(ids, self.config.position_offset, order=range(len(ids)))
 
     def pack_ids(self, ids: Sequence[Sequence[int]]) -> PackedBatch:
@@ -217,10 +244,13 @@ class Model(nn.Module):
         return runner(batch, meta)
 
     @torch.inference_mode()
-    def embed_batch(self, batch: PackedBatch, normalize: bool | None = None, task: str | None = None) -> torch.Tensor:
-        """PackedBatch -> pooled embeddings [B, D], fp32, in the batch's own order."""
+    def embed_batch(self, batch: PackedBatch, normalize: bool | None = None, task: str | None = None,
+                    skip: int = 0) -> torch.Tensor:
+        """PackedBatch -> pooled embeddings [B, D], fp32, in the batch's own order; each sequence's first
+        `skip` tokens (a prompt, pool_skip) are left out of pooling."""
         h = self.hidden_states(batch, task)
-        return self.pooler(h, batch.cu_seqlens.to(h.device, non_blocking=True), normalize=normalize)
+        h, cu = outputs.drop_prompt(h, batch.cu_seqlens.to(h.device, non_blocking=True), skip, self.pooler.mode)
+        return self.pooler(h, cu, normalize=normalize)
 
     @torch.inference_mode()
     def classify_batch(self, batch: PackedBatch) -> torch.Tensor:
@@ -236,7 +266,9 @@ class Model(nn.Module):
                show_progress_bar: bool | None = None, truncate: bool = True,
                convert_to_tensor: bool = False, task: str | None = None,
                output_value: str = "sentence_embedding", convert_to_sparse_tensor: bool = True,
-               max_active_dims: int | None = None) -> np.ndarray | torch.Tensor:
+               max_active_dims: int | None = None, prompt_name: str | None = None, prompt: str | None = None,
+               truncate_dim: int | None = None, precision: str = "float32", ranges: np.ndarray | None = None,
+               calibration_embeddings: np.ndarray | None = None) -> np.ndarray | torch.Tensor:
         """Texts -> embeddings [N, D] in input order (a single str gives [D]).
 
         normalize_embeddings=None follows the model folder (a Normalize module); batch_size caps the
@@ -244,6 +276,11 @@ class Model(nn.Module):
         and instruction, instead of the default task given at load.
         output_value="token_embeddings": one [Li, H] array per text (multivector.encode_tokens). SPLADE
         models give sparse vectors (sparse.encode_sparse: convert_to_sparse_tensor, max_active_dims).
+        prompt / prompt_name: the text put before every input (text_prefix; the folder's default prompt if
+        neither). truncate_dim (default: the model's): keep the leading dimensions, after the folder's
+        normalization; normalize_embeddings=True normalizes after the cut. precision: int8 / uint8 /
+        binary / ubinary as sentence-transformers quantizes (int8 ranges from `ranges`, else
+        `calibration_embeddings`, else this call's own embeddings). All as SentenceTransformer.encode (outputs.py).
         """
         if output_value != "sentence_embedding" or "splade" in self.outputs or max_active_dims is not None:
             from .multivector import encode_output
@@ -254,12 +291,20 @@ class Model(nn.Module):
                                  convert_to_sparse_tensor=convert_to_sparse_tensor, max_active_dims=max_active_dims)
         single = isinstance(texts, str)
         task = self.resolve_task(task)
-        texts = self.with_instruction(texts, task)
+        precision = outputs.check_precision(precision)
+        truncate_dim = outputs.check_truncate_dim(self.truncate_dim if truncate_dim is None else truncate_dim, self.dim)
+        prefix = self.text_prefix(task, prompt, prompt_name)
+        skip = self.pool_skip(prefix)
+        texts = self.with_instruction(texts, prompt=prefix)
         from .pipeline import run_texts   # tokenization of the next chunk overlaps the model's work
-        out = run_texts(self, texts, lambda b: self.embed_batch(b, normalize_embeddings, task), self.dim,
+        out = run_texts(self, texts, lambda b: self.embed_batch(b, normalize_embeddings, task, skip), self.dim,
                         batch_size=batch_size, truncate=truncate, show_progress_bar=show_progress_bar)
+        out = outputs.apply(out, truncate_dim, normalize_embeddings is True and truncate_dim is not None,
+                            precision, ranges, calibration_embeddings)                # [N, D'] (numpy if quantized)
         if single:
             out = out[0]
+        if isinstance(out, np.ndarray):
+            return torch.from_numpy(out) if convert_to_tensor else out
         return out if (convert_to_tensor or not convert_to_numpy) else out.numpy()
 
     def encode_sparse(self, texts: str | Sequence[str], **kwargs):

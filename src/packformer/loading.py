@@ -97,7 +97,8 @@ def load_parts(path_or_name: str | Path | None = None, **kwargs) -> ModelParts:
 
 def load(path_or_name: str | Path | None = None, device: str | torch.device | None = "cpu",
          dtype: str | torch.dtype | None = None, max_batch_tokens: int | None = None, fast: bool | None = None,
-         quantize: str | None = None, threads: int | None = None, task: str | None = None, **kwargs) -> Model:
+         quantize: str | None = None, threads: int | None = None, task: str | None = None,
+         truncate_dim: int | None = None, **kwargs) -> Model:
     """Load a model: None -> the built-in all-MiniLM-L6-v2; a Hugging Face or sentence-transformers
     folder (a cross-encoder folder gives a rerank.CrossEncoderModel); a torchtext XLM-R .pt file (kwargs: spm=...,
     num_classes=..., preset=...); 'random:<preset>'.
@@ -105,9 +106,11 @@ def load(path_or_name: str | Path | None = None, device: str | torch.device | No
     CPU only: quantize="int8" runs the Linear layers in int8; threads=N sets torch's intra-op threads
     (default: $PACKFORMER_THREADS, else at most the physical cores).
     task: models with task adapters (jina-embeddings-v3): the default task of every call (its LoRA adapter
-    and instruction); None runs the base weights. An unknown task raises a ValueError naming the tasks."""
+    and instruction); None runs the base weights. An unknown task raises a ValueError naming the tasks.
+    truncate_dim: encode()'s default Matryoshka dimension (else the folder's
+    config_sentence_transformers.json "truncate_dim", else none)."""
     parts = load_parts(path_or_name, **kwargs)
     from .rerank import CrossEncoderModel, CrossEncoderParts
     cls = CrossEncoderModel if isinstance(parts, CrossEncoderParts) else Model   # cross-encoders: predict / rank
     return cls(parts, device=device, dtype=dtype, max_batch_tokens=max_batch_tokens, fast=fast,
-               quantize=quantize, threads=threads, task=task)
+               quantize=quantize, threads=threads, task=task, truncate_dim=truncate_dim)

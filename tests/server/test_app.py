@@ -208,5 +208,6 @@ def test_openapi_documents_every_route(minilm):
     paths = TestClient(app).get("/openapi.json").json()["paths"]
     assert set(paths) == {"/embed", "/v1/embeddings", "/embeddings", "/predict", "/tokenize", "/health", "/info",
                           "/metrics", "/embed_sparse", "/embed_all",
-                          "/rerank", "/v1/rerank", "/v2/rerank"}
+                          "/rerank", "/v1/rerank", "/v2/rerank",
+                          "/", "/invocations", "/v1/models", "/v1/models/{model_id}"}
     assert "422" in paths["/embed"]["post"]["responses"] and "429" in paths["/v1/embeddings"]["post"]["responses"]

@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 
+from ..outputs import PRECISIONS
 from .common import add_model_options, add_text_inputs, load_model, read_texts
 
 
@@ -26,6 +27,16 @@ def add_parser(sub):
     p.add_argument("--task", default=None,
                    help="models with task adapters (jina-embeddings-v3): the task whose LoRA adapter and "
                         "instruction apply, e.g. retrieval.query (default: the base weights)")
+    prompt = p.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt-name", default=None,
+                        help="a prompt of the folder's config_sentence_transformers.json put before every text "
+                             "(default: its default_prompt_name, if any)")
+    prompt.add_argument("--prompt", default=None, help="a text put before every text (instead of a named prompt)")
+    p.add_argument("--truncate-dim", type=int, default=None,
+                   help="keep the first N dimensions (Matryoshka; default: the folder's truncate_dim, if any)")
+    p.add_argument("--precision", default="float32", choices=PRECISIONS,
+                   help="float32, or int8/uint8 (ranges from these texts) or binary/ubinary (bit-packed), "
+                        "as sentence-transformers quantizes (default: float32)")
     return p
 
 
@@ -44,7 +55,8 @@ def write_rows(rows: np.ndarray, texts: list[str], output: str | None, key: str)
     f = open(output, "w", encoding="utf-8") if output else sys.stdout
     try:
         for t, r in zip(texts, rows):
-            f.write(json.dumps({"text": t, key: [round(float(x), 7) for x in r]}) + "\n")
+            vals = r.tolist() if r.dtype.kind in "iu" else [round(float(x), 7) for x in r]   # quantized: ints
+            f.write(json.dumps({"text": t, key: vals}) + "\n")
     finally:
         if output:
             f.close()
@@ -83,6 +95,8 @@ def run(args) -> int:
     if args.sparse or args.token_embeddings or "splade" in getattr(model, "outputs", {}):
         return run_per_text(args, texts, model)
     emb = model.encode(texts, batch_size=args.batch_size, normalize_embeddings=args.normalize,
-                       truncate=not args.no_truncate, show_progress_bar=len(texts) > 1000)
+                       truncate=not args.no_truncate, show_progress_bar=len(texts) > 1000,
+                       prompt_name=args.prompt_name, prompt=args.prompt, truncate_dim=args.truncate_dim,
+                       precision=args.precision)
     write_rows(emb, texts, args.output, "embedding")
     return 0

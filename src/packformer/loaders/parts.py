@@ -8,6 +8,7 @@ from torch import nn
 from ..config import EncoderConfig
 from ..heads import ClassificationHead, Pooler
 from ..model import Encoder
+from ..outputs import OutputConfig
 
 
 @dataclass
@@ -20,6 +21,7 @@ class ModelParts:
     max_seq_length: int               # tokens per sequence, special tokens included
     source: str
     format: str                       # "huggingface" | "sentence-transformers" | "torchtext" | "random"
+    output_config: OutputConfig = field(default_factory=OutputConfig)   # prompts, include_prompt, truncate_dim
     # extra heads on the packed rows, by output: "splade", "lexical" (packformer.sparse), "colbert" (multivector)
     outputs: dict[str, nn.Module] = field(default_factory=dict)
 

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 from ..heads import Pooler
+from ..outputs import read_output_config
 from .hf import load_hf
 from .parts import ModelParts
 
@@ -50,8 +51,10 @@ def load_sentence_transformers(folder: str | Path) -> ModelParts:
     if parts.config.num_labels:
         raise ValueError(f"{tpath} holds a classification model; a sentence-transformers folder needs an encoder")
     mode = "mean"
-    if "Pooling" in kinds:
-        mode = read_pooling(folder / modules[kinds.index("Pooling")]["path"])
+    pooling_dir = folder / modules[kinds.index("Pooling")]["path"] if "Pooling" in kinds else None
+    if pooling_dir is not None:
+        mode = read_pooling(pooling_dir)
+    parts.output_config = read_output_config(folder, pooling_dir)      # prompts, include_prompt, truncate_dim
     parts.pooler = Pooler(mode, normalize="Normalize" in kinds)
     for name in ("sentence_bert_config.json",):
         p = tpath / name

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 
+from . import compat
 from .errors import install_error_handlers
 from .metrics import Metrics
 from .middleware import APIKeyMiddleware, BodyLimitMiddleware, MetricsMiddleware
@@ -53,11 +54,12 @@ def create_app(model: "Model", settings: ServerSettings | None = None, *, warm_b
     app.state.settings = settings
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(compat.router)        # GET /v1/models, TEI's POST / (by model kind)
     app.include_router(output_router)          # /embed_sparse, /embed_all (sparse and per-token outputs)
     app.include_router(rerank_router)          # /rerank, /v1/rerank, /v2/rerank (cross-encoders)
     # add_middleware wraps: the last added is outermost. Order of a request: metrics -> key -> size.
     app.add_middleware(BodyLimitMiddleware, limit=settings.payload_limit)
     if settings.api_key is not None:
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
-    app.add_middleware(MetricsMiddleware, metrics=metrics, routes=OUTPUT_ROUTES + ROUTES + RERANK_ROUTES)
+    app.add_middleware(MetricsMiddleware, metrics=metrics, routes=OUTPUT_ROUTES + ROUTES + compat.ROUTES + RERANK_ROUTES)
     return app

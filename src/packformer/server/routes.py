@@ -10,7 +10,7 @@ import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from .errors import error_response
+from .errors import error_response, validation
 from .formats import predictions, shorten, to_base64
 from .schemas import (EmbedRequest, ErrorBody, Info, OpenAIEmbeddingRequest, OpenAIEmbeddingResponse, Prediction,
                       PredictRequest, SimpleToken, TokenizeRequest)
@@ -50,9 +50,13 @@ async def embed(body: EmbedRequest, request: Request):
     texts = _as_list(body.inputs)
     svc.check_batch(texts, "inputs")
     task = svc.resolve_task(body.task)
+    prefix, skip = svc.resolve_prompt(body.prompt_name, task)
+    dims = svc.dimensions(body.dimensions)
     with svc.admit():
-        ids = await svc.token_ids(texts, svc.truncate_default(body.truncate), TRUNCATE_HINT, task)
-        emb = await svc.embed(ids, body.normalize, task)
+        ids = await svc.token_ids(texts, svc.truncate_default(body.truncate), TRUNCATE_HINT, task, prefix)
+        emb = await svc.embed(ids, body.normalize, task, skip)
+    if dims is not None:                # TEI: cut, then normalize (when asked)
+        emb = shorten(emb, dims) if body.normalize else np.ascontiguousarray(emb[:, :dims])
     return json_response(emb)
 
 
@@ -62,19 +66,19 @@ async def _openai_embeddings(body: OpenAIEmbeddingRequest, request: Request):
     pretokenized = isinstance(inp, list) and len(inp) > 0 and not isinstance(inp[0], str)
     items = [inp] if isinstance(inp, str) or (pretokenized and isinstance(inp[0], int)) else inp
     svc.check_batch(items, "input")
-    dim = svc.model.dim
-    if body.dimensions is not None and body.dimensions > dim:
-        return error_response(422, f"dimensions must be at most the model's {dim}, got {body.dimensions}",
-                              "validation")
+    dims = svc.dimensions(body.dimensions)
     task = svc.resolve_task(body.task)
+    if pretokenized and body.prompt_name is not None:
+        raise validation("`prompt_name` applies to text inputs; token-id inputs are the model's input as given")
+    prefix, skip = ("", 0) if pretokenized else svc.resolve_prompt(body.prompt_name, task)
     with svc.admit():
         if pretokenized:        # ids are the model's input as given: no instruction is added
             ids = svc.wrap_ids(items, svc.settings.auto_truncate)
         else:
-            ids = await svc.token_ids(items, svc.settings.auto_truncate, AUTO_TRUNCATE_HINT, task)
-        emb = await svc.embed(ids, None, task)                            # [N, D]
-    if body.dimensions is not None:
-        emb = shorten(emb, body.dimensions)
+            ids = await svc.token_ids(items, svc.settings.auto_truncate, AUTO_TRUNCATE_HINT, task, prefix)
+        emb = await svc.embed(ids, None, task, skip)                      # [N, D]
+    if dims is not None:
+        emb = shorten(emb, dims)
     if body.encoding_format == "base64":
         rows = [to_base64(r) for r in emb]
     else:

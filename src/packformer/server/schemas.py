@@ -10,6 +10,8 @@ from typing import Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 Texts = Union[StrictStr, list[StrictStr]]
+PROMPT_NAME_DESCRIPTION = ("a prompt of the model folder's config_sentence_transformers.json, put before every "
+                           "text (default: its default_prompt_name, if any)")
 TASK_DESCRIPTION = ("models with task adapters (jina-embeddings-v3): the task's LoRA adapter and instruction "
                     "(default: the server's --task)")
 
@@ -25,6 +27,9 @@ class EmbedRequest(_Body):
     truncate: Optional[StrictBool] = Field(None, description="cut over-long inputs (default: the server's --auto-truncate)")
     truncation_direction: Literal["Right", "right"] = "Right"
     task: Optional[StrictStr] = Field(None, description=TASK_DESCRIPTION)
+    prompt_name: Optional[StrictStr] = Field(None, description=PROMPT_NAME_DESCRIPTION)
+    dimensions: Optional[StrictInt] = Field(None, ge=1, description="keep the first N dimensions (re-normalized "
+                                            "when normalize is true)")
 
 
 class PredictRequest(_Body):
@@ -61,6 +66,7 @@ class OpenAIEmbeddingRequest(_Body):
     dimensions: Optional[StrictInt] = Field(None, ge=1, description="keep the first N dimensions, re-normalized")
     user: Optional[str] = None
     task: Optional[StrictStr] = Field(None, description=TASK_DESCRIPTION + "; token-id inputs get no instruction")
+    prompt_name: Optional[StrictStr] = Field(None, description=PROMPT_NAME_DESCRIPTION + "; not for token-id inputs")
 
 
 class EmbeddingObject(BaseModel):

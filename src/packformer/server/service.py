@@ -121,12 +121,32 @@ class InferenceService:
         except ValueError as e:
             raise validation(f"`task`: {e}") from e
 
+    def resolve_prompt(self, prompt_name: str | None, task: str | None = None) -> tuple[str, int]:
+        """A request's `prompt_name` (None: the model's default prompt) -> (the text put before each of its
+        inputs: the prompt, else `task`'s instruction; the leading tokens left out of pooling, for a
+        Pooling with include_prompt=False). 422 naming the model's prompts for an unknown name."""
+        try:
+            prefix = self.model.text_prefix(task, None, prompt_name)
+        except ValueError as e:
+            raise validation(f"`prompt_name`: {e}") from e
+        return prefix, self.model.pool_skip(prefix)
+
+    def dimensions(self, dimensions: int | None) -> int | None:
+        """A request's `dimensions` (None: the model's truncate_dim, if it has one); 422 beyond its size."""
+        dim = self.model.dim
+        if dimensions is not None and dimensions > dim:
+            raise validation(f"dimensions must be at most the model's {dim}, got {dimensions}")
+        return dimensions if dimensions is not None else getattr(self.model, "truncate_dim", None)
+
     # ---- tokenization -------------------------------------------------------------------------
     async def token_ids(self, texts: list[str], truncate: bool, hint: str = "",
-                        task: str | None = None) -> list[list[int]]:
-        """Texts -> ids with special tokens (after `task`'s instruction, if it has one); 413 naming the
-        input for an over-long one with truncation off (`hint` says how to turn truncation on for this route)."""
+                        task: str | None = None, prefix: str | None = None) -> list[list[int]]:
+        """Texts -> ids with special tokens (after `prefix`, from resolve_prompt; None: `task`'s instruction or
+        the default prompt); 413 naming the input for an over-long one with truncation off (`hint` says how to
+        turn truncation on for this route)."""
         kw = {"truncate": truncate} if task is None else {"truncate": truncate, "task": task}
+        if prefix is not None:
+            kw["prompt"] = prefix
         try:
             if sum(map(len, texts)) <= INLINE_TOKENIZE_CHARS:
                 return self.model.token_ids(texts, **kw)
@@ -165,10 +185,12 @@ class InferenceService:
             raise unhealthy(str(e)) from e
         return rows
 
-    async def embed(self, ids: list[list[int]], normalize: bool | None, task: str | None = None) -> np.ndarray:
-        """`task` (resolved by resolve_task): requests of one task batch together, never with another's."""
+    async def embed(self, ids: list[list[int]], normalize: bool | None, task: str | None = None,
+                    skip: int = 0) -> np.ndarray:
+        """`task` (resolved by resolve_task): requests of one task batch together, never with another's;
+        `skip`: the prompt tokens left out of pooling (resolve_prompt), batched apart likewise."""
         self.check_embedder()
-        return await self.run(embed_key(normalize, task), ids)
+        return await self.run(embed_key(normalize, task, skip), ids)
 
     async def classify(self, ids: list[list[int]]) -> np.ndarray:
         if self.model.head is None:
@@ -248,6 +270,8 @@ class InferenceService:
             "auto_truncate": s.auto_truncate, "payload_limit": s.payload_limit, "state": self.worker.state,
             "runner": describe_runner(self.model.runner, self._runner_encoder()),   # live: graphs, replays
             "tasks": list(getattr(self.model, "tasks", ())), "task": getattr(self.model, "task", None),
+            "prompts": dict(m.get("prompts") or {}), "default_prompt_name": m.get("default_prompt_name"),
+            "truncate_dim": m.get("truncate_dim"),
         }
 
     def _runner_encoder(self):

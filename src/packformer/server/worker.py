@@ -37,9 +37,12 @@ class BatchFailed(RuntimeError):
     """The batch holding a request raised; other batches are unaffected."""
 
 
-def embed_key(normalize: bool | None, task: str | None = None) -> tuple:
+def embed_key(normalize: bool | None, task: str | None = None, skip: int = 0) -> tuple:
     """The scheduler key of embedding requests: batches form per key, so a batch never mixes tasks
-    (each task runs its own merged weights, engine.Model.runner_for)."""
+    (each task runs its own merged weights, engine.Model.runner_for), nor prompt lengths left out of
+    pooling (`skip`, include_prompt=False)."""
+    if skip:
+        return (EMBED, normalize, task, skip)
     return (EMBED, normalize) if task is None else (EMBED, normalize, task)
 
 
@@ -174,7 +177,9 @@ class Worker:
         batch = pack(seqs, self.model.config.position_offset)
         if kind in ROW_OUTPUTS:     # one result of its own shape per sequence (server/output_routes.py)
             return ROW_OUTPUTS[kind](self.model, batch)
-        if kind == EMBED and rest:
+        if kind == EMBED and len(rest) == 2:
+            out = self.model.embed_batch(batch, arg, task=rest[0], skip=rest[1])
+        elif kind == EMBED and rest:
             out = self.model.embed_batch(batch, arg, task=rest[0])
         elif kind == EMBED:
             out = self.model.embed_batch(batch, arg)
