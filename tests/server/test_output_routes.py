@@ -131,3 +131,32 @@ def test_a_model_without_a_sparse_output_gets_a_422(minilm):
         r = c.post("/embed_sparse", json={"inputs": "hello"})
         assert r.status_code == 422 and "has no sparse output" in r.json()["error"]
         assert "/embed_sparse" in c.get("/openapi.json").json()["paths"]
+
+
+def test_embed_all_applies_a_prompt_name_and_refuses_an_unknown_one(tmp_path):
+    from tests.prompt_folders import st_folder
+    model = packformer.load(st_folder(tmp_path / "p", prompts={"query": "query: ", "doc": "passage: "}))
+    texts = ["The cat sat on the mat.", "a"]
+    want = model.encode(["query: " + t for t in texts], output_value="token_embeddings")
+    with client(model) as c:
+        r = c.post("/embed_all", json={"inputs": texts, "prompt_name": "query"})
+        bad = c.post("/embed_all", json={"inputs": texts, "prompt_name": "nope"})
+    assert r.status_code == 200, r.text
+    for got, ref in zip(r.json(), want):
+        got = np.asarray(got, dtype=np.float32)
+        assert got.shape == ref.shape and np.abs(got - ref).max() <= 1e-5
+    assert bad.status_code == 422 and "nope" in bad.text and "query" in bad.text
+
+
+def test_embed_sparse_applies_a_prompt_name(splade):
+    splade.prompts = {"query": "query: "}          # as a folder's config_sentence_transformers.json gives it
+    try:
+        want = splade.encode_sparse(["query: " + t for t in TEXTS], convert_to_sparse_tensor=False)
+        with client(splade) as c:
+            got = c.post("/embed_sparse", json={"inputs": TEXTS, "prompt_name": "query"}).json()
+    finally:
+        splade.prompts = {}
+    for row, ref in zip(got, want):
+        ids, vals = as_pairs(row)
+        assert ids == [i for i, _ in ref]
+        np.testing.assert_allclose(vals, [w for _, w in ref], atol=1e-5)

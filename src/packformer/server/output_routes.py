@@ -14,12 +14,12 @@ from __future__ import annotations
 from typing import Literal, Optional
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field, StrictBool
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
 
 from ..sparse import sparse_kind
 from .errors import validation
 from .routes import ERRORS, TRUNCATE_HINT, json_response, service_of
-from .schemas import Texts
+from .schemas import PROMPT_NAME_DESCRIPTION, Texts
 from .service import InferenceService
 from .worker import SPARSE_KEY, TOKENS_KEY
 
@@ -35,6 +35,7 @@ class EmbedSparseRequest(_Body):
     inputs: Texts
     truncate: Optional[StrictBool] = Field(None, description="cut over-long inputs (default: the server's --auto-truncate)")
     truncation_direction: Literal["Right", "right"] = "Right"
+    prompt_name: Optional[StrictStr] = Field(None, description=PROMPT_NAME_DESCRIPTION)
 
 
 class EmbedAllRequest(EmbedSparseRequest):
@@ -59,8 +60,9 @@ async def embed_sparse_rows(svc: InferenceService, body: EmbedSparseRequest) -> 
         raise validation(f"model {svc.model_name} has no sparse output: /embed_sparse needs a SPLADE model "
                          "(a sentence-transformers SparseEncoder folder) or bge-m3; use /embed")
     texts = _texts(svc, body.inputs)
+    prefix, _ = svc.resolve_prompt(body.prompt_name)       # every token is kept: nothing is skipped
     with svc.admit():
-        ids = await svc.token_ids(texts, svc.truncate_default(body.truncate), TRUNCATE_HINT)
+        ids = await svc.token_ids(texts, svc.truncate_default(body.truncate), TRUNCATE_HINT, prefix=prefix)
         rows = await svc.run_rows(SPARSE_KEY, ids)
     return [[{"index": int(i), "value": float(w)} for i, w in zip(tok, weights)] for tok, weights in rows]
 
@@ -71,8 +73,9 @@ async def embed_all_rows(svc: InferenceService, body: EmbedAllRequest) -> list:
         raise validation(f"model {svc.model_name} is a reranker (cross-encoder): it has no token embeddings "
                          "to serve; /embed_all needs an embedding model")
     texts = _texts(svc, body.inputs)
+    prefix, _ = svc.resolve_prompt(body.prompt_name)       # every token is kept: nothing is skipped
     with svc.admit():
-        ids = await svc.token_ids(texts, svc.truncate_default(body.truncate), TRUNCATE_HINT)
+        ids = await svc.token_ids(texts, svc.truncate_default(body.truncate), TRUNCATE_HINT, prefix=prefix)
         return await svc.run_rows(TOKENS_KEY, ids)
 
 
