@@ -50,7 +50,7 @@ class Model(nn.Module):
         self.encoder = parts.encoder.to(self.device_, self.dtype).eval()
         # pooling and heads stay fp32: they are tiny and fp32 keeps classification argmax stable
         self.head = parts.head.to(self.device_, torch.float32).eval() if parts.head is not None else None
-        self.pooler = parts.pooler
+        self.pooler = parts.pooler.to(self.device_, torch.float32)   # fp32 too (its Dense layers, if any)
         from .multivector import place_outputs      # sparse / multi-vector heads (SPLADE, bge-m3), if any
         self.outputs = place_outputs(getattr(parts, "outputs", None), self.device_, self.dtype)
         self.tokenizer = parts.tokenizer
@@ -97,7 +97,8 @@ class Model(nn.Module):
 
     @property
     def dim(self) -> int:
-        return self.config.hidden_size
+        """The embedding size: the hidden size, or the last Dense layer's output (sentence-transformers)."""
+        return getattr(self.pooler, "out_features", None) or self.config.hidden_size
 
     @property
     def tasks(self) -> tuple[str, ...]:

@@ -43,8 +43,8 @@ def test_unsupported_modules_and_pooling_are_named(tmp_path, minilm_dir):
     folder = _variant(minilm_dir, tmp_path / "m", "mean", True)
     modules = json.loads((folder / "modules.json").read_text())
     (folder / "modules.json").write_text(json.dumps(modules + [
-        {"idx": 3, "name": "3", "path": "3_Dense", "type": "sentence_transformers.models.Dense"}]))
-    with pytest.raises(ValueError, match="unsupported module types.*Dense"):
+        {"idx": 3, "name": "3", "path": "3_WordWeights", "type": "sentence_transformers.models.WordWeights"}]))
+    with pytest.raises(ValueError, match="unsupported module types.*WordWeights"):
         packformer.load(folder)
     (folder / "modules.json").write_text(json.dumps(modules))
     cfg = json.loads((folder / "1_Pooling" / "config.json").read_text())

@@ -1,10 +1,10 @@
-"""sentence-transformers folders: modules.json -> Transformer (an HF folder) + Pooling [+ Normalize]."""
+"""sentence-transformers folders: modules.json -> Transformer (an HF folder) + Pooling [+ Dense ...] [+ Normalize]."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from ..heads import Pooler
+from ..heads import Dense, Pooler
 from ..outputs import read_output_config
 from .hf import load_hf
 from .parts import ModelParts
@@ -12,9 +12,10 @@ from .parts import ModelParts
 TRANSFORMER = "sentence_transformers.models.Transformer"
 POOLING = "sentence_transformers.models.Pooling"
 NORMALIZE = "sentence_transformers.models.Normalize"
-POOLING_KEYS = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean", "pooling_mode_max_tokens": "max"}
-UNSUPPORTED_POOLING = ("pooling_mode_mean_sqrt_len_tokens", "pooling_mode_weightedmean_tokens",
-                       "pooling_mode_lasttoken")
+POOLING_KEYS = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean", "pooling_mode_max_tokens": "max",
+                "pooling_mode_lasttoken": "last"}
+UNSUPPORTED_POOLING = ("pooling_mode_mean_sqrt_len_tokens", "pooling_mode_weightedmean_tokens")
+DENSE_ACTIVATIONS = {"torch.nn.modules.linear.Identity": "identity", "torch.nn.modules.activation.Tanh": "tanh"}
 
 
 def _module_type(m: dict) -> str:
@@ -28,9 +29,28 @@ def read_pooling(path: Path) -> str:
     on = [mode for key, mode in POOLING_KEYS.items() if cfg.get(key)]
     odd = [k for k in UNSUPPORTED_POOLING if cfg.get(k)]
     if odd or len(on) != 1:
-        raise ValueError(f"{path / 'config.json'}: packformer supports exactly one of cls/mean/max pooling; "
-                         f"found enabled {on + odd or 'none'}")
+        raise ValueError(f"{path / 'config.json'}: packformer supports exactly one of cls/mean/max/lasttoken "
+                         f"pooling; found enabled {on + odd or 'none'}")
     return on[0]
+
+
+def read_dense(path: Path) -> Dense:
+    """A Dense module folder: config.json (in/out features, bias, activation) + model.safetensors or
+    pytorch_model.bin (linear.weight, linear.bias)."""
+    from .hf import read_state_dict
+
+    cfg = json.loads((path / "config.json").read_text())
+    act = cfg.get("activation_function", "torch.nn.modules.activation.Tanh")
+    if act not in DENSE_ACTIVATIONS:
+        raise ValueError(f"{path / 'config.json'}: unsupported Dense activation_function {act!r}; supported: "
+                         f"{', '.join(DENSE_ACTIVATIONS)}")
+    dense = Dense(int(cfg["in_features"]), int(cfg["out_features"]), bias=bool(cfg.get("bias", True)),
+                  act=DENSE_ACTIVATIONS[act])
+    state = read_state_dict(path)
+    missing, unused = dense.load_state_dict(state, strict=False)
+    if missing or unused:
+        raise ValueError(f"{path}: Dense weights do not fit {cfg}: missing {missing}, unused {unused}")
+    return dense
 
 
 def load_sentence_transformers(folder: str | Path) -> ModelParts:
@@ -40,10 +60,15 @@ def load_sentence_transformers(folder: str | Path) -> ModelParts:
     from .sparse_encoder import is_sparse_encoder, load_sparse_encoder
     if is_sparse_encoder(folder, modules):        # SPLADE: MLMTransformer + SpladePooling
         return load_sparse_encoder(folder)
-    unknown = [m.get("type") for m, k in zip(modules, kinds) if k not in ("Transformer", "Pooling", "Normalize")]
+    unknown = [m.get("type") for m, k in zip(modules, kinds)
+               if k not in ("Transformer", "Pooling", "Dense", "Normalize")]
     if unknown:
         raise ValueError(f"{folder / 'modules.json'}: unsupported module types {unknown}; "
-                         "packformer runs Transformer + Pooling [+ Normalize]")
+                         "packformer runs Transformer + Pooling [+ Dense ...] [+ Normalize]")
+    after = [k for k in kinds if k != "Transformer"]
+    if "Dense" in kinds and (after[:1] != ["Pooling"]
+                             or after[1:] not in (["Dense"] * (len(after) - 1), ["Dense"] * (len(after) - 2) + ["Normalize"])):
+        raise ValueError(f"{folder / 'modules.json'}: Dense modules must follow Pooling (before Normalize), found {kinds}")
     if kinds.count("Transformer") != 1 or kinds[0] != "Transformer":
         raise ValueError(f"{folder / 'modules.json'}: expected one Transformer module first, found {kinds}")
     tpath = folder / modules[0].get("path", "")
@@ -55,7 +80,8 @@ def load_sentence_transformers(folder: str | Path) -> ModelParts:
     if pooling_dir is not None:
         mode = read_pooling(pooling_dir)
     parts.output_config = read_output_config(folder, pooling_dir)      # prompts, include_prompt, truncate_dim
-    parts.pooler = Pooler(mode, normalize="Normalize" in kinds)
+    dense = [read_dense(folder / m["path"]) for m, k in zip(modules, kinds) if k == "Dense"]
+    parts.pooler = Pooler(mode, normalize="Normalize" in kinds, dense=dense)
     for name in ("sentence_bert_config.json",):
         p = tpath / name
         if p.exists():
