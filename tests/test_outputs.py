@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -142,18 +144,25 @@ def test_drop_prompt_on_packed_rows():
                                 {"truncate_dim": 384}, {"truncate_dim": 64, "prompt_name": "passage"}],
                          ids=["128", "32-normalized", "full", "64-prompted"])
 def test_truncate_dim_matches_sentence_transformers(prompted, kw):
+    """The folder normalizes (all-MiniLM-L6-v2 has a Normalize module): a cut vector is normalized again,
+    as sentence-transformers gives it with normalize_embeddings=True."""
     _, m, st = prompted
-    close(m.encode(TEXTS, **kw), st.encode(TEXTS, **kw))
+    close(m.encode(TEXTS, **kw), st.encode(TEXTS, **dict(kw, normalize_embeddings=True)))
 
 
-def test_truncation_keeps_st_order_normalize_module_then_cut(prompted):
-    _, m, _ = prompted
+def test_truncation_renormalizes_only_where_the_model_normalizes(prompted, tmp_path):
+    d, m, _ = prompted
     full = m.encode(TEXTS)
     cut = m.encode(TEXTS, truncate_dim=96)
-    close(cut, full[:, :96], 0)
-    assert np.linalg.norm(cut, axis=1).max() < 0.99                   # not renormalized unless asked
-    renorm = m.encode(TEXTS, truncate_dim=96, normalize_embeddings=True)
-    close(np.linalg.norm(renorm, axis=1), np.ones(len(TEXTS)), 1e-6)
+    close(cut, full[:, :96] / np.linalg.norm(full[:, :96], axis=1, keepdims=True), 1e-6)
+    close(np.linalg.norm(cut, axis=1), np.ones(len(TEXTS)), 1e-6)
+    plain = st_folder(tmp_path / "plain", PROMPTS)           # the same model without its Normalize module
+    mods = json.loads((plain / "modules.json").read_text())
+    (plain / "modules.json").write_text(json.dumps([x for x in mods if not x["type"].endswith("Normalize")]))
+    pm = packformer.load(plain)
+    raw = pm.encode(TEXTS)
+    close(pm.encode(TEXTS, truncate_dim=96), raw[:, :96], 0)          # nothing normalizes: a plain cut
+    close(pm.encode(TEXTS, truncate_dim=96), st_model(plain).encode(TEXTS, truncate_dim=96))
 
 
 def test_truncate_dim_at_load_and_from_the_folder(tmp_path, prompted):
@@ -165,8 +174,9 @@ def test_truncate_dim_at_load_and_from_the_folder(tmp_path, prompted):
     f = st_folder(tmp_path / "t", PROMPTS, truncate_dim=64)
     ours, st = packformer.load(f), st_model(f)
     assert ours.truncate_dim == 64 and st.truncate_dim == 64
-    close(ours.encode(TEXTS), st.encode(TEXTS))
-    close(packformer.load(f, truncate_dim=128).encode(TEXTS), st.encode(TEXTS, truncate_dim=128))
+    close(ours.encode(TEXTS), st.encode(TEXTS, normalize_embeddings=True))
+    close(packformer.load(f, truncate_dim=128).encode(TEXTS), st.encode(TEXTS, truncate_dim=128,
+                                                                         normalize_embeddings=True))
 
 
 @pytest.mark.parametrize("bad, err", [(0, ValueError), (385, ValueError), (-1, ValueError), (1.5, TypeError),

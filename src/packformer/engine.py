@@ -278,8 +278,8 @@ class Model(nn.Module):
         output_value="token_embeddings": one [Li, H] array per text (multivector.encode_tokens). SPLADE
         models give sparse vectors (sparse.encode_sparse: convert_to_sparse_tensor, max_active_dims).
         prompt / prompt_name: the text put before every input (text_prefix; the folder's default prompt if
-        neither). truncate_dim (default: the model's): keep the leading dimensions, after the folder's
-        normalization; normalize_embeddings=True normalizes after the cut. precision: int8 / uint8 /
+        neither). truncate_dim (default: the model's): keep the leading dimensions, normalized again
+        where the embeddings are normalized (the folder's Normalize, or normalize_embeddings=True). precision: int8 / uint8 /
         binary / ubinary as sentence-transformers quantizes (int8 ranges from `ranges`, else
         `calibration_embeddings`, else this call's own embeddings). All as SentenceTransformer.encode (outputs.py).
         """
@@ -300,8 +300,11 @@ class Model(nn.Module):
         from .pipeline import run_texts   # tokenization of the next chunk overlaps the model's work
         out = run_texts(self, texts, lambda b: self.embed_batch(b, normalize_embeddings, task, skip), self.dim,
                         batch_size=batch_size, truncate=truncate, show_progress_bar=show_progress_bar)
-        out = outputs.apply(out, truncate_dim, normalize_embeddings is True and truncate_dim is not None,
-                            precision, ranges, calibration_embeddings)                # [N, D'] (numpy if quantized)
+        # a cut vector of a normalizing model is renormalized (Matryoshka: cosine-ready, as
+        # SentenceTransformer.encode(truncate_dim=..., normalize_embeddings=True) gives it)
+        renorm = truncate_dim is not None and (normalize_embeddings if normalize_embeddings is not None
+                                               else self.pooler.normalize)
+        out = outputs.apply(out, truncate_dim, renorm, precision, ranges, calibration_embeddings)  # [N, D']
         if single:
             out = out[0]
         if isinstance(out, np.ndarray):

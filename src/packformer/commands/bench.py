@@ -69,9 +69,6 @@ def run(args) -> int:
     from ..bench.report import bench_chart, print_bench, write_json
     from ..bench.run import run_bench
 
-    from ..bench.outputs import OUTPUT_WORKLOADS, run_output_bench
-    if set(args.workloads.split(",")) & set(OUTPUT_WORKLOADS):    # sparse / multi-vector outputs: their own runs
-        return run_output_bench(args)
     names = [w.strip() for w in args.workloads.split(",") if w.strip()]
     if "rerank" in names:           # a cross-encoder workload: packformer vs CrossEncoder.predict, apart
         from ..bench.rerank import run_rerank_bench
@@ -90,6 +87,9 @@ def run(args) -> int:
         if not names:
             return 0
         args.workloads = ",".join(names)
+    from ..bench.outputs import OUTPUT_WORKLOADS, run_output_bench
+    if set(args.workloads.split(",")) & set(OUTPUT_WORKLOADS):    # sparse / multi-vector outputs: their own runs
+        return run_output_bench(args)
     quiet = args.json
     result = run_bench(source_for(args), workloads=args.workloads, peers=args.peers, device=args.device,
                        dtype=args.dtype, texts=args.texts, iterations=args.iterations, warmup=args.warmup,
