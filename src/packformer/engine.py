@@ -22,7 +22,7 @@ from .fast import describe_runner, select_runner
 from . import outputs
 from .loaders.parts import ModelParts
 from .ops.attention import AttentionMeta
-from .runtime import DEFAULT_MAX_BATCH_TOKENS, resolve_device, resolve_dtype
+from .runtime import DEFAULT_MAX_BATCH_TOKENS, resolve_device
 from .tokenize import check_texts
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,8 @@ class Model(nn.Module):
                  task: str | None = None, truncate_dim: int | None = None):
         super().__init__()
         self.device_ = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device_)
+        from .families import model_dtype         # dtype None: fp32 on CPU, the family's gpu_dtype on CUDA
+        self.dtype = model_dtype(parts.config, self.device_, dtype)
         self.config = parts.config
         self.encoder = parts.encoder.to(self.device_, self.dtype).eval()
         # pooling and heads stay fp32: they are tiny and fp32 keeps classification argmax stable
@@ -120,6 +121,7 @@ class Model(nn.Module):
             "architecture": c.architecture(),
             "layers": c.num_layers, "hidden": c.hidden_size, "heads": c.num_heads, "ffn": c.intermediate_size,
             "vocab": c.vocab_size, "parameters": sum(p.numel() for p in self.parameters()),
+            "memory_bytes": self.weight_bytes(),
             "dim": self.dim, "max_seq_length": self.max_seq_length, "pooling": self.pooler.mode,
             "normalize": self.pooler.normalize, "num_labels": c.num_labels, "labels": c.labels(),
             "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
@@ -129,6 +131,17 @@ class Model(nn.Module):
             "prompts": dict(self.prompts), "default_prompt_name": self.default_prompt_name,
             "include_prompt": self.include_prompt, "truncate_dim": self.truncate_dim,
         }
+
+    def weight_bytes(self) -> int:
+        """Bytes of the weights as loaded (parameters and buffers, each storage once: tied weights count once),
+        in their dtype: the encoder's (fp32 / fp16 / bf16), fp32 heads."""
+        seen, total = set(), 0
+        for t in (*self.parameters(), *self.buffers()):
+            key = (t.untyped_storage().data_ptr(), t.device) if t.numel() else id(t)
+            if key not in seen:
+                seen.add(key)
+                total += t.untyped_storage().nbytes() if t.numel() else 0
+        return total
 
     # ---- tasks ------------------------------------------------------------------------------
     def resolve_task(self, task: str | None) -> str | None:

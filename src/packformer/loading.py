@@ -58,8 +58,22 @@ def random_parts(name: str, num_labels: int = 0, seed: int = 0, tokenizer=None) 
                       max_seq_length=cfg.max_tokens_per_sequence, source=f"random:{name}", format="random")
 
 
-def load_parts(path_or_name: str | Path | None = None, **kwargs) -> ModelParts:
-    """Resolve a path or name to ModelParts (weights on CPU, fp32)."""
+KINDS = ("embedding", "reranker")
+
+
+def check_kind(kind: str | None) -> str | None:
+    if kind is not None and kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}: expected one of {', '.join(map(repr, KINDS))} or None (detect it "
+                         "from the folder)")
+    return kind
+
+
+def load_parts(path_or_name: str | Path | None = None, kind: str | None = None, instruction: str | None = None,
+               **kwargs) -> ModelParts:
+    """Resolve a path or name to ModelParts (weights on CPU, fp32). kind: None detects what a folder is;
+    "reranker" / "embedding" say it (a Qwen3 causal-LM folder is a yes/no reranker or an embedder's body).
+    A decoder reranker's instruction and kwargs (max_length=): decoder_rerank.load_decoder_reranker_parts."""
+    check_kind(kind)
     if path_or_name in _DEFAULT_ALIASES:
         path_or_name = builtin_model_dir()
     if isinstance(path_or_name, str) and path_or_name.startswith("random:"):
@@ -79,8 +93,11 @@ def load_parts(path_or_name: str | Path | None = None, **kwargs) -> ModelParts:
         if is_bge_m3_folder(path):                # before modules.json too: bge-m3 ships one for its dense output
             return load_bge_m3(path)
         from .rerank import is_cross_encoder_folder, load_cross_encoder_parts
-        if is_cross_encoder_folder(path):         # before modules.json: sentence-transformers 6 writes one
+        if kind != "embedding" and is_cross_encoder_folder(path):   # before modules.json: ST 6 writes one
             return load_cross_encoder_parts(path)
+        from .decoder_rerank import is_decoder_reranker_folder, load_decoder_reranker_parts
+        if kind == "reranker" or (kind is None and is_decoder_reranker_folder(path)):   # Qwen3-Reranker
+            return load_decoder_reranker_parts(path, instruction=instruction, **kwargs)
         if (path / "modules.json").exists():
             from .loaders.sentence_transformers import load_sentence_transformers
             return load_sentence_transformers(path)
@@ -98,19 +115,33 @@ def load_parts(path_or_name: str | Path | None = None, **kwargs) -> ModelParts:
 def load(path_or_name: str | Path | None = None, device: str | torch.device | None = "cpu",
          dtype: str | torch.dtype | None = None, max_batch_tokens: int | None = None, fast: bool | None = None,
          quantize: str | None = None, threads: int | None = None, task: str | None = None,
-         truncate_dim: int | None = None, **kwargs) -> Model:
+         truncate_dim: int | None = None, kind: str | None = None, instruction: str | None = None,
+         **kwargs) -> Model:
     """Load a model: None -> the built-in all-MiniLM-L6-v2; a Hugging Face or sentence-transformers
     folder (a cross-encoder folder gives a rerank.CrossEncoderModel); a torchtext XLM-R .pt file (kwargs: spm=...,
     num_classes=..., preset=...); 'random:<preset>'.
-    dtype None means fp32 on CPU and fp16 on CUDA; fast=False runs the readable reference encoder.
+    dtype None means fp32 on CPU and, on CUDA, the family's gpu_dtype: fp16 for encoders, bf16 for the
+    decoder families (Qwen3, Gemma 3); fast=False runs the readable reference encoder.
     CPU only: quantize="int8" runs the Linear layers in int8; threads=N sets torch's intra-op threads
     (default: $PACKFORMER_THREADS, else at most the physical cores).
     task: models with task adapters (jina-embeddings-v3): the default task of every call (its LoRA adapter
     and instruction); None runs the base weights. An unknown task raises a ValueError naming the tasks.
     truncate_dim: encode()'s default Matryoshka dimension (else the folder's
-    config_sentence_transformers.json "truncate_dim", else none)."""
-    parts = load_parts(path_or_name, **kwargs)
+    config_sentence_transformers.json "truncate_dim", else none).
+    kind: None detects it; "reranker" makes a Qwen3 causal-LM folder a yes/no reranker (decoder_rerank.py:
+    Qwen3-Reranker, detected by its "yes" / "no" tokens), "embedding" loads it as an embedder.
+    instruction (decoder rerankers): the default instruction of every pair (None: the model card's);
+    max_length=N (kwargs) caps their pairs' tokens, prompt included (default 8192)."""
+    parts = load_parts(path_or_name, kind=kind, instruction=instruction, **kwargs)
+    from .decoder_rerank import DecoderReranker, DecoderRerankerParts
     from .rerank import CrossEncoderModel, CrossEncoderParts
-    cls = CrossEncoderModel if isinstance(parts, CrossEncoderParts) else Model   # cross-encoders: predict / rank
+    if kind == "reranker" and not isinstance(parts, CrossEncoderParts):
+        raise ValueError(f"{path_or_name} is not a reranker: kind='reranker' needs a cross-encoder folder or a "
+                         "Qwen3 causal-LM (Qwen3-Reranker) folder")
+    if instruction is not None and not isinstance(parts, DecoderRerankerParts):
+        raise ValueError(f"{parts.source} takes no instruction: instruction= is for decoder rerankers "
+                         "(Qwen3-Reranker)")
+    cls = (DecoderReranker if isinstance(parts, DecoderRerankerParts) else      # yes/no decoders: predict / rank
+           CrossEncoderModel if isinstance(parts, CrossEncoderParts) else Model)   # cross-encoders: predict / rank
     return cls(parts, device=device, dtype=dtype, max_batch_tokens=max_batch_tokens, fast=fast,
                quantize=quantize, threads=threads, task=task, truncate_dim=truncate_dim)

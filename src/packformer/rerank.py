@@ -198,9 +198,14 @@ class CrossEncoderModel(Model):
                            "for encode()")
 
     # ---- tokenization -------------------------------------------------------------------------
-    def pair_ids(self, pairs: Sequence[tuple[str, str]], truncate: bool = True) -> list[PairSeq]:
+    def pair_ids(self, pairs: Sequence[tuple[str, str]], truncate: bool = True,
+                 instruction: str | None = None) -> list[PairSeq]:
         """Pairs -> tokenized PairSeqs with the folder's template, cut `longest_first` to max_seq_length
-        (truncate=False: ValueError naming the first over-long pair)."""
+        (truncate=False: ValueError naming the first over-long pair). `instruction` is for decoder rerankers
+        (decoder_rerank.py); an encoder cross-encoder has none."""
+        if instruction is not None:
+            raise ValueError(f"model {self.source} takes no instruction: it is an encoder cross-encoder; "
+                             "instructions are for decoder rerankers (Qwen3-Reranker)")
         pairs, _ = check_pairs(list(pairs))
         tok = self._require_tokenizer()
         try:
@@ -227,12 +232,13 @@ class CrossEncoderModel(Model):
         return self.classify_batch(self.pack_pairs(seqs))
 
     def logits(self, pairs: Sequence[tuple[str, str]], batch_size: int | None = None, truncate: bool = True,
-               show_progress_bar: bool | None = None) -> torch.Tensor:
+               show_progress_bar: bool | None = None, instruction: str | None = None) -> torch.Tensor:
         """Pairs -> logits [N, C] fp32 on CPU, input order. Batches are packed under the token budget
-        (batch_size caps the pairs per batch on top); a pair's logits never depend on its batch."""
+        (batch_size caps the pairs per batch on top); a pair's logits never depend on its batch.
+        instruction: a decoder reranker's (pair_ids)."""
         if batch_size is not None and batch_size <= 0:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
-        seqs = self.pair_ids(pairs, truncate)
+        seqs = self.pair_ids(pairs, truncate, instruction=instruction)
         out = torch.empty(len(seqs), self.num_labels, dtype=torch.float32)
         plans = plan_chunks([len(s) for s in seqs], self.max_batch_tokens, batch_size)
         bar = None
@@ -250,13 +256,14 @@ class CrossEncoderModel(Model):
     def predict(self, pairs, batch_size: int | None = None, activation_fn: Callable | None = None,
                 convert_to_numpy: bool = True, show_progress_bar: bool | None = None,
                 apply_softmax: bool = False, convert_to_tensor: bool = False,
-                truncate: bool = True) -> np.ndarray | torch.Tensor | float:
+                truncate: bool = True, instruction: str | None = None) -> np.ndarray | torch.Tensor | float:
         """Scores of (a, b) pairs in input order, as CrossEncoder.predict: [N] for one label, [N, C] else
         (a single pair gives a scalar / [C]). activation_fn None: the folder's (Sigmoid for one label by
         default); pass nn.Identity() for raw logits. numpy by default, a tensor with
-        convert_to_numpy=False or convert_to_tensor=True."""
+        convert_to_numpy=False or convert_to_tensor=True. instruction: a decoder reranker's (its default if None)."""
         pairs, single = check_pairs(pairs)
-        scores = self.logits(pairs, batch_size=batch_size, truncate=truncate, show_progress_bar=show_progress_bar)
+        scores = self.logits(pairs, batch_size=batch_size, truncate=truncate, show_progress_bar=show_progress_bar,
+                             instruction=instruction)
         fn = self.activation_fn if activation_fn is None else activation_fn
         with torch.inference_mode():
             scores = fn(scores)
@@ -272,7 +279,8 @@ class CrossEncoderModel(Model):
 
     def rank(self, query: str, documents: Sequence[str], top_k: int | None = None, return_documents: bool = False,
              batch_size: int | None = None, activation_fn: Callable | None = None,
-             show_progress_bar: bool | None = None, truncate: bool = True) -> list[dict[str, Any]]:
+             show_progress_bar: bool | None = None, truncate: bool = True,
+             instruction: str | None = None) -> list[dict[str, Any]]:
         """`documents` ranked by their score against `query`, best first, as CrossEncoder.rank:
         [{"corpus_id", "score"(, "text")}], the top_k first (None: all)."""
         if self.num_labels != 1:
@@ -291,7 +299,8 @@ class CrossEncoderModel(Model):
         if not documents:
             return []
         scores = self.predict([(query, d) for d in documents], batch_size=batch_size, activation_fn=activation_fn,
-                              convert_to_numpy=False, show_progress_bar=show_progress_bar, truncate=truncate)
+                              convert_to_numpy=False, show_progress_bar=show_progress_bar, truncate=truncate,
+                              instruction=instruction)
         return ranked(scores.reshape(-1).tolist(), documents if return_documents else None, top_k)
 
 

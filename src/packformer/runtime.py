@@ -31,10 +31,12 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """None -> fp32 on CPU, fp16 on CUDA. bf16 and fp16 are opt-in on CPU (fp16 only where supported)."""
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device,
+                  cuda_default: str | torch.dtype = torch.float16) -> torch.dtype:
+    """None -> fp32 on CPU, `cuda_default` on CUDA (fp16; a model family may state bf16: families.model_dtype).
+    bf16 and fp16 are opt-in on CPU (fp16 only where supported)."""
     if dtype is None:
-        return torch.float16 if device.type == "cuda" else torch.float32
+        return resolve_dtype(cuda_default, device) if device.type == "cuda" else torch.float32
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ValueError(f"unsupported dtype {dtype!r}; expected one of {', '.join(DTYPES)}")

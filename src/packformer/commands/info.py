@@ -1,4 +1,4 @@
-"""`packformer info`: architecture, parameters, dims, max length, pooling of a model."""
+"""`packformer info`: architecture, parameters, weight memory, dims, max length, pooling of a model."""
 from __future__ import annotations
 
 import json
@@ -20,5 +20,18 @@ def run(args) -> int:
     else:
         width = max(map(len, info))
         for k, v in info.items():
-            print(f"{k:<{width}}  {v:,}" if isinstance(v, int) and not isinstance(v, bool) else f"{k:<{width}}  {v}")
+            if k == "memory_bytes":
+                print(f"{k:<{width}}  {v:,} ({human_bytes(v)})")
+            elif isinstance(v, int) and not isinstance(v, bool):
+                print(f"{k:<{width}}  {v:,}")
+            else:
+                print(f"{k:<{width}}  {v}")
     return 0
+
+
+def human_bytes(n: int) -> str:
+    """1234567890 -> '1.15 GiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024

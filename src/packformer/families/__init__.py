@@ -64,3 +64,12 @@ def all_presets() -> dict:
 
 
 __all__ = ["Family", "FAMILIES", "BY_MODEL_TYPE", "family_of", "family_named", "known_model_types", "all_presets"]
+
+
+def model_dtype(cfg, device, dtype=None):
+    """The dtype a model of `cfg` runs in on `device`: `dtype` if given (checked), else fp32 on CPU and its
+    family's `gpu_dtype` on CUDA (fp16, or bf16 for the decoder families). Decides without moving weights."""
+    from ..runtime import resolve_dtype
+
+    fam = FAMILIES.get(cfg.family)
+    return resolve_dtype(dtype, device, fam.gpu_dtype if fam is not None else "float16")

@@ -62,6 +62,9 @@ class Family:
     # (pooling mode, normalize) of a plain config.json folder, where the family's own encode() is not mean
     # pooling without normalization (Jina v3 normalizes); None: ("mean", False)
     embedding_pooling: Callable[[dict], tuple[str, bool]] | None = None
+    # the dtype on CUDA when load() is given none: fp16 for the encoders; bf16 for decoder families trained
+    # in bf16, whose activations can leave fp16's range (Qwen3, Gemma 3)
+    gpu_dtype: str = "float16"
 
     def make_head(self, cfg: EncoderConfig) -> ClassificationHead | None:
         if not cfg.num_labels:

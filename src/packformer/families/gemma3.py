@@ -158,6 +158,7 @@ FAMILY = Family(
             causal=False, attention_scale=256 ** -0.5, embedding_scale=768 ** 0.5, model_type="gemma3_text",
             family="gemma3"),
     },
+    gpu_dtype="bfloat16",                # trained in bf16: fp16 can overflow its activations
     reference="transformers Gemma3TextModel (use_bidirectional_attention, eager and sdpa), sentence-transformers "
               "(mean pooling + Dense + Normalize)",
 )

@@ -117,6 +117,7 @@ FAMILY = Family(
                                         intermediate_size=3072),
     },
     embedding_pooling=lambda d: ("last", True),
+    gpu_dtype="bfloat16",                # trained in bf16: fp16 can overflow its activations
     reference="transformers Qwen3Model (sdpa), sentence-transformers (last-token pooling), Qwen3ForCausalLM "
               "yes/no logits for the reranker",
 )
