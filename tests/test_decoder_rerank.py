@@ -29,6 +29,8 @@ INSTRUCTION = "Given a question, find the sentence that answers it"
 
 def reranker_dir(folder, tied: bool, seed: int = 7):
     lm = random_qwen3(transformers.Qwen3ForCausalLM, seed=seed, tie_word_embeddings=tied, max_position_embeddings=512)
+    with torch.no_grad():          # logits of a few units, not ~0.05: scores spread over (0, 1), not all ~0.5
+        lm.model.norm.weight.mul_(40.0)
     lm.save_pretrained(folder)
     bpe_tokenizer(folder, eos=False)
     return folder, lm
@@ -239,6 +241,12 @@ def test_rerank_command_ranks_with_the_reranker(untied, capsys):
     want = packformer.load(folder).rank(QUERY, DOCS[:3], return_documents=True)
     assert [g["corpus_id"] for g in got] == [w["corpus_id"] for w in want]
     close([g["score"] for g in got], [w["score"] for w in want], atol=1e-6)
+    assert main(["rerank", "--model", str(folder), "--query", QUERY, *DOCS[:3], "--json", "--raw-scores",
+                 "--instruction", INSTRUCTION]) == 0
+    got = json.loads(capsys.readouterr().out)
+    want = packformer.load(folder).predict([(QUERY, d) for d in DOCS[:3]], activation_fn=nn.Identity(),
+                                           instruction=INSTRUCTION)
+    close([g["score"] for g in got], want[[g["corpus_id"] for g in got]], atol=1e-6)
 
 
 # ---- GPU -----------------------------------------------------------------------------------------------------

@@ -111,7 +111,9 @@ class YesNoHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
         last = last_tokens(hidden.float(), cu_seqlens)                                     # [B, H]
-        logits = last @ self.rows.t()                                                      # [B, 2]
+        # a per-row product and sum, not a [B, H] @ [H, 2] GEMM, whose rounding varies with B: a pair's
+        # score never depends on how many share its batch
+        logits = (last[:, None, :] * self.rows).sum(-1)                                    # [B, 2]
         return (logits[:, 1] - logits[:, 0]).unsqueeze(1)                                  # [B, 1]
 
 

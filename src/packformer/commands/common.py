@@ -13,7 +13,8 @@ def add_model_options(p: argparse.ArgumentParser, positional: bool = False) -> N
         p.add_argument("--model", "-m", default=None,
                        help="model folder, torchtext .pt file or 'random:<preset>' (default: built-in all-MiniLM-L6-v2)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
-    p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: fp32 on CPU, fp16 on CUDA)")
+    p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: fp32 on CPU; on CUDA fp16, bf16 for "
+                   "Qwen3 / Gemma 3)")
     p.add_argument("--max-batch-tokens", type=int, default=None, help="token budget of one packed batch")
     p.add_argument("--spm", default=None, help="sentencepiece model for a torchtext .pt checkpoint")
     p.add_argument("--num-heads", type=int, default=None, help="attention heads of a torchtext .pt checkpoint "

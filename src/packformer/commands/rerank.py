@@ -9,8 +9,8 @@ from .common import add_model_options, load_model
 def add_parser(sub):
     p = sub.add_parser("rerank", help="rank documents against a query with a cross-encoder",
                        description="Score (query, document) pairs with a cross-encoder (a sentence-transformers "
-                                   "CrossEncoder folder, or a *ForSequenceClassification folder with one label) "
-                                   "and print the documents best first.")
+                                   "CrossEncoder folder, a *ForSequenceClassification folder with one label, or a "
+                                   "Qwen3-Reranker folder) and print the documents best first.")
     add_model_options(p)
     p.add_argument("--query", "-q", required=True, help="the query")
     p.add_argument("documents", nargs="*", help="documents to rank")
@@ -20,6 +20,8 @@ def add_parser(sub):
     p.add_argument("--no-truncate", action="store_true", help="fail on over-long pairs instead of truncating")
     p.add_argument("--batch-size", type=int, default=None, help="max pairs per batch (on top of the token budget)")
     p.add_argument("--json", action="store_true", help="print [{corpus_id, score, text}] as JSON")
+    p.add_argument("--instruction", default=None, help="a decoder reranker's (Qwen3-Reranker) instruction "
+                   "(default: the model card's web-search one)")
     return p
 
 
@@ -37,9 +39,10 @@ def run(args) -> int:
     if not isinstance(model, CrossEncoderModel):
         kind = "classifier" if model.head is not None else "embedding"
         raise ValueError(f"{model.source} is an {kind} model; rerank needs a cross-encoder (a CrossEncoder folder, "
-                         "or a *ForSequenceClassification folder with one label)")
+                         "a *ForSequenceClassification folder with one label, or a Qwen3-Reranker folder)")
     results = model.rank(args.query, documents, top_k=args.top_k, return_documents=True, batch_size=args.batch_size,
-                         activation_fn=nn.Identity() if args.raw_scores else None, truncate=not args.no_truncate)
+                         activation_fn=nn.Identity() if args.raw_scores else None, truncate=not args.no_truncate,
+                         instruction=args.instruction)
     if args.json:
         print(json.dumps(results, ensure_ascii=False))
         return 0
