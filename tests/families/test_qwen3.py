@@ -156,6 +156,14 @@ def test_alone_equals_batched_in_fp32_bf16_and_int8(encoder_folder):
     check_alone_equals_batched(folder, seqs, quantize="int8")
 
 
+def test_long_sequences_give_the_same_bits_alone_and_batched(encoder_folder):
+    """Batches of thousands of FFN elements per row split ATen's elementwise kernels between threads:
+    the GLU activation must still give a row the same bits alone and batched."""
+    folder, _ = encoder_folder
+    _, _, seqs = ragged_ids([127, 101, 88, 128, 119, 98], (5, TINY["vocab_size"]), pad_id=0, seed=2)
+    check_alone_equals_batched(folder, seqs)
+
+
 def test_bf16_and_int8_stay_close_to_fp32(embedding_folder):
     ref = packformer.load(embedding_folder).encode(TEXTS)
     for kw in ({"dtype": "bfloat16"}, {"quantize": "int8"}):

@@ -99,6 +99,23 @@ def test_a_onednn_linear_row_is_the_same_at_every_row_count(k, n, dtype):
                 assert torch.equal(call(x[:m], r[:m]), whole[:m]), m
 
 
+@pytest.mark.parametrize("act", ["silu", "gelu", "gelu_tanh"])
+@pytest.mark.parametrize("f", [40, 48, 96, 1152])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_an_activation_row_is_the_same_bits_at_every_row_count(act, f, dtype):
+    """Above ATen's grain size its elementwise kernels split the buffer between threads and end each share
+    with a scalar loop that rounds otherwise: act_ must not let a row's bits depend on the rows around it."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(701, f, generator=g) * 3).to(dtype)          # 701 x f: well over 32,768 elements
+    whole = cpu_linear.act_(x.clone(), act)
+    for r in (0, 1, 350, 699, 700):
+        for rows in (x[r:r + 1], x[max(0, r - 3):r + 1]):
+            alone = cpu_linear.act_(rows.clone(), act)[-1]
+            assert torch.equal(alone, whole[r]), (act, f, dtype, r, rows.shape)
+    assert torch.allclose(whole.float(), getattr(torch.nn.functional, act if act != "gelu_tanh" else "gelu")(
+        x.float(), **({"approximate": "tanh"} if act == "gelu_tanh" else {})), atol=2e-2 if dtype != torch.float32 else 1e-6)
+
+
 def test_encode_matches_sentence_transformers_within_1e5(fast, minilm_dir):
     st = pytest.importorskip("sentence_transformers")
     ref = st.SentenceTransformer(str(minilm_dir), device="cpu").encode(TEXTS, convert_to_numpy=True)

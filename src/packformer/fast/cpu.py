@@ -148,8 +148,7 @@ class CpuPrimitives(Primitives):
             return layer.ffn1(h, act=layer.act)                                       # [rows, F]
         y = layer.ffn1(h)                                                             # [rows, 2F]
         gate, up = y.chunk(2, dim=-1)
-        # the activation runs on a contiguous copy: on the strided half of y, torch's elementwise kernels
-        # round differently with the row count, so a sequence would not give the same bits alone and batched
+        # act_ runs on a contiguous buffer, where it gives every element the same bits wherever it sits
         gate = gate.clone(memory_format=torch.contiguous_format)                      # [rows, F]
         return act_(gate, layer.act).mul_(up)                                         # [rows, F]
 

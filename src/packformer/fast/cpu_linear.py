@@ -32,19 +32,45 @@ class CpuLinear(Protocol):
                  residual: torch.Tensor | None = None) -> torch.Tensor: ...
 
 
+# ATen's elementwise kernels run full SIMD vectors, then a scalar loop over what is left of the range one
+# thread was given; the scalar transcendental rounds differently from the vector one. Over a [T, F] buffer
+# both the thread split (N / threads) and the end of the range move with T, so a token's activation would
+# depend on the rest of its batch. act_ therefore runs on ranges of whole vectors only, each on one thread.
+VECTOR_ELEMENTS = 64                    # every SIMD width divides it (fp32 AVX-512 unrolled: 32; bf16: 64)
+SERIAL_ELEMENTS = 32768 - VECTOR_ELEMENTS   # under ATen's grain size (32768): one thread, no split inside
+
+
+def _act_fn(act: str):
+    if act == "gelu":
+        return torch.ops.aten.gelu_
+    if act == "gelu_tanh":
+        return lambda y: torch.ops.aten.gelu_(y, approximate="tanh")
+    if act == "relu":
+        return torch.relu_
+    if act == "silu":
+        return lambda y: torch.nn.functional.silu(y, inplace=True)
+    raise ValueError(f"unknown activation {act!r}; expected one of {[k for k in ONEDNN_POST_OPS if k] + ['silu']}")
+
+
 def act_(y: torch.Tensor, act: str | None) -> torch.Tensor:
-    """The activation in place (no second [T, F] buffer)."""
+    """The activation in place (no second [T, F] buffer), the same bits for an element wherever it sits in
+    `y` (see VECTOR_ELEMENTS): the buffer in ranges of whole vectors, and its last partial vector through a
+    small padded copy. y must be contiguous."""
     if act is None:
         return y
-    if act == "gelu":
-        return torch.ops.aten.gelu_(y)
-    if act == "gelu_tanh":
-        return torch.ops.aten.gelu_(y, approximate="tanh")
-    if act == "relu":
-        return y.relu_()
-    if act == "silu":
-        return torch.nn.functional.silu(y, inplace=True)
-    raise ValueError(f"unknown activation {act!r}; expected one of {[k for k in ONEDNN_POST_OPS if k] + ['silu']}")
+    fn = _act_fn(act)
+    if not y.is_contiguous():
+        raise ValueError("act_ runs on a contiguous buffer")
+    flat = y.view(-1)
+    n = flat.numel()
+    whole = n - n % VECTOR_ELEMENTS
+    for c0 in range(0, whole, SERIAL_ELEMENTS):
+        fn(flat[c0:min(c0 + SERIAL_ELEMENTS, whole)])
+    if whole < n:
+        tail = flat.new_zeros(VECTOR_ELEMENTS)
+        tail[:n - whole] = flat[whole:]
+        flat[whole:] = fn(tail)[:n - whole]
+    return y
 
 
 class AtenLinear:
