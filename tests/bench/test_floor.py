@@ -53,3 +53,15 @@ def test_gpu_floor_replays_one_captured_graph_with_the_eager_result(monkeypatch)
     # each call is one graph replay: none of the 2 x 3 x 4 GEMMs is launched from Python
     assert launched == [] and len(replays) == 2
     assert torch.equal(first, eager) and torch.equal(second, eager)
+
+
+def test_floor_runs_an_attention_width_apart_from_the_hidden_size():
+    """Qwen3-0.6B: 16 heads of 128 = 2048 wide attention in a 1024 hidden size; GQA's QKV is narrower."""
+    import dataclasses
+
+    from packformer import families  # noqa: F401  (registers the presets)
+    from packformer.config import preset
+    cfg = dataclasses.replace(preset("qwen3-embedding-0.6b"), num_layers=1, hidden_size=64, num_heads=4,
+                              num_kv_heads=2, head_size=32, intermediate_size=96, vocab_size=100)
+    floor = GemmFloor(Encoder(cfg), "cpu", torch.float32)
+    assert floor.attn == 128 and floor.runner([5], graph=False)().shape == (5, 64)

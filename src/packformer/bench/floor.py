@@ -29,6 +29,7 @@ class GemmFloor:
 
         # [(qkv, out, ffn1, ffn2) per layer], each (weight, bias)
         self.layers = [(w(l.qkv), w(l.out), w(l.ffn1), w(l.ffn2)) for l in encoder.layers]
+        self.attn = self.layers[0][1][0].shape[1] if self.layers else self.hidden   # heads x head size (Qwen3: 2H)
 
     def flops(self, tokens: int) -> int:
         """Multiply-adds x 2 of one pass over `tokens` tokens."""
@@ -41,14 +42,15 @@ class GemmFloor:
         graph: replay them as one CUDA graph (default: on a GPU)."""
         g = torch.Generator(device="cpu").manual_seed(0)
         xs = [(torch.randn(t, self.hidden, generator=g).to(self.device, self.dtype),
+               torch.randn(t, self.attn, generator=g).to(self.device, self.dtype),
                torch.randn(t, self.inter, generator=g).to(self.device, self.dtype)) for t in token_counts if t > 0]
 
         def run() -> torch.Tensor:
             out = None
-            for x, xi in xs:
+            for x, xa, xi in xs:
                 for (wq, bq), (wo, bo), (w1, b1), (w2, b2) in self.layers:
-                    F.linear(x, wq, bq)                                   # [T, 3H]
-                    out = F.linear(x, wo, bo)                             # [T, H]
+                    F.linear(x, wq, bq)                                   # [T, (nh + 2 nkv) hd]
+                    out = F.linear(xa, wo, bo)                            # [T, nh hd] -> [T, H]
                     F.linear(x, w1, b1)                                   # [T, I] (GLU: [T, 2I])
                     out = F.linear(xi, w2, b2)                            # [T, I] -> [T, H]
             return out

@@ -147,6 +147,14 @@ def run_output_bench(args) -> int:
                 results.append(bench_bge_m3(args.model, texts, args.device, args.batch_size, it, warm, ms))
             else:
                 raise ValueError(f"--workloads: sparse and bge_m3 run apart from the others; got {name!r}")
+    from .report import machine_info
+
+    for r in results:
+        r.update(machine=machine_info(args.device), device=str(args.device))
+        if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / f"bench-{r['workload']}-{str(args.device).replace(':', '')}.json").write_text(
+                json.dumps(r, indent=1) + "\n")
     if args.json:
         print(json.dumps(results, indent=1))
     else:
