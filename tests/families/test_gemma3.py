@@ -228,14 +228,19 @@ def test_to_hf_of_a_random_preset_reproduces_our_hidden_states():
 
 # ---- GPU ---------------------------------------------------------------------------------------------------------
 @pytest.mark.gpu
-def test_gpu_bf16_fast_path_matches_the_fp32_cpu_reference(st_folder):
+def test_gpu_bf16_fast_path_matches_the_fp32_cpu_reference(encoder_folder, st_folder):
+    """Hidden states of the HF folder (bidirectional windows, and causal) on lengths across the window and
+    the kernel's 32-key blocks; then the sentence-transformers folder's embeddings (its inputs are cut at 24)."""
+    folder = encoder_folder[0] if isinstance(encoder_folder, tuple) else encoder_folder
     _, _, seqs = ragged_ids(LENGTHS + [100, 64, 65], (4, TINY["vocab_size"]), pad_id=0)
-    ref = packformer.load(st_folder, device="cpu", fast=False)
+    ref = packformer.load(folder, device="cpu", fast=False)
     want = ref.hidden_states(ref.pack_ids(seqs)).float()
-    gpu = packformer.load(st_folder, device="cuda", dtype="bfloat16")
+    gpu = packformer.load(folder, device="cuda")
+    assert gpu.dtype == torch.bfloat16                     # the decoder families' GPU default
     got = gpu.hidden_states(gpu.pack_ids(seqs)).float().cpu()
     cos = torch.nn.functional.cosine_similarity(got, want, dim=-1)
     assert cos.min().item() >= 0.999, cos.min().item()
-    emb = torch.nn.functional.cosine_similarity(torch.from_numpy(gpu.encode(TEXTS)),
-                                                torch.from_numpy(ref.encode(TEXTS)), dim=-1)
+    st_ref, st_gpu = packformer.load(st_folder, device="cpu", fast=False), packformer.load(st_folder, device="cuda")
+    emb = torch.nn.functional.cosine_similarity(torch.from_numpy(st_gpu.encode(TEXTS)),
+                                                torch.from_numpy(st_ref.encode(TEXTS)), dim=-1)
     assert emb.min().item() >= 0.999
