@@ -53,17 +53,22 @@ def _texts(svc: InferenceService, inputs) -> list[str]:
     return texts
 
 
+async def _run(svc: InferenceService, body: EmbedSparseRequest, key: tuple) -> list:
+    """The request's texts (after its prompt) through the scheduler under `key`: one result row per input."""
+    texts = _texts(svc, body.inputs)
+    prefix, _ = svc.resolve_prompt(body.prompt_name)       # every token is kept: nothing is skipped
+    with svc.admit():
+        ids = await svc.token_ids(texts, svc.truncate_default(body.truncate), TRUNCATE_HINT, prefix=prefix)
+        return await svc.run_rows(key, ids)
+
+
 async def embed_sparse_rows(svc: InferenceService, body: EmbedSparseRequest) -> list[list[dict]]:
     """Per input, its nonzero (token id, weight) pairs as TEI's SparseValue dicts, by token id; 422 for a model
     without a sparse output."""
     if sparse_kind(svc.model) is None:
         raise validation(f"model {svc.model_name} has no sparse output: /embed_sparse needs a SPLADE model "
                          "(a sentence-transformers SparseEncoder folder) or bge-m3; use /embed")
-    texts = _texts(svc, body.inputs)
-    prefix, _ = svc.resolve_prompt(body.prompt_name)       # every token is kept: nothing is skipped
-    with svc.admit():
-        ids = await svc.token_ids(texts, svc.truncate_default(body.truncate), TRUNCATE_HINT, prefix=prefix)
-        rows = await svc.run_rows(SPARSE_KEY, ids)
+    rows = await _run(svc, body, SPARSE_KEY)
     return [[{"index": int(i), "value": float(w)} for i, w in zip(tok, weights)] for tok, weights in rows]
 
 
@@ -72,11 +77,7 @@ async def embed_all_rows(svc: InferenceService, body: EmbedAllRequest) -> list:
     if getattr(svc, "kind", "embedding") == "reranker":
         raise validation(f"model {svc.model_name} is a reranker (cross-encoder): it has no token embeddings "
                          "to serve; /embed_all needs an embedding model")
-    texts = _texts(svc, body.inputs)
-    prefix, _ = svc.resolve_prompt(body.prompt_name)       # every token is kept: nothing is skipped
-    with svc.admit():
-        ids = await svc.token_ids(texts, svc.truncate_default(body.truncate), TRUNCATE_HINT, prefix=prefix)
-        return await svc.run_rows(TOKENS_KEY, ids)
+    return await _run(svc, body, TOKENS_KEY)
 
 
 @router.post("/embed_sparse", response_model=list[list[SparseValue]], responses=ERRORS, tags=["TEI"])
