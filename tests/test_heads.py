@@ -24,6 +24,15 @@ def test_mean_max_cls_match_the_padded_formulas():
     assert torch.equal(pool(packed, cu, "cls"), x[:, 0])
 
 
+@pytest.mark.parametrize("mode", ["cls", "mean", "max", "last"])
+def test_an_empty_sequence_pools_to_zeros_and_leaves_its_neighbours_alone(mode):
+    h = torch.randn(5, 3)
+    cu = torch.tensor([0, 2, 2, 5, 5], dtype=torch.int32)           # sequences 1 and 3 are empty (3 at the end)
+    got = pool(h, cu, mode)
+    assert torch.equal(got[[1, 3]], torch.zeros(2, 3))
+    assert torch.allclose(got[[0, 2]], pool(h, torch.tensor([0, 2, 5], dtype=torch.int32), mode))
+
+
 def test_pooling_runs_in_fp32_and_normalizes_on_request():
     _, _, packed, cu = _packed()
     out = Pooler("mean", normalize=True)(packed.half(), cu)

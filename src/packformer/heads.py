@@ -17,8 +17,13 @@ def segment_ids(cu_seqlens: torch.Tensor, num_tokens: int) -> torch.Tensor:
 
 
 def cls_tokens(hidden: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """First token of each sequence: [T, H] -> [B, H]."""
-    return hidden.index_select(0, cu_seqlens[:-1].long())
+    """First token of each sequence: [T, H] -> [B, H]. Empty sequences give zeros (their start is the next
+    sequence's first row, or past the end)."""
+    starts = cu_seqlens[:-1].long()
+    if not hidden.shape[0]:
+        return hidden.new_zeros(starts.numel(), hidden.shape[1])
+    out = hidden.index_select(0, starts.clamp(max=hidden.shape[0] - 1))
+    return out.masked_fill((cu_seqlens[1:] == cu_seqlens[:-1])[:, None], 0.0)
 
 
 def last_tokens(hidden: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
@@ -45,8 +50,9 @@ def pool(hidden: torch.Tensor, cu_seqlens: torch.Tensor, mode: str) -> torch.Ten
         seg = segment_ids(cu_seqlens, hidden.shape[0])
         sums = hidden.new_zeros(lens.numel(), hidden.shape[1]).index_add_(0, seg, hidden)
         return sums / lens.clamp(min=1).unsqueeze(1).to(hidden.dtype)
-    if mode == "max":
-        return torch.segment_reduce(hidden, "max", lengths=lens, axis=0, unsafe=True)
+    if mode == "max":                   # an empty sequence gives zeros, as in the other modes (not -inf)
+        return torch.segment_reduce(hidden, "max", lengths=lens, axis=0, unsafe=True).masked_fill(
+            (lens == 0)[:, None], 0.0)
     raise ValueError(f"unknown pooling mode {mode!r}; expected one of {POOLING_MODES}")
 
 
