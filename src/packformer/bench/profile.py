@@ -11,7 +11,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from ..runtime import resolve_device, resolve_dtype
+from ..families import model_dtype
+from ..runtime import resolve_device
 from .timing import synchronize
 
 
@@ -67,8 +68,8 @@ def run_profile(model: str | Path | None = None, device: str = "cpu", dtype: str
 
     log = log or (lambda s: None)
     dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
     parts = load_source(model)
+    dt = model_dtype(parts.config, dev, dtype)     # the family's GPU default (bf16 for decoder families)
     (w,) = make_workloads([workload], parts)
     inputs = _inputs(w, parts, dev, batch_size)
     names = P.canonical_peers(peers) or ["packformer"]

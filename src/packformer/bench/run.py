@@ -13,7 +13,8 @@ import torch
 
 from ..engine import Model
 from ..loaders.parts import ModelParts
-from ..runtime import DEFAULT_MAX_BATCH_TOKENS, plan_chunks, resolve_device, resolve_dtype
+from ..families import model_dtype
+from ..runtime import DEFAULT_MAX_BATCH_TOKENS, plan_chunks, resolve_device
 from . import peers as P
 from .compare import compare
 from .floor import GemmFloor
@@ -98,7 +99,6 @@ def run_bench(model: str | Path | ModelParts | None = None, workloads: Sequence[
             torch.set_num_threads(before)
     log = log or (lambda s: None)
     dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
     warmup = (3 if dev.type == "cuda" else 1) if warmup is None else warmup
     if isinstance(workloads, str):
         workloads = [w.strip() for w in workloads.split(",") if w.strip()]
@@ -107,6 +107,7 @@ def run_bench(model: str | Path | ModelParts | None = None, workloads: Sequence[
         texts_name = f"texts:{Path(texts).name}"
         texts = read_texts_file(texts)
     parts = load_source(model)
+    dt = model_dtype(parts.config, dev, dtype)     # the family's GPU default (bf16 for decoder families)
     wls = make_workloads(list(workloads), parts, texts, texts_name)
     names = P.resolve_peers(peers, dev)
     from .report import machine_info

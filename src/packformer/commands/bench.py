@@ -13,7 +13,8 @@ def add_bench_model_options(p) -> None:
                    help="model folder, torchtext .pt, or 'random:<preset>' (e.g. random:bert-base, random:xlmr-large); "
                         "default: built-in all-MiniLM-L6-v2")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default: cpu)")
-    p.add_argument("--dtype", default=None, help="float32, float16, bfloat16 (default: fp32 on CPU, fp16 on CUDA)")
+    p.add_argument("--dtype", default=None, help="float32, float16, bfloat16 (default: fp32 on CPU; on CUDA fp16, "
+                   "bf16 for the decoder families)")
     p.add_argument("--spm", default=None, help="sentencepiece model for a torchtext .pt checkpoint")
     p.add_argument("--num-heads", type=int, default=None, help="attention heads of a torchtext .pt checkpoint")
 
