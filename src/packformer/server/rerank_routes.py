@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 
 from .errors import too_large, validation
 from .routes import ERRORS, json_response, service_of
-from .service import INLINE_TOKENIZE_CHARS, InferenceService
+from .service import INLINE_TOKENIZE_CHARS, RERANKERS, InferenceService
 
 router = APIRouter()
 TRUNCATE_HINT = ' (send "truncate": true, or start the server with --auto-truncate)'
@@ -83,8 +83,7 @@ async def rerank_logits(svc: InferenceService, query: str, texts: list[str], tru
     many texts, or a model that is not a one-label cross-encoder; 413 for an over-long pair with truncation
     off; 429 when overloaded. Callers apply the activation their protocol wants."""
     if svc.kind != "reranker":
-        raise validation(f"model {svc.model_name} is an {svc.kind} model: reranking needs a cross-encoder "
-                         "(a CrossEncoder folder, or a *ForSequenceClassification folder with one label)")
+        raise validation(f"model {svc.model_name} is an {svc.kind} model: {RERANKERS}")
     if svc.model.num_labels != 1:
         raise validation(f"model {svc.model_name} has {svc.model.num_labels} labels; reranking needs one score "
                          "per pair (one label)")

@@ -24,6 +24,9 @@ if TYPE_CHECKING:
     from ..engine import Model
     from .metrics import Metrics
 
+RERANKERS = ("reranking needs a cross-encoder (a CrossEncoder folder, a *ForSequenceClassification folder with one "
+             "label, or a Qwen3-Reranker folder)")
+
 # Tokenizing a small request inline costs less than a hop to a thread; big ones go to a thread so the
 # event loop keeps answering.
 INLINE_TOKENIZE_CHARS = 4096
@@ -202,8 +205,7 @@ class InferenceService:
         """Tokenized (query, document) pairs (rerank.PairSeq) -> logits [N, C], input order. Each pair is one
         scheduler entry, so a rerank of N documents packs with other traffic under the token budget."""
         if self.kind != "reranker":
-            raise validation(f"model {self.model_name} is an {self.kind} model: reranking needs a cross-encoder "
-                             "(a CrossEncoder folder, or a *ForSequenceClassification folder with one label)")
+            raise validation(f"model {self.model_name} is an {self.kind} model: {RERANKERS}")
         return await self.run(SCORE_KEY, seqs)
 
     def check_embedder(self) -> None:
