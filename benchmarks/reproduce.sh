@@ -136,6 +136,20 @@ cpu_steps() {
     "$PY" "$here/cpu_fast.py" $(q "--e2e 1500 --iters 3" "--e2e 100 --iters 1") --json @W@/cpu_fast.json
   step profile-minilm-l6-serve_b32 "NOTES-cpu: where the time goes (torch profiler, serve_b32)" \
     "${pf[@]}" profile --device cpu --workload serve_b32 --peers packformer $(q "" "--iterations 1") --out @W@
+  step bench-rerank-cpu-float32 "README + NOTES-cpu: rerank of 100 passages vs CrossEncoder.predict" \
+    "${pf[@]}" bench --device cpu --workloads rerank $(q "--iterations 20" "--iterations 2") --out @W@
+  step bench-sparse-cpu "README + NOTES-cpu: SPLADE (bert-base shape) vs SparseEncoder.encode" \
+    "${pf[@]}" bench random:bert-base --device cpu --workloads sparse --texts "$here/texts-300.txt" \
+    $(q "--iterations 3" "--iterations 1") --out @W@
+  step bench-bge_m3-cpu "README + NOTES-cpu: bge-m3's three outputs vs its dense output and FlagEmbedding" \
+    "$PY" "$here/with_folder.py" bge-m3 bench @FOLDER@ --device cpu --workloads bge_m3 \
+    --texts "$here/texts-150.txt" $(q "--iterations 3" "--iterations 1") --out @W@
+  local fam
+  for fam in qwen3-embedding-0.6b embeddinggemma-300m; do
+    step bench-family-$fam-fp32 "README + NOTES-cpu: $fam serve_b32 vs transformers fp32; int8" \
+      "${pf[@]}" bench random:$fam --device cpu --workloads serve_b32 --peers hf_best,packformer_int8 --no-floor \
+      $(q "--iterations 2" "--iterations 1") --out @W@
+  done
 }
 
 gpu_steps() {
@@ -173,6 +187,22 @@ gpu_steps() {
     "${fp[@]}" --sections env,attention
   step encode-host "NOTES-gpu: encode()'s host pipeline (threads, chunks, no-model rate, cProfile)" \
     "$PY" "$here/gpu_encode_host.py" $(q "" "--texts 2000") --out @W@
+  local fam
+  for fam in mpnet-base modernbert-base gte-base-en-v1.5 deberta-v3-base; do
+    step bench-family-$fam-fp16 "README + NOTES-gpu: other encoder families vs transformers' fastest attention" \
+      "${pf[@]}" bench random:$fam --device cuda --workloads serve_b32,offline_b256 --peers hf_best \
+      $(q "--iterations 5" "$it") --out @W@
+  done
+  for fam in qwen3-embedding-0.6b embeddinggemma-300m; do
+    step bench-family-$fam-bf16 "README + NOTES-gpu: decoder embedders (bf16) vs transformers SDPA" \
+      "${pf[@]}" bench random:$fam --device cuda --workloads serve_b32,offline_b256 --peers hf_best \
+      $(q "--iterations 5" "$it") --out @W@
+  done
+  step e2e-encode-qwen3-0.6b "NOTES-gpu: encode() vs SentenceTransformer.encode bf16, Qwen3-0.6B shape, 20,000 texts" \
+    "$PY" "$here/with_folder.py" qwen3-0.6b bench @FOLDER@ --device cuda --workloads texts_20000 \
+    --peers sentence_transformers --batch-size 256 $(q "--iterations 3" "$it") --out @W@
+  step bench-rerank-cuda-float16 "README + NOTES-gpu: rerank of 100 passages on the GPU vs CrossEncoder.predict" \
+    "${pf[@]}" bench --device cuda --workloads rerank $(q "--iterations 50" "--iterations 5") --out @W@
 }
 
 failed=() ran=0
