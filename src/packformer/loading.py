@@ -143,5 +143,8 @@ def load(path_or_name: str | Path | None = None, device: str | torch.device | No
                          "(Qwen3-Reranker)")
     cls = (DecoderReranker if isinstance(parts, DecoderRerankerParts) else      # yes/no decoders: predict / rank
            CrossEncoderModel if isinstance(parts, CrossEncoderParts) else Model)   # cross-encoders: predict / rank
+    if getattr(parts, "colbert", None) is not None:       # ColBERT folders: encode_query / encode_document
+        from .colbert import MultiVectorModel
+        cls = MultiVectorModel
     return cls(parts, device=device, dtype=dtype, max_batch_tokens=max_batch_tokens, fast=fast,
                quantize=quantize, threads=threads, task=task, truncate_dim=truncate_dim)

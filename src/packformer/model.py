@@ -16,7 +16,7 @@ from .batch import PackedBatch
 from .config import EncoderConfig
 from .dataflow import Context, Primitives, build_context, run_encoder
 from .lora import LoraWeights
-from .ops.attention import AttentionMeta, PositionBias, split_qkv, varlen_attention
+from .ops.attention import AttentionMeta, PositionBias, check_no_key_lens, split_qkv, varlen_attention
 from .ops.disentangled import disentangled_attention_ref, position_projections
 from .ops.rotary import apply_rotary_ref
 
@@ -195,6 +195,7 @@ class ReferencePrimitives(Primitives):
             cos, sin = ctx.rotary[layer.rotary]
             q, k = apply_rotary_ref(q, k, cos, sin, layer.rotary)
         if getattr(layer, "disentangled", None) is not None:     # DeBERTa: + c2p / p2c relative terms
+            check_no_key_lens(ctx.meta)
             pq, pk = position_projections(ctx.rel_embeddings, layer.qkv.weight, layer.qkv.bias, layer.num_heads,
                                           torch.float32)
             a = disentangled_attention_ref(q, k, v, ctx.meta.cu_seqlens, pq, pk, layer.disentangled)

@@ -31,7 +31,7 @@ from ..batch import PackedBatch, cu_seqlens_from_lengths
 from ..config import EncoderConfig
 from ..dataflow import Context, Primitives, build_context, run_encoder
 from ..model import Encoder
-from ..ops.attention import AttentionMeta, _cpu_grouped_sdpa, group_by_length, split_qkv
+from ..ops.attention import AttentionMeta, _cpu_grouped_sdpa, check_no_key_lens, group_by_length, split_qkv
 from ..ops.disentangled import disentangled_attention, position_projections
 from ..ops.rotary import apply_rotary_
 from .cpu_features import detect
@@ -140,6 +140,7 @@ class CpuPrimitives(Primitives):
             cos, sin = ctx.rotary[layer.rotary]
             apply_rotary_(q, k, cos, sin, layer.rotary)
         if layer.disentangled is not None:
+            check_no_key_lens(ctx.meta)
             return disentangled_attention(q, k, v, ctx.meta, *layer.pos_qk, layer.disentangled).reshape(t, -1)
         return _cpu_grouped_sdpa(q, k, v, ctx.meta, layer.scale, ctx.bias_for(layer)).reshape(t, -1)  # [T, H]
 
@@ -195,7 +196,8 @@ def _length_sorted(batch: PackedBatch, meta: AttentionMeta
     sorted_batch = replace(batch, input_ids=batch.input_ids[perm_t], positions=batch.positions[perm_t],
                            cu_seqlens=cu_seqlens_from_lengths(new_lens),
                            token_type_ids=None if tt is None else tt[perm_t], order=None)
-    sorted_meta = AttentionMeta.build(sorted_batch.cu_seqlens, meta.max_seqlen, new_lens.tolist())
+    key_lens = None if meta.key_lens is None else [meta.key_lens[i] for i in order.tolist()]
+    sorted_meta = AttentionMeta.build(sorted_batch.cu_seqlens, meta.max_seqlen, new_lens.tolist(), key_lens)
     return sorted_batch, sorted_meta, perm_t
 
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from ..batch import PackedBatch
 from ..dataflow import Context, Primitives, build_context, run_encoder
 from ..model import Encoder
-from ..ops.attention import AttentionMeta, split_qkv
+from ..ops.attention import AttentionMeta, check_no_key_lens, split_qkv, varlen_attention
 from ..ops.disentangled import distance_index, position_projections
 from ..ops.disentangled_flash import disentangled_flash
 from ..ops.embedding import embed_layernorm
@@ -165,10 +165,13 @@ class CudaPrimitives(Primitives):
             cos, sin = ctx.rotary[layer.rotary]
             apply_rotary_(q, k, cos, sin, layer.rotary)
         if getattr(layer, "disentangled", None) is not None:
+            check_no_key_lens(ctx.meta)
             pq, pk = self.fast.pos_qk[layer.index]
             return disentangled_flash(q, k, v, ctx.meta.cu_seqlens, ctx.meta.max_seqlen, pq, pk, layer.disentangled,
                                       config=self.fast._flash, tiles=ctx.tiles).view(t, -1)   # [T, H]
         pb = ctx.bias_for(layer)
+        if ctx.meta.key_lens is not None:         # visible-key prefixes (ColBERT query expansion): SDPA per group
+            return varlen_attention(q, k, v, ctx.meta, scale=getattr(layer, "scale", None), bias=pb).view(t, -1)
         return flash_varlen(q, k, v, ctx.meta.cu_seqlens, ctx.meta.max_seqlen, scale=getattr(layer, "scale", None),
                             config=self.fast._flash, tiles=ctx.tiles, bias_table=None if pb is None else pb.table,
                             window=0 if pb is None else pb.window,

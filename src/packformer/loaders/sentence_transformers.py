@@ -60,6 +60,9 @@ def load_sentence_transformers(folder: str | Path) -> ModelParts:
     from .sparse_encoder import is_sparse_encoder, load_sparse_encoder
     if is_sparse_encoder(folder, modules):        # SPLADE: MLMTransformer + SpladePooling
         return load_sparse_encoder(folder)
+    from .multi_vector import is_multi_vector_folder, load_multi_vector
+    if is_multi_vector_folder(folder, modules):   # ColBERT: Transformer + Dense + MultiVectorMask + Normalize
+        return load_multi_vector(folder)
     unknown = [m.get("type") for m, k in zip(modules, kinds)
                if k not in ("Transformer", "Pooling", "Dense", "Normalize")]
     if unknown:

@@ -141,13 +141,23 @@ class AttentionMeta:
     # CPU with a PositionBias: one mask at the batch's longest length per (table, window, dtype), built
     # by the first layer and sliced by every group of every layer (see `masks_for`)
     masks: dict = field(default_factory=dict, repr=False, compare=False)
+    # per sequence, how many of its leading tokens every token may attend to (None: all of them). ColBERT's
+    # query expansion: [MASK] tokens after the text attend to the text, and nothing attends to them
+    key_lens: list[int] | None = None
 
     @classmethod
-    def build(cls, cu_seqlens: torch.Tensor, max_seqlen: int, seqlens: list[int] | None = None) -> "AttentionMeta":
+    def build(cls, cu_seqlens: torch.Tensor, max_seqlen: int, seqlens: list[int] | None = None,
+              key_lens: list[int] | None = None) -> "AttentionMeta":
         if seqlens is None:
             seqlens = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+        if key_lens is not None:
+            key_lens = [int(k) for k in key_lens]
+            if len(key_lens) != len(seqlens) or any(not 0 < k <= n for k, n in zip(key_lens, seqlens) if n):
+                raise ValueError(f"key_lens must give each of the {len(seqlens)} sequences 1..length visible keys, "
+                                 f"got {key_lens} for lengths {list(seqlens)}")
         groups = group_by_length(seqlens) if cu_seqlens.device.type == "cpu" else None
-        return cls(cu_seqlens=cu_seqlens, max_seqlen=int(max_seqlen), seqlens=list(seqlens), groups=groups)
+        return cls(cu_seqlens=cu_seqlens, max_seqlen=int(max_seqlen), seqlens=list(seqlens), groups=groups,
+                   key_lens=key_lens)
 
     def masks_for(self, bias: PositionBias, length: int, dtype: torch.dtype = torch.float32,
                   device: torch.device | str = "cpu") -> torch.Tensor:
@@ -232,6 +242,8 @@ def _cpu_grouped_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: A
     # fused QKV output) with no gather; otherwise its rows are gathered first.
     # A PositionBias is the same for every sequence of one length: the group's SDPA call gets one
     # [1, H, L, L] fp32 mask (broadcast over G), the corner of the meta's cached mask (`masks_for`).
+    if meta.key_lens is not None:
+        return _prefix_keys_sdpa(q, k, v, meta, scale, bias)
     t, h, d = q.shape
     hk = k.shape[1]                                   # grouped-query attention: SDPA's enable_gqa
     groups = meta.groups if meta.groups is not None else group_by_length(meta.seqlens)
@@ -283,6 +295,44 @@ def _group_mask(big: torch.Tensor | None, bias: PositionBias | None, length: int
     return big[..., :length, :length] if big is not None and _needs_mask(bias, length) else None
 
 
+def _prefix_keys_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMeta, scale: float,
+                      bias: PositionBias | None = None) -> torch.Tensor:
+    """Attention where each sequence's tokens see only its first key_lens[i] tokens (meta.key_lens), on any
+    device: sequences of equal (length, visible keys) share one SDPA call, q [G, H, L, D] against k, v
+    [G, Hkv, K, D]. A PositionBias is the [..., :L, :K] corner of its mask (causal included), since the
+    keys are the sequence's first positions."""
+    t, h, d = q.shape
+    bias = _check_bias(bias, q)
+    by_shape: dict[tuple[int, int], list[int]] = {}
+    start = 0
+    for n, kl in zip(meta.seqlens, meta.key_lens):
+        if n:
+            by_shape.setdefault((n, kl), []).append(start)
+        start += n
+    big = None
+    if bias is not None and by_shape:
+        big = meta.masks_for(bias, max(n for n, _ in by_shape), q.dtype, q.device)        # [1, H|1, Lmax, Lmax]
+    out = torch.empty_like(q)
+    for (n, kl), starts in sorted(by_shape.items()):
+        g = len(starts)
+        first = torch.tensor(starts, device=q.device)[:, None]
+        qi = (first + torch.arange(n, device=q.device)[None, :]).flatten()              # [G*L]
+        ki = (first + torch.arange(kl, device=q.device)[None, :]).flatten()             # [G*K]
+        qs = q.index_select(0, qi).view(g, n, h, d).transpose(1, 2)                      # [G, H, L, D]
+        ks, vs = (x.index_select(0, ki).view(g, kl, x.shape[1], d).transpose(1, 2) for x in (k, v))  # [G, Hkv, K, D]
+        mask = None if big is None else big[..., :n, :kl]
+        o = _sdpa(qs, ks, vs, mask, scale, False)                                        # [G, H, L, D]
+        out.index_copy_(0, qi, o.transpose(1, 2).reshape(g * n, h, d))
+    return out
+
+
+def check_no_key_lens(meta: AttentionMeta) -> None:
+    """Attention kernels without visible-key prefixes (DeBERTa's disentangled attention) call this first."""
+    if meta.key_lens is not None:
+        raise ValueError("this attention (DeBERTa's disentangled attention) does not support key_lens (ColBERT "
+                         "query expansion with attend=False)")
+
+
 def _cuda_nested_sdpa(q, k, v, meta: AttentionMeta, scale: float) -> torch.Tensor:
     offsets = meta.cu_seqlens.to(torch.int64)
     nt = [torch.nested.nested_tensor_from_jagged(t, offsets=offsets, max_seqlen=meta.max_seqlen).transpose(1, 2)
@@ -301,6 +351,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: At
     bias = _check_bias(bias, q)
     if q.shape[0] == 0:
         return torch.empty_like(q)
+    if meta.key_lens is not None:                     # visible-key prefixes (ColBERT query expansion)
+        return _prefix_keys_sdpa(q, k, v, meta, scale, bias)
     if q.device.type == "cpu":
         return _cpu_grouped_sdpa(q, k, v, meta, scale, bias)
     if bias is not None:
