@@ -207,3 +207,20 @@ def test_cuda_query_expansion_matches_cpu(root):
     for fn, texts in (("encode_query", QUERIES), ("encode_document", DOCS)):
         for a, b in zip(getattr(cpu, fn)(texts), getattr(gpu, fn)(texts)):
             assert a.shape == b.shape and (a - b.cpu()).abs().max().item() <= 1e-4
+
+
+def test_cpu_fast_path_keeps_key_lens_when_it_reorders_sequences(root):
+    """Equal lengths that are not adjacent are sorted by the CPU runner: key_lens follow their sequences."""
+    from packformer.batch import pack
+
+    folder = mve_folder(root, "reorder", **CONFIGS["fixed_no_attend"])
+    fast, ref = packformer.load(folder), packformer.load(folder, fast=False)
+    ids = [[101, 7592, 2088, 102, 103], [101, 2023, 2003, 1037, 2936, 102, 103, 103], [101, 1060, 102, 103, 103]]
+    keys = [4, 6, 3]
+    batch = pack(ids, 0, order=range(3))
+    meta = AttentionMeta.build(batch.cu_seqlens, batch.max_seqlen, [5, 8, 5], key_lens=keys)
+    got = fast.runner(batch, meta)
+    want = ref.encoder(batch, AttentionMeta.build(batch.cu_seqlens, batch.max_seqlen, [5, 8, 5], key_lens=keys))
+    assert (got - want).abs().max().item() <= 1e-5
+    plain = ref.encoder(batch, AttentionMeta.build(batch.cu_seqlens, batch.max_seqlen, [5, 8, 5]))
+    assert (plain - want).abs().max().item() > 1e-3          # the visible keys do change the result
