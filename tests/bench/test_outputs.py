@@ -25,3 +25,14 @@ def test_sparse_and_bge_m3_workloads_run_and_agree(tmp_path, capsys):
                                                  "FlagEmbedding BGEM3FlagModel"]
     assert main(["bench", "--workloads", "bge_m3", *common]) == 1            # needs a folder: one-line error
     assert "needs a bge-m3 folder" in capsys.readouterr().err
+
+
+def test_bench_serve_sparse_drives_embed_sparse_of_a_real_server(tmp_path):
+    splade = splade_folder(tmp_path / "splade")
+    out = tmp_path / "serve.json"
+    assert main(["bench-serve", str(splade), "--sparse", "--concurrency", "1", "4", "--requests", "12",
+                 "--num-texts", "20", "--duration", "20", "--output", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["mode"] == "embed_sparse" and set(r["levels"]) == {"1", "4"} and r["machine"]["cpu_count"] >= 1
+    for level in r["levels"].values():
+        assert level["ok"] == level["sent"] >= 12 and level["tokens_per_s"] > 0

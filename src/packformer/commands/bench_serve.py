@@ -36,6 +36,9 @@ def add_parser(sub):
     p.add_argument("--rerank", type=int, default=None, metavar="N",
                    help="rerank mode: POST /rerank of one query x N passages to packformer serve on a cross-encoder "
                         "MODEL (default: a MiniLM-size one); latency and requests/s per concurrency")
+    p.add_argument("--sparse", action="store_true",
+                   help="sparse mode: POST /embed_sparse to packformer serve on a SPLADE MODEL (default: a random "
+                        "SPLADE of bert-base shape); latency and tokens/s per concurrency")
     p.add_argument("--server-arg", action="append", default=[],
                    help="extra argument for the started server (repeatable), e.g. --server-arg=--max-batch-requests=64")
     p.add_argument("--output", "-o", default="bench-serve.json", help="JSON results file (default: bench-serve.json)")
@@ -86,6 +89,9 @@ def run(args) -> int:
     if args.rerank is not None:
         from ..bench.rerank import serve_rerank
         return serve_rerank(args)
+    if args.sparse:
+        from ..bench.outputs import serve_sparse
+        return serve_sparse(args)
     import packformer
     from ..bench.launch import ServerProcess
     from ..bench.loadgen import run_level
