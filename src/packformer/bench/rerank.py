@@ -124,6 +124,8 @@ def serve_rerank(args) -> int:
                 out["levels"][str(c)] = r.summary()
                 print(f"  /rerank c={c}: p50 {r.percentile_ms(50):.1f} ms, p99 {r.percentile_ms(99):.1f} ms, "
                       f"{r.requests_per_s:.1f} requests/s, {r.ok}/{r.sent} ok {r.errors or ''}", file=sys.stderr)
+    from .report import machine_info
+    out["machine"] = machine_info(args.device)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {args.output}", file=sys.stderr)
