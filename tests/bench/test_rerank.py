@@ -28,3 +28,18 @@ def test_a_non_cross_encoder_is_refused():
     with pytest.raises(ValueError, match="not a cross-encoder"):
         from packformer.loading import builtin_model_dir
         run_rerank_bench(str(builtin_model_dir()), passages=2, iterations=1, warmup=0, log=None)
+
+
+def test_bench_serve_rerank_drives_the_rerank_route_of_a_real_server(tmp_path):
+    import json
+
+    from packformer.cli import main
+    folder = bert_cross_encoder(tmp_path / "ce")
+    out = tmp_path / "serve.json"
+    assert main(["bench-serve", str(folder), "--rerank", "10", "--concurrency", "1", "2", "--requests", "6",
+                 "--duration", "20", "--output", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["mode"] == "rerank" and r["passages"] == 10 and r["tokens_per_request"] > 10
+    assert set(r["levels"]) == {"1", "2"} and r["machine"]["cpu_count"] >= 1
+    for level in r["levels"].values():
+        assert level["ok"] == level["sent"] >= 6

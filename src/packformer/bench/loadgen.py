@@ -85,3 +85,36 @@ def run_level(url: str, payloads: Sequence[dict], tokens: Sequence[int], concurr
     """POST payloads (cycled) to `url` from `concurrency` clients until `max_requests` were sent or
     `duration_s` passed; each request may take at most `timeout_s`."""
     return asyncio.run(_run_level(url, payloads, tokens, concurrency, max_requests, duration_s, timeout_s, headers))
+
+
+def drive_server(folder: str, route: str, payloads: Sequence[dict], tokens: Sequence[int], args, out: dict,
+                 server_args: Sequence[str] = ()) -> dict:
+    """bench-serve's route modes (--rerank, --sparse): start `packformer serve folder` with args' device,
+    dtype and budget, drive `route` at each of args.concurrency (after a short warm-up), record each level's
+    summary in out["levels"] and the machine in out["machine"], write args.output. Returns `out`."""
+    import json
+    import sys
+    from pathlib import Path
+
+    from .launch import ServerProcess
+    from .report import machine_info
+
+    cmd = [str(folder), "--device", args.device, "--log-level", "warning", *server_args, *args.server_arg]
+    if args.dtype:
+        cmd += ["--dtype", args.dtype]
+    if args.max_batch_tokens:
+        cmd += ["--max-batch-tokens", str(args.max_batch_tokens)]
+    out.setdefault("levels", {})
+    with ServerProcess(cmd) as srv:
+        for c in args.concurrency:
+            run_level(srv.url + route, payloads, tokens, c, min(2 * c, 16), 30.0)                # warm
+            r = run_level(srv.url + route, payloads, tokens, c, args.requests, args.duration)
+            out["levels"][str(c)] = r.summary()
+            print(f"  {route} c={c}: p50 {r.percentile_ms(50):.1f} ms, p99 {r.percentile_ms(99):.1f} ms, "
+                  f"{r.requests_per_s:.1f} requests/s, {r.tokens_per_s:.0f} tokens/s, {r.ok}/{r.sent} ok "
+                  f"{r.errors or ''}", file=sys.stderr)
+    out["machine"] = machine_info(args.device)
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {args.output}", file=sys.stderr)
+    return out

@@ -128,11 +128,8 @@ def bench_bge_m3(folder: str | Path, texts: list[str], device: str = "cpu", batc
 def serve_sparse(args) -> int:
     """bench-serve --sparse: latency and tokens/s of packformer serve's POST /embed_sparse, one generated text
     per request (as the embedding bench-serve), at the requested concurrencies."""
-    import json
-
     from ..loading import load
-    from .launch import ServerProcess
-    from .loadgen import run_level
+    from .loadgen import drive_server
 
     texts = generate_texts(args.num_texts or 2000, seed=args.seed)
     with tempfile.TemporaryDirectory(prefix="packformer-sparse-") as tmp:
@@ -143,24 +140,8 @@ def serve_sparse(args) -> int:
         tokens = [len(ids) for ids in model.token_ids(texts)]
         del model
         bodies = [{"inputs": [t], "truncate": True} for t in texts]        # cut as token_ids counted them
-        out: dict = {"mode": "embed_sparse", "model": str(args.model or "random:bert-base"), "levels": {}}
-        server_args = [str(folder), "--device", args.device, "--log-level", "warning", *args.server_arg]
-        if args.dtype:
-            server_args += ["--dtype", args.dtype]
-        if args.max_batch_tokens:
-            server_args += ["--max-batch-tokens", str(args.max_batch_tokens)]
-        with ServerProcess(server_args) as srv:
-            for c in args.concurrency:
-                run_level(srv.url + "/embed_sparse", bodies, tokens, c, min(2 * c, 16), 30.0)      # warm
-                r = run_level(srv.url + "/embed_sparse", bodies, tokens, c, args.requests, args.duration)
-                out["levels"][str(c)] = r.summary()
-                print(f"  /embed_sparse c={c}: p50 {r.percentile_ms(50):.1f} ms, p99 {r.percentile_ms(99):.1f} ms, "
-                      f"{r.tokens_per_s:.0f} tokens/s, {r.ok}/{r.sent} ok {r.errors or ''}", file=sys.stderr)
-    from .report import machine_info
-    out["machine"] = machine_info(args.device)
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {args.output}", file=sys.stderr)
+        drive_server(str(folder), "/embed_sparse", bodies, tokens, args,
+                     {"mode": "embed_sparse", "model": str(args.model or "random:bert-base")})
     return 0
 
 

@@ -96,11 +96,8 @@ def run_rerank_bench(model: str | None = None, device: str = "cpu", dtype: str |
 def serve_rerank(args) -> int:
     """bench-serve --rerank N: latency and throughput of packformer serve's POST /rerank, each request one
     query x N passages (rerank_workload), at the requested concurrencies."""
-    import json
-
     import packformer
-    from .launch import ServerProcess
-    from .loadgen import run_level
+    from .loadgen import drive_server
 
     n = args.rerank
     with tempfile.TemporaryDirectory(prefix="packformer-rerank-") as tmp:
@@ -110,23 +107,7 @@ def serve_rerank(args) -> int:
         tokens = sum(map(len, model.pair_ids([(query, d) for d in docs])))
         del model
         body = [{"query": query, "texts": docs, "truncate": True}]
-        out: dict = {"mode": "rerank", "passages": n, "tokens_per_request": tokens, "levels": {}}
-        server_args = [folder, "--device", args.device, "--log-level", "warning",
-                       "--max-client-batch-size", str(max(n, 32)), *args.server_arg]
-        if args.dtype:
-            server_args += ["--dtype", args.dtype]
-        if args.max_batch_tokens:
-            server_args += ["--max-batch-tokens", str(args.max_batch_tokens)]
-        with ServerProcess(server_args) as srv:
-            for c in args.concurrency:
-                run_level(srv.url + "/rerank", body, [tokens], c, min(2 * c, 16), 30.0)        # warm
-                r = run_level(srv.url + "/rerank", body, [tokens], c, args.requests, args.duration)
-                out["levels"][str(c)] = r.summary()
-                print(f"  /rerank c={c}: p50 {r.percentile_ms(50):.1f} ms, p99 {r.percentile_ms(99):.1f} ms, "
-                      f"{r.requests_per_s:.1f} requests/s, {r.ok}/{r.sent} ok {r.errors or ''}", file=sys.stderr)
-    from .report import machine_info
-    out["machine"] = machine_info(args.device)
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {args.output}", file=sys.stderr)
+        drive_server(folder, "/rerank", body, [tokens], args,
+                     {"mode": "rerank", "passages": n, "tokens_per_request": tokens},
+                     ["--max-client-batch-size", str(max(n, 32))])
     return 0
