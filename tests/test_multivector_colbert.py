@@ -90,6 +90,43 @@ CONFIGS = {
 }
 
 
+def modernbert_colbert_folder(root):
+    """GTE-ModernColBERT's shape in small: a ModernBERT backbone (a +-4 window on two layers of three) under
+    Dense + MultiVectorMask + Normalize, with BERT's WordPiece ids."""
+    import transformers
+    from sentence_transformers import MultiVectorEncoder
+    from sentence_transformers.base.modules import Normalize, Transformer
+    from sentence_transformers.base.modules.dense import Dense
+    from sentence_transformers.multi_vector_encoder.modules import MultiVectorMask
+
+    from packformer.loading import builtin_model_dir
+
+    tok = transformers.BertTokenizerFast.from_pretrained(str(builtin_model_dir()))
+    cfg = transformers.ModernBertConfig(vocab_size=30522, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                                        num_attention_heads=2, max_position_embeddings=128, local_attention=8,
+                                        global_attn_every_n_layers=3, pad_token_id=0, cls_token_id=101,
+                                        sep_token_id=102, bos_token_id=101, eos_token_id=102)
+    torch.manual_seed(0)
+    m = transformers.ModernBertModel(cfg).eval()
+    perturb(m, 0)
+    m.save_pretrained(str(root / "modernbert"))
+    tok.save_pretrained(str(root / "modernbert"))
+    t = Transformer(str(root / "modernbert"), document_length=24,
+                    query_expansion={"strategy": "fixed", "attend": False, "length": 12})
+    torch.manual_seed(1)
+    d = Dense(32, 16, bias=False, activation_function=torch.nn.Identity(), module_input_name="token_embeddings")
+    enc = MultiVectorEncoder(modules=[t, d, MultiVectorMask(skiplist_words=list(string.punctuation)),
+                                      Normalize(module_input_name="token_embeddings")],
+                             prompts={"query": "[Q] ", "document": "[D] "})
+    enc.save(str(root / "modernbert-colbert"))
+    return root / "modernbert-colbert"
+
+
+def test_a_modernbert_backbone_equals_multivectorencoder(root):
+    """Local windows, rotary positions and the expansion tokens' visible-key prefix together."""
+    _compare(modernbert_colbert_folder(root))
+
+
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_outputs_equal_multivectorencoder(root, name):
     _compare(mve_folder(root, name, **CONFIGS[name]))
