@@ -187,13 +187,9 @@ class MultiVectorModel(Model):
         batch = pack(ids, self.config.position_offset, order=range(len(ids)))
         hidden_only = task == "query" and c.expansion is not None and not c.expansion["attend"]
         if hidden_only and any(r < len(s) for r, s in zip(real, ids)):
-            runner = self.runner
-            runner = getattr(runner, "forward", runner) if type(runner).__name__ == "GraphRunner" else runner
-            seqlens = [len(s) for s in ids]
             batch = batch.to(self.device)
-            meta = AttentionMeta.build(batch.cu_seqlens, batch.max_seqlen, seqlens, key_lens=real)
-            with torch.inference_mode():
-                h = runner(batch, meta)                                               # [T, H]
+            meta = AttentionMeta.build(batch.cu_seqlens, batch.max_seqlen, [len(s) for s in ids], key_lens=real)
+            h = self.runner(batch, meta)                   # [T, H]; a graph runner runs such batches eagerly
         else:
             h = self.hidden_states(batch)                                             # [T, H]
         keep = None

@@ -101,3 +101,29 @@ def test_one_input_buffer_holds_ids_positions_types_and_cu_seqlens_side_by_side(
     t_ids, t_pos, t_tt, t_cu = cap.split(cap.inputs, torch.int32)
     assert (t_ids == 1).all() and (t_pos == 2).all() and (t_tt is None or (t_tt == 3).all())
     assert t_cu.dtype == torch.int32 and torch.equal(t_cu, torch.from_numpy(cu.copy()))
+
+
+def test_a_batch_with_visible_key_prefixes_runs_eagerly_never_from_a_graph():
+    """Captured graphs attend to every key: a batch whose meta limits the keys (ColBERT query expansion)
+    goes to the eager forward, however often its shape repeats."""
+    import torch
+
+    from packformer.batch import pack
+    from packformer.fast.graphs import GraphRunner
+    from packformer.ops.attention import AttentionMeta
+
+    calls = []
+
+    class Forward:
+        device, dtype = torch.device("cpu"), torch.float32
+
+        def __call__(self, batch, meta, out=None):
+            calls.append(meta.key_lens)
+            return torch.zeros(batch.num_tokens, 4)
+
+    runner = GraphRunner(Forward(), max_tokens=256, max_seqlen=64, hidden=4, capture_after=1)
+    batch = pack([[5, 6, 7, 8], [5, 6, 7]], 0)
+    meta = AttentionMeta.build(batch.cu_seqlens, batch.max_seqlen, [4, 3], key_lens=[2, 3])
+    for _ in range(3):
+        assert runner(batch, meta).shape == (7, 4)
+    assert calls == [[2, 3]] * 3 and runner.stats["eager"] == 3 and not runner.graphs

@@ -130,7 +130,12 @@ class GraphRunner:
     # ---- running -------------------------------------------------------------------------------
     @torch.inference_mode()
     def __call__(self, batch: PackedBatch, meta: AttentionMeta) -> torch.Tensor:
-        """A batch already on the device."""
+        """A batch already on the device. Batches with visible-key prefixes (meta.key_lens) run eagerly: a
+        captured graph attends to every key of its sequences."""
+        if meta.key_lens is not None:
+            with self._lock:
+                self.stats["eager"] += 1
+            return self.forward(batch, meta)
         return self._run(batch, meta.seqlens, meta.max_seqlen, lambda: (batch, meta))
 
     @torch.inference_mode()
