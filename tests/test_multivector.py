@@ -51,6 +51,22 @@ def test_token_embeddings_bad_arguments(minilm):
         minilm.encode(["a"], output_value="token_embeddings", normalize_embeddings=True)
     with pytest.raises(ValueError, match="has no ColBERT output"):
         minilm.encode_all(["a"])
+    for kw in ({"truncate_dim": 8}, {"precision": "int8"}):       # dense-only options are refused, not ignored
+        with pytest.raises(ValueError, match="apply to dense sentence embeddings"):
+            minilm.encode(["a"], output_value="token_embeddings", **kw)
+
+
+def test_token_embeddings_take_the_prompt_as_sentence_transformers(tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    from tests.prompt_folders import st_folder
+    folder = st_folder(tmp_path / "p", prompts={"query": "query: "}, default="query")
+    ours, st = packformer.load(folder), SentenceTransformer(str(folder), device="cpu")
+    for kw in ({}, {"prompt_name": "query"}, {"prompt": "passage: "}):       # {}: the folder's default prompt
+        want = st.encode(TEXTS, output_value="token_embeddings", **kw)
+        got = ours.encode(TEXTS, output_value="token_embeddings", **kw)
+        for g, w in zip(got, want):
+            assert g.shape == tuple(w.shape) and np.abs(g - w.numpy()).max() <= 1e-5, kw
 
 
 # ---- bge-m3 ---------------------------------------------------------------------------------------

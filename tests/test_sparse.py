@@ -45,6 +45,13 @@ def test_encode_equals_sparse_encoder(folders, name):
     assert ((got.to_dense() > TOL) == (want.to_dense() > TOL)).all()
 
 
+def test_a_prompt_goes_before_every_text_as_sparse_encoder(folders):
+    ref, model = reference(folders["bert"]), packformer.load(folders["bert"])
+    want = ref.encode(TEXTS, prompt="query: ")
+    for got in (model.encode(TEXTS, prompt="query: "), model.encode_sparse(["query: " + t for t in TEXTS])):
+        assert (got.to_dense() - want.to_dense()).abs().max().item() <= TOL
+
+
 def test_max_active_dims_from_the_folder_and_per_call(folders):
     model = packformer.load(folders["bert-topk"])
     got = model.encode(TEXTS)

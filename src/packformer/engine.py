@@ -297,12 +297,16 @@ class Model(nn.Module):
         `calibration_embeddings`, else this call's own embeddings). All as SentenceTransformer.encode (outputs.py).
         """
         if output_value != "sentence_embedding" or "splade" in self.outputs or max_active_dims is not None:
+            if truncate_dim is not None or precision != "float32":
+                raise ValueError("truncate_dim and precision apply to dense sentence embeddings, not to "
+                                 f"{'token embeddings' if output_value == 'token_embeddings' else 'sparse vectors'}")
             from .multivector import encode_output
             return encode_output(self, texts, output_value, batch_size=batch_size,
                                  normalize_embeddings=normalize_embeddings, convert_to_numpy=convert_to_numpy,
                                  convert_to_tensor=convert_to_tensor, truncate=truncate,
                                  show_progress_bar=show_progress_bar, task=task,
-                                 convert_to_sparse_tensor=convert_to_sparse_tensor, max_active_dims=max_active_dims)
+                                 convert_to_sparse_tensor=convert_to_sparse_tensor, max_active_dims=max_active_dims,
+                                 prompt=prompt, prompt_name=prompt_name)
         single = isinstance(texts, str)
         task = self.resolve_task(task)
         precision = outputs.check_precision(precision)

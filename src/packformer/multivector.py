@@ -80,12 +80,13 @@ def token_embeddings_batch(model: "Model", batch: "PackedBatch", task: str | Non
 
 def encode_tokens(model: "Model", texts: str | Sequence[str], batch_size: int | None = None,
                   convert_to_numpy: bool = True, convert_to_tensor: bool = False, truncate: bool = True,
-                  show_progress_bar: bool | None = None, task: str | None = None):
-    """Texts -> one [Li, H] array per text (its tokens' hidden states, special tokens included), as
-    SentenceTransformer.encode(output_value="token_embeddings"); a single str gives one array."""
+                  show_progress_bar: bool | None = None, task: str | None = None, prompt: str | None = None,
+                  prompt_name: str | None = None):
+    """Texts -> one [Li, H] array per text (its tokens' hidden states, special tokens and the prompt
+    included), as SentenceTransformer.encode(output_value="token_embeddings"); a single str gives one array."""
     single = isinstance(texts, str)
     task = model.resolve_task(task)
-    texts = model.with_instruction(texts, task)
+    texts = model.with_instruction(texts, task, prompt, prompt_name)
     out = collect_texts(model, texts, lambda b: token_embeddings_batch(model, b, task), batch_size=batch_size,
                         truncate=truncate, show_progress_bar=show_progress_bar)
     if convert_to_tensor or not convert_to_numpy:

@@ -193,16 +193,16 @@ def rows_to_coo(rows: Sequence[SparseRow], vocab: int) -> torch.Tensor:
 
 def encode_sparse(model: "Model", texts: str | Sequence[str], batch_size: int | None = None,
                   convert_to_sparse_tensor: bool = True, max_active_dims: int | None = None, truncate: bool = True,
-                  show_progress_bar: bool | None = None):
+                  show_progress_bar: bool | None = None, prompt: str | None = None, prompt_name: str | None = None):
     """Texts -> sparse vectors in input order: a torch.sparse COO [N, V] (a single str: [V]), or with
-    convert_to_sparse_tensor=False one list of (token id, weight) per text, by token id."""
+    convert_to_sparse_tensor=False one list of (token id, weight) per text, by token id. The prompt (or
+    prompt_name's, else the folder's default prompt) goes before every text, as SparseEncoder.encode."""
     from .multivector import collect_texts
-    from .tokenize import check_texts
 
     require_sparse(model)
     check_max_active_dims(max_active_dims)
     single = isinstance(texts, str)
-    texts = check_texts(texts)
+    texts = model.with_instruction(texts, prompt=prompt, prompt_name=prompt_name)     # checked there
     rows = collect_texts(model, texts, lambda b: sparse_batch(model, b, max_active_dims), batch_size=batch_size,
                          truncate=truncate, show_progress_bar=show_progress_bar)
     if convert_to_sparse_tensor:
