@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from ..batch import PackedBatch
 from ..dataflow import Context, Primitives, build_context, run_encoder
-from ..model import Encoder
+from ..model import Encoder, RMSNorm
 from ..ops.attention import AttentionMeta, check_no_key_lens, split_qkv, varlen_attention
 from ..ops.disentangled import distance_index, position_projections
 from ..ops.disentangled_flash import disentangled_flash
@@ -36,6 +36,8 @@ from ..ops.gelu import bias_act
 from ..ops.glu import glu
 from ..ops.rotary import apply_rotary_
 from ..ops.layernorm import add_layernorm
+from ..ops.qk_norm_rotary import qk_norm_rotary_
+from ..ops.rmsnorm import add_rmsnorm
 from ..ops.flash_varlen import default_config as flash_config
 from ..ops.flash_varlen import flash_varlen, tile_table
 from ..ops.linear_act import linear_act_tma
@@ -108,12 +110,16 @@ class FastEncoder:
 
 
 def _is_rms(norm) -> bool:
-    return getattr(norm, "bias", None) is None
+    return isinstance(norm, RMSNorm)
 
 
 def _rms_norm(x: torch.Tensor, norm) -> torch.Tensor:
     """model.RMSNorm (weight only) over the last dim, in x's dtype."""
     return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.eps)
+
+
+def _rms_or_none(*norms) -> bool:
+    return all(n is None or _is_rms(n) for n in norms)
 
 
 class CudaPrimitives(Primitives):
@@ -151,7 +157,7 @@ class CudaPrimitives(Primitives):
         if norm is None:
             return x
         if _is_rms(norm):
-            return _rms_norm(x, norm)
+            return add_rmsnorm(x, norm.weight, norm.eps)
         return add_layernorm(x, norm.weight, norm.bias, norm.eps)
 
     def attention(self, layer, h: torch.Tensor, ctx: Context) -> torch.Tensor:
@@ -159,9 +165,12 @@ class CudaPrimitives(Primitives):
         qkv = F.linear(h, layer.qkv.weight, layer.qkv.bias)                               # [T, (nh + 2 nkv) hd]
         q, k, v = split_qkv(qkv, layer.num_heads, getattr(layer, "kv_heads", layer.num_heads),
                             layer.head_dim)                                                 # [T, nh|nkv, hd]
-        if getattr(layer, "q_norm", None) is not None:            # per-head RMSNorm before rotary (new tensors)
+        if getattr(layer, "q_norm", None) is not None and layer.rotary is not None:    # in place, one pass
+            cos, sin = ctx.rotary[layer.rotary]
+            qk_norm_rotary_(q, k, layer.q_norm.weight, layer.k_norm.weight, layer.q_norm.eps, cos, sin, layer.rotary)
+        elif getattr(layer, "q_norm", None) is not None:          # per-head RMSNorm without rotary (new tensors)
             q, k = _rms_norm(q, layer.q_norm), _rms_norm(k, layer.k_norm)
-        if layer.rotary is not None:
+        elif layer.rotary is not None:
             cos, sin = ctx.rotary[layer.rotary]
             apply_rotary_(q, k, cos, sin, layer.rotary)
         if getattr(layer, "disentangled", None) is not None:
@@ -190,9 +199,19 @@ class CudaPrimitives(Primitives):
         return bias_act(h, b, act, out=h)                                                   # erf GELU, in place
 
     def project_add_norm(self, a, lin, residual, norm, keep_sum=False, out=None, post=None):
-        """residual += a W^T in the GEMM; the bias add is fused into the LayerNorm kernel. With `post`
-        (sandwich norms) or an RMSNorm: the GEMM, the norms and the add as separate steps."""
-        if post is not None or (norm is not None and _is_rms(norm)):
+        """residual += a W^T in the GEMM; the bias add is fused into the LayerNorm kernel. RMSNorms (and
+        Gemma's sandwich norm `post` on the GEMM output) take one add_rmsnorm pass after the GEMM."""
+        if (post is not None or (norm is not None and _is_rms(norm))) and _rms_or_none(post, norm):
+            w, eps = (None, 0.0) if norm is None else (norm.weight, norm.eps)
+            if post is None:
+                s = residual.addmm_(a, lin.weight.t())                                      # [T, H]
+                y, s = add_rmsnorm(s, w, eps, x_bias=lin.bias, return_sum=True, out=out, sum_out=s)
+            else:
+                g = F.linear(a, lin.weight)                                                 # [T, H]
+                y, s = add_rmsnorm(g, w, eps, residual=residual, x_bias=lin.bias, post_weight=post.weight,
+                                   post_eps=post.eps, return_sum=True, out=out, sum_out=residual)
+            return (s, y) if keep_sum else y
+        if post is not None or (norm is not None and _is_rms(norm)):    # a LayerNorm beside a sandwich norm
             if post is not None:
                 s = residual.add_(self.norm(F.linear(a, lin.weight, lin.bias), post))           # [T, H]
             else:
