@@ -308,6 +308,47 @@ def section_attention(args):
     return r
 
 
+def section_decoder_attention(args):
+    """flash_varlen tile configs for the decoder-style families' heads, bf16, on the standard batches'
+    lengths: Qwen3-0.6B (16 q heads, 8 kv heads of 128, causal) and EmbeddingGemma (3 q heads, 1 kv head of
+    256, bidirectional; its 512-token window never binds on these lengths). GPU time per config, with the
+    block table the fast path passes; the deviation from the default config."""
+    from packformer.ops.flash_varlen import FlashConfig, default_config, flash_varlen, tile_table
+    shapes = {"qwen3": (16, 8, 128, True), "gemma": (3, 1, 256, False)}
+    configs = {128: ((64, 64, 4, 3), (64, 64, 4, 2), (64, 64, 8, 3), (64, 128, 8, 3), (128, 64, 8, 3),
+                     (128, 128, 8, 2), (128, 64, 4, 3), (64, 32, 4, 3), (32, 64, 4, 3)),
+               256: ((64, 32, 4, 2), (64, 64, 4, 2), (64, 64, 8, 2), (64, 32, 8, 2), (128, 32, 8, 2),
+                     (128, 64, 8, 2), (32, 64, 4, 2), (32, 32, 4, 2), (64, 32, 4, 3))}
+    rows = []
+    for name in ("serve_b32", "offline_b256"):
+        lens = lengths(name)
+        t = sum(lens)
+        cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device=DEV)
+        for fam, (hq, hk, hd, causal) in shapes.items():
+            qkv = torch.randn(t, (hq + 2 * hk) * hd, device=DEV, dtype=torch.bfloat16)
+            q = qkv[:, :hq * hd].view(t, hq, hd)
+            k = qkv[:, hq * hd:(hq + hk) * hd].view(t, hk, hd)
+            v = qkv[:, (hq + hk) * hd:].view(t, hk, hd)
+            flops = 4 * sum(n * n for n in lens) * hq * hd / (2 if causal else 1)
+            dflt = default_config(hd, max(lens))
+            base = flash_varlen(q, k, v, cu, max(lens), causal=causal)
+            row = {"batch": name, "family": fam, "default": str(dflt)}
+            for c in configs[hd]:
+                cfg = FlashConfig(*c)
+                tc = torch.from_numpy(tile_table(lens, cfg.block_m)).to(DEV)
+                fn = (lambda cfg=cfg, tc=tc: flash_varlen(q, k, v, cu, max(lens), config=cfg, tiles=tc, causal=causal))
+                try:
+                    dev = (fn().float() - base.float()).abs().max().item()
+                    us = _bench_ms(fn)
+                    row["x".join(map(str, c[:2])) + f"w{c[2]}s{c[3]}"] = {
+                        "us": us, "TFLOPs": round(flops / us / 1e6, 1), "max_diff": round(dev, 4)}
+                except Exception as e:  # noqa: BLE001
+                    row["x".join(map(str, c[:2])) + f"w{c[2]}s{c[3]}"] = repr(e)[:160]
+            rows.append(row)
+            log("DECATTN", row)
+    return {"rows": rows}
+
+
 def section_overlap(args):
     """Can the memory-bound GELU pass hide under the next chunk's FFN1 GEMM on a second stream?
     FFN block (FFN1 GEMM, bias+GELU, FFN2 GEMM into the residual) sequential vs split over M chunks."""
@@ -694,7 +735,7 @@ def section_e2e(args):
     return out
 
 
-SECTIONS = {"env": section_env, "ops": section_ops, "attention": section_attention, "overlap": section_overlap, "gelu": section_gelu, "correct": section_correct, "time": section_time,
+SECTIONS = {"env": section_env, "ops": section_ops, "attention": section_attention, "decoder_attention": section_decoder_attention, "overlap": section_overlap, "gelu": section_gelu, "correct": section_correct, "time": section_time,
             "profile": section_profile, "host": section_host, "e2e": section_e2e}
 
 

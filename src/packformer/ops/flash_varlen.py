@@ -52,14 +52,13 @@ class FlashConfig:
 
 
 def default_config(head_dim: int, max_seqlen: int) -> FlashConfig:
-    """Tiles chosen on an H200 by benchmarks/gpu_fastpath.py --sections attention (NOTES-gpu.md): 64 query
-    rows, 3 stages (128-row tiles lost 10-20% to padding on these short sequences); 32 keys per step up
-    to head size 64: for head size 32 (MiniLM offline_b256) 88 vs 103 us with 64 keys; for head size 64
-    the same on offline_b256 (131 us) and 10% faster on serve_b32 (12.5 vs 14.0 us). Heads over 128 dims
-    (EmbeddingGemma: 256) take 32 keys and 2 stages, so the K/V stages fit in shared memory (not measured)."""
-    if head_dim > 128:
-        return FlashConfig(64, 32, 4, 2)
-    return FlashConfig(64, 32 if head_dim <= 64 else 64, 4, 3)
+    """Tiles chosen on an H200 by benchmarks/gpu_fastpath.py --sections attention,decoder_attention
+    (NOTES-gpu.md): 64 query rows (128-row tiles lost 10-20% to padding on these short sequences) and 32
+    keys per step. Head size 32 (MiniLM offline_b256): 88 vs 103 us with 64 keys; 64: the same offline
+    (131 us), 10% faster on serve_b32 (12.5 vs 14.0 us); 128 (Qwen3-0.6B, causal, bf16): 233 vs 275 us
+    offline, 33 vs 82 us on serve_b32. Heads over 128 dims (EmbeddingGemma: 256) take 2 stages so the K/V
+    stages fit in shared memory; 64x32 was also the fastest of nine configs there offline (129 us)."""
+    return FlashConfig(64, 32, 4, 3 if head_dim <= 128 else 2)
 
 
 def tile_table(seqlens: list[int] | np.ndarray, block_m: int) -> np.ndarray:
