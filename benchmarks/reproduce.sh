@@ -201,6 +201,9 @@ gpu_steps() {
   step e2e-encode-qwen3-0.6b "NOTES-gpu: encode() vs SentenceTransformer.encode bf16, Qwen3-0.6B shape, 20,000 texts" \
     "$PY" "$here/with_folder.py" qwen3-0.6b bench @FOLDER@ --device cuda --workloads texts_20000 \
     --peers sentence_transformers --batch-size 256 $(q "--iterations 3" "$it") --out @W@
+  step e2e-encode-mpnet-base-v2 "NOTES-gpu: encode() vs SentenceTransformer.encode fp16, all-mpnet-base-v2's shape, 20,000 texts" \
+    "$PY" "$here/with_folder.py" mpnet-base-v2 bench @FOLDER@ --device cuda --dtype float16 --workloads texts_20000 \
+    --peers sentence_transformers --batch-size 256 --no-floor $(q "--iterations 3" "$it") --out @W@
   step bench-rerank-cuda-float16 "README + NOTES-gpu: rerank of 100 passages on the GPU vs CrossEncoder.predict" \
     "${pf[@]}" bench --device cuda --workloads rerank $(q "--iterations 50" "--iterations 5") --out @W@
 }

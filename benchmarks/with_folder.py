@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-BUILDERS = {"bge-m3": "bge_m3_folder", "qwen3-0.6b": "decoder_folder"}
+BUILDERS = {"bge-m3": "bge_m3_folder", "qwen3-0.6b": "decoder_folder", "mpnet-base-v2": "mpnet_folder"}
 
 
 def main(argv: list[str]) -> int:
