@@ -196,13 +196,32 @@ def test_over_long_inputs_keep_their_eos_as_sentence_transformers_truncates(embe
 def test_query_prompt_from_the_folder_equals_sentence_transformers(embedding_folder):
     st = pytest.importorskip("sentence_transformers")
     m = packformer.load(embedding_folder)
-    import inspect
-    if "prompt_name" not in inspect.signature(m.encode).parameters:
-        pytest.skip("encode() takes no prompt_name in this tree")
     ref = st.SentenceTransformer(str(embedding_folder), device="cpu").encode(TEXTS, prompt_name="query")
     got = m.encode(TEXTS, prompt_name="query")
     assert np.abs(got - ref).max() <= 1e-4
     assert np.abs(got - m.encode([QUERY_PROMPT + t for t in TEXTS])).max() <= 1e-6
+
+
+def test_server_embeds_with_prompts_over_tei_and_openai_as_encode(embedding_folder):
+    """A real `packformer serve` on the Qwen3 embedding folder: TEI's /embed (with the folder's query prompt)
+    and OpenAI's /v1/embeddings through the openai client give encode()'s vectors."""
+    import httpx
+    openai = pytest.importorskip("openai", reason="pip install openai (the [dev] extra has it)")
+    from packformer.bench.launch import ServerProcess
+
+    m = packformer.load(embedding_folder)
+    with ServerProcess([str(embedding_folder), "--max-batch-tokens", "256", "--auto-truncate", "--log-level",
+                        "warning"]) as srv:                # TEXTS[2] is over the folder's max_seq_length
+        with httpx.Client(base_url=srv.url, timeout=60) as http:
+            assert http.get("/info").json()["model_type"] == "embedding"
+            got = np.array(http.post("/embed", json={"inputs": TEXTS}).json())
+            assert np.abs(got - m.encode(TEXTS)).max() <= 1e-5
+            got = np.array(http.post("/embed", json={"inputs": TEXTS, "prompt_name": "query"}).json())
+            assert np.abs(got - m.encode(TEXTS, prompt_name="query")).max() <= 1e-5
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", timeout=60)
+        res = client.embeddings.create(model="qwen3", input=TEXTS)
+        got = np.array([d.embedding for d in res.data])
+        assert np.abs(got - m.encode(TEXTS)).max() <= 1e-5
 
 
 # ---- presets and the benchmark peer --------------------------------------------------------------------------

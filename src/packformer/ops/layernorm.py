@@ -55,20 +55,33 @@ if triton is not None:
         tl.store(Y + row * stride_y + cols, (d * rstd * w + b).to(Y.dtype.element_ty), mask=mask)
 
 
-def _check_args(x, weight, bias, residual, x_bias, out, sum_out):
+def check_row_args(x: torch.Tensor, vectors: dict, rows: dict) -> None:
+    """The fused norms' argument checks: x [T, H] with contiguous rows; `vectors` (name -> [H] tensor or None)
+    and `rows` (name -> [T, H] tensor or None, x's dtype) on x's device."""
     check(x.dim() == 2, f"x must be [T, H], got shape {tuple(x.shape)}")
+    check(x.dtype in (torch.float16, torch.bfloat16, torch.float32), f"unsupported dtype {x.dtype}")
     h = x.shape[1]
     check(x.stride(1) == 1, "x rows must be contiguous (stride 1 along H)")
-    for name, t in (("weight", weight), ("bias", bias), ("x_bias", x_bias)):
+    for name, t in vectors.items():
         if t is not None:
             check(t.shape == (h,) and t.is_contiguous(), f"{name} must be a contiguous [{h}] vector, got {tuple(t.shape)}")
-    for name, t in (("residual", residual), ("out", out), ("sum_out", sum_out)):
+            check(t.device == x.device, f"{name} is on {t.device}, x on {x.device}")
+    for name, t in rows.items():
         if t is not None:
-            check(t.shape == x.shape and t.stride(1) == 1, f"{name} must be [T, H] = {tuple(x.shape)} with contiguous rows, "
-                                                            f"got {tuple(t.shape)}")
+            check(t.shape == x.shape and t.stride(1) == 1,
+                  f"{name} must be [T, H] = {tuple(x.shape)} with contiguous rows, got {tuple(t.shape)}")
             check(t.dtype == x.dtype, f"{name} dtype {t.dtype} differs from x dtype {x.dtype}")
             check(t.device == x.device, f"{name} is on {t.device}, x on {x.device}")
-    check(x.dtype in (torch.float16, torch.bfloat16, torch.float32), f"unsupported dtype {x.dtype}")
+
+
+def reference_into(res, return_sum: bool, out: torch.Tensor | None, sum_out: torch.Tensor | None):
+    """A reference result (y, or (y, s) with return_sum) written into `out` / `sum_out` where given."""
+    y, s = res if return_sum else (res, None)
+    if out is not None:
+        y = out.copy_(y)
+    if return_sum and sum_out is not None:
+        s = sum_out.copy_(s)
+    return (y, s) if return_sum else y
 
 
 def add_layernorm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
@@ -77,15 +90,10 @@ def add_layernorm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps
     """LN(x + x_bias + residual): [T, H] -> [T, H] in x's dtype (see `add_layernorm_ref`).
 
     `out` / `sum_out` may be given (CUDA graphs write into static buffers); `sum_out` may alias `x`."""
-    _check_args(x, weight, bias, residual, x_bias, out, sum_out)
+    check_row_args(x, dict(weight=weight, bias=bias, x_bias=x_bias), dict(residual=residual, out=out, sum_out=sum_out))
     if not kernel_ok(x, weight, bias):
-        res = add_layernorm_ref(x, weight, bias, eps, residual, x_bias, return_sum)
-        y, s = res if return_sum else (res, None)
-        if out is not None:
-            y = out.copy_(y)
-        if return_sum and sum_out is not None:
-            s = sum_out.copy_(s)
-        return (y, s) if return_sum else y
+        return reference_into(add_layernorm_ref(x, weight, bias, eps, residual, x_bias, return_sum), return_sum,
+                              out, sum_out)
     t, h = x.shape
     y = torch.empty_like(x) if out is None else out
     s = (torch.empty_like(x) if sum_out is None else sum_out) if return_sum else y

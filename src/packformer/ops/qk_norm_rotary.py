@@ -19,7 +19,7 @@ import torch
 
 from ._triton import check, kernel_ok, next_pow2, tl, triton
 from .rmsnorm import rms_norm_ref
-from .rotary import RotaryConfig, _pair_views
+from .rotary import RotaryConfig, _check_args, _pair_views
 
 
 def qk_norm_rotary_ref(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
@@ -44,6 +44,8 @@ def qk_norm_rotary_ref(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor,
 
 
 if triton is not None:
+    from .rotary import pair_columns
+
     @triton.jit
     def _norm_rotate_tile(X, W, r64, stride_t, p1, p2, c, s, mask, eps, D: tl.constexpr):
         """RMS-normalise and rotate one [ROWS, PAIRS] tile of one head of X in place (fp32 math)."""
@@ -67,12 +69,7 @@ if triton is not None:
         cs_off = r64[:, None] * HALF + pairs[None, :]                          # contiguous [T, HALF] tables
         c = tl.load(COS + cs_off, mask=mask, other=0.0).to(tl.float32)         # [BT, HALF]
         s = tl.load(SIN + cs_off, mask=mask, other=0.0).to(tl.float32)
-        if INTERLEAVED:
-            p1 = 2 * pairs
-            p2 = p1 + 1
-        else:
-            p1 = pairs
-            p2 = pairs + HALF
+        p1, p2 = pair_columns(pairs, HALF, INTERLEAVED)
         _norm_rotate_tile(Q + h * stride_qh, QW, r64, stride_qt, p1, p2, c, s, mask, eps, 2 * HALF)
         if h < HK:
             _norm_rotate_tile(K + h * stride_kh, KW, r64, stride_kt, p1, p2, c, s, mask, eps, 2 * HALF)
@@ -85,23 +82,15 @@ def qk_norm_rotary_(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_
                     cos: torch.Tensor, sin: torch.Tensor, cfg: RotaryConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalise and rotate q [T, Hq, D] and k [T, Hk, D] (Hk <= Hq; rows may be strided views of one QKV
     buffer) in place; returns (q, k). cos, sin: contiguous [T, dim/2] tables (`rotary_tables`)."""
-    check(isinstance(cfg, RotaryConfig), f"cfg must be a RotaryConfig, got {type(cfg).__name__}")
-    check(q.dim() == 3 and k.dim() == 3 and q.shape[0] == k.shape[0] and q.shape[2] == k.shape[2],
-          f"q and k must be [T, H, D] with one T and D, got {tuple(q.shape)} and {tuple(k.shape)}")
+    rot = _check_args(q, k, cos, sin, cfg, (torch.float16, torch.bfloat16, torch.float32))
     t, hq, d = q.shape
     hk = k.shape[1]
     check(hk <= hq, f"k has more heads ({hk}) than q ({hq})")
-    check(q.dtype == k.dtype and q.dtype in (torch.float16, torch.bfloat16, torch.float32),
-          f"q and k need one dtype among float16, bfloat16, float32; got {q.dtype} and {k.dtype}")
     check(q.stride(2) == 1 and k.stride(2) == 1, "q and k need a contiguous last (head) dimension")
+    check(cos.is_contiguous() and sin.is_contiguous(), "cos and sin must be contiguous tables")
     for name, w in (("q_weight", q_weight), ("k_weight", k_weight)):
-        check(w.shape == (d,) and w.is_contiguous(), f"{name} must be a contiguous [{d}] vector, got {tuple(w.shape)}")
-    rot = cfg.rot_dim(d)
-    check(cos.shape == sin.shape == (t, rot // 2) and cos.is_contiguous() and sin.is_contiguous(),
-          f"cos and sin must be contiguous [T, dim/2] = {(t, rot // 2)} tables, got {tuple(cos.shape)} and "
-          f"{tuple(sin.shape)}")
-    check(len({x.device for x in (q, k, q_weight, k_weight, cos, sin)}) == 1, "q, k, weights and tables must "
-          "be on one device")
+        check(w.shape == (d,) and w.is_contiguous() and w.device == q.device,
+              f"{name} must be a contiguous [{d}] vector on {q.device}, got {tuple(w.shape)} on {w.device}")
     check(q.numel() == 0 or q.data_ptr() != k.data_ptr(), "q and k must be distinct tensors")
     half = rot // 2
     if rot != d or half != next_pow2(half) or not kernel_ok(q, k, q_weight, k_weight, cos, sin):

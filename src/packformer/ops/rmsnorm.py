@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import check, kernel_ok, next_pow2, tl, triton
+from ._triton import kernel_ok, next_pow2, tl, triton
+from .layernorm import check_row_args, reference_into
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -66,38 +67,17 @@ if triton is not None:
         tl.store(Y + row * stride_y + cols, s.to(Y.dtype.element_ty), mask=mask)
 
 
-def _check_args(x, weight, residual, x_bias, post_weight, out, sum_out):
-    check(x.dim() == 2, f"x must be [T, H], got shape {tuple(x.shape)}")
-    check(x.dtype in (torch.float16, torch.bfloat16, torch.float32), f"unsupported dtype {x.dtype}")
-    h = x.shape[1]
-    check(x.stride(1) == 1, "x rows must be contiguous (stride 1 along H)")
-    for name, t in (("weight", weight), ("x_bias", x_bias), ("post_weight", post_weight)):
-        if t is not None:
-            check(t.shape == (h,) and t.is_contiguous(), f"{name} must be a contiguous [{h}] vector, got {tuple(t.shape)}")
-            check(t.device == x.device, f"{name} is on {t.device}, x on {x.device}")
-    for name, t in (("residual", residual), ("out", out), ("sum_out", sum_out)):
-        if t is not None:
-            check(t.shape == x.shape and t.stride(1) == 1,
-                  f"{name} must be [T, H] = {tuple(x.shape)} with contiguous rows, got {tuple(t.shape)}")
-            check(t.dtype == x.dtype, f"{name} dtype {t.dtype} differs from x dtype {x.dtype}")
-            check(t.device == x.device, f"{name} is on {t.device}, x on {x.device}")
-
-
 def add_rmsnorm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, residual: torch.Tensor | None = None,
                 x_bias: torch.Tensor | None = None, post_weight: torch.Tensor | None = None,
                 post_eps: float | None = None, return_sum: bool = False, out: torch.Tensor | None = None,
                 sum_out: torch.Tensor | None = None):
     """[T, H] -> [T, H] in x's dtype: see `add_rmsnorm_ref`. `out` / `sum_out` may be given (CUDA graphs
     write into static buffers); `sum_out` may alias `x` or `residual` (each row is read before it is written)."""
-    _check_args(x, weight, residual, x_bias, post_weight, out, sum_out)
+    check_row_args(x, dict(weight=weight, x_bias=x_bias, post_weight=post_weight),
+                   dict(residual=residual, out=out, sum_out=sum_out))
     if not kernel_ok(x, *(t for t in (weight, residual, x_bias, post_weight) if t is not None)):
-        res = add_rmsnorm_ref(x, weight, eps, residual, x_bias, post_weight, post_eps, return_sum)
-        y, s = res if return_sum else (res, None)
-        if out is not None:
-            y = out.copy_(y)
-        if return_sum and sum_out is not None:
-            s = sum_out.copy_(s)
-        return (y, s) if return_sum else y
+        return reference_into(add_rmsnorm_ref(x, weight, eps, residual, x_bias, post_weight, post_eps, return_sum),
+                              return_sum, out, sum_out)
     t, h = x.shape
     y = torch.empty_like(x) if out is None else out
     s = (torch.empty_like(x) if sum_out is None else sum_out) if return_sum else y

@@ -169,6 +169,13 @@ if triton is not None:
         tl.store(base + p2[None, None, :], (x2 * c + x1 * s).to(X.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def pair_columns(pairs, HALF: tl.constexpr, INTERLEAVED: tl.constexpr):
+        """The head dims of each rotated pair's two members: (2i, 2i + 1) interleaved, else (i, i + HALF)."""
+        if INTERLEAVED:
+            return 2 * pairs, 2 * pairs + 1
+        return pairs, pairs + HALF
+
+    @triton.jit
     def _rotary_kernel(Q, K, COS, SIN, T, HQ, HK, stride_qt, stride_qh, stride_kt, stride_kh,
                        HALF: tl.constexpr, INTERLEAVED: tl.constexpr, BLOCK_T: tl.constexpr,
                        BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
@@ -182,12 +189,7 @@ if triton is not None:
         cs_mask = row_ok[:, None] & p_ok[None, :]
         c = tl.load(COS + cs_off, mask=cs_mask, other=0.0).to(tl.float32)[:, None, :]   # [BT, 1, BP]
         s = tl.load(SIN + cs_off, mask=cs_mask, other=0.0).to(tl.float32)[:, None, :]
-        if INTERLEAVED:
-            p1 = 2 * pairs
-            p2 = p1 + 1
-        else:
-            p1 = pairs
-            p2 = pairs + HALF
+        p1, p2 = pair_columns(pairs, HALF, INTERLEAVED)
         rp_ok = row_ok[:, None, None] & p_ok[None, None, :]
         _rotate_tile(Q, r64, heads, p1, p2, c, s, rp_ok & (heads < HQ)[None, :, None], stride_qt, stride_qh)
         _rotate_tile(K, r64, heads, p1, p2, c, s, rp_ok & (heads < HK)[None, :, None], stride_kt, stride_kh)
