@@ -13,9 +13,10 @@ Pre-norm stacks use the same kernels in the other order (dataflow.py writes the 
 layers rotate q and k in place in the QKV buffer, relative-position biases and local windows are applied
 inside flash_varlen, DeBERTa's disentangled terms in a kernel of their own (ops/disentangled_flash.py),
 GLU feed-forwards take one elementwise pass (ops/glu.py). Decoder-style encoders (Qwen3, Gemma 3):
-RMSNorms (torch's fused rms_norm), per-head q/k norms before rotary, causal masks and grouped kv heads
-inside flash_varlen (kv heads read in place, never expanded), sandwich norms on each sublayer's output
-before its residual add, and the embedding scale in the embeddings' dtype.
+RMSNorms fused with the bias, Gemma's sandwich norm and the residual add after each GEMM
+(ops/rmsnorm.py), per-head q/k norms and rotary in one in-place pass (ops/qk_norm_rotary.py), causal
+masks and grouped kv heads inside flash_varlen (kv heads read in place, never expanded), and the
+embedding scale in the embeddings' dtype.
 """
 from __future__ import annotations
 
