@@ -142,6 +142,20 @@ def test_hidden_states_equal_transformers_on_both_cpu_paths(encoder_folder, impl
     assert max(errs.values()) < 1e-4 * max(1.0, ref.abs().max().item())
 
 
+def test_a_bf16_checkpoint_folds_one_plus_w_in_fp32(tmp_path):
+    """Gemma scales by 1 + w.float(): folded at load in fp32, not in the checkpoint's bf16 (where 1 + w keeps
+    8 bits), so the fp32 model equals transformers' run of the same bf16 weights."""
+    model = random_gemma(seed=5).to(torch.bfloat16)
+    model.save_pretrained(tmp_path)
+    m = packformer.load(tmp_path)
+    w = model.layers[0].input_layernorm.weight
+    assert torch.equal(m.encoder.layers[0].norm1.weight, 1.0 + w.float())
+    hf32 = transformers.Gemma3TextModel.from_pretrained(tmp_path, dtype=torch.float32).eval()   # bf16 weights, fp32 math
+    ref, seqs = hf_reference(hf32, LENGTHS)
+    errs = check_hidden_states(tmp_path, ref, seqs, atol=1e-4)
+    assert max(errs.values()) < 1e-4 * max(1.0, ref.abs().max().item())
+
+
 def test_window_edge_is_told_apart(tmp_path):
     """A window one token wider changes the outputs of sequences longer than the window."""
     model = random_gemma(seed=4)

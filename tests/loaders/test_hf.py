@@ -154,3 +154,40 @@ def test_an_unknown_model_type_lists_the_families_packformer_loads(tmp_path):
     with pytest.raises(ValueError, match=r"unsupported model_type 't5' in config.json; packformer loads bert "
                                          r"\(bert/roberta/xlm-roberta/camembert\)"):
         packformer.load(tmp_path)
+
+
+def test_checkpoint_tensors_are_held_once_in_their_own_dtype(tmp_path, monkeypatch):
+    """A bf16 checkpoint's tensors become the model's parameters as they are (no random-initialised fp32
+    copy beside them); Model then casts to the run's dtype, with the same values a copy would give."""
+    import packformer.loaders.hf as hf_loader
+    from packformer.engine import Model
+    hf = _hf_model("bert", classification=False).to(torch.bfloat16)
+    hf.save_pretrained(tmp_path)
+    read = {}
+    real = hf_loader.read_state_dict
+    monkeypatch.setattr(hf_loader, "read_state_dict", lambda folder: read.setdefault("state", real(folder)))
+    parts = hf_loader.load_hf(tmp_path, with_tokenizer=False)
+    word = parts.encoder.embeddings.word.weight
+    src = read["state"]["embeddings.word_embeddings.weight"]
+    assert word.dtype == torch.bfloat16 and word.data_ptr() == src.data_ptr()
+    assert not any(p.is_meta for p in parts.encoder.parameters())
+    m = Model(parts)                                         # CPU: fp32, exactly the bf16 values
+    assert m.encoder.embeddings.word.weight.dtype == torch.float32
+    assert torch.equal(m.encoder.embeddings.word.weight, src.float())
+
+
+def test_an_optional_parameter_the_checkpoint_lacks_is_zeros_with_a_warning(caplog):
+    from packformer.config import preset
+    from packformer.families import family_named
+    from packformer.loaders.parts import assemble
+    from packformer.model import Encoder
+    cfg = preset("minilm-l6").replace(num_layers=1, vocab_size=50, max_position_embeddings=16)
+    with torch.device("meta"):
+        want = Encoder(cfg).state_dict()
+    keymap = family_named("bert").keymap(cfg, False)
+    state = {k: torch.randn(v.shape) for k, v in keymap.invert({k: torch.empty(v.shape) for k, v in want.items()},
+                                                                 1).items() if "token_type" not in k}
+    with caplog.at_level("WARNING"):
+        enc, head = assemble(lambda: (Encoder(cfg), None), keymap, state, 1, what="test checkpoint")
+    assert head is None and torch.equal(enc.embeddings.token_type.weight, torch.zeros(cfg.type_vocab_size, cfg.hidden_size))
+    assert "test checkpoint has no value for embeddings.token_type.weight: zeros" in caplog.text

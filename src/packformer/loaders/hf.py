@@ -15,7 +15,7 @@ from ..heads import Pooler
 from ..model import Encoder
 from ..tokenize import HFTokenizer, SentencePieceTokenizer
 from .keymap import CheckpointError, rename_legacy_layernorm, strip_prefix
-from .parts import ModelParts, param_view
+from .parts import ModelParts, assemble
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +72,8 @@ def load_hf(folder: str | Path, with_tokenizer: bool = True) -> ModelParts:
     state, _ = strip_prefix(state, family.anchor)
     if cfg.type_vocab_size and "embeddings.token_type_embeddings.weight" not in state and family.name == "bert":
         cfg = cfg.replace(type_vocab_size=0)
-    encoder = Encoder(cfg)
-    head = family.make_head(cfg)
-    keymap = family.keymap(cfg, head is not None)
-    view = param_view(encoder, head)
-    params = keymap.convert(state, view, cfg.num_layers, what=f"checkpoint {folder}")
-    view.load_state_dict(params, strict=False)
+    encoder, head = assemble(lambda: (Encoder(cfg), family.make_head(cfg)), family.keymap(cfg, bool(cfg.num_labels)),
+                             state, cfg.num_layers, what=f"checkpoint {folder}")
     tok = load_tokenizer(folder, cfg) if with_tokenizer else None
     max_len = cfg.max_tokens_per_sequence
     mode, normalize = family.embedding_pooling(d) if family.embedding_pooling is not None else ("mean", False)

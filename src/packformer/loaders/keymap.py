@@ -27,7 +27,8 @@ TRANSFORMS = {
     # a fused [up; gate] projection becomes packformer's [gate; up] (its own inverse)
     "swap_halves": (_swap_halves, _swap_halves),
     # Gemma's RMSNorms scale by (1 + w): packformer's RMSNorm holds the folded weight 1 + w
-    "plus_one": (lambda t: t + 1.0, lambda t: t - 1.0),
+    # (in fp32, as Gemma computes 1.0 + w.float(): 1 + w rounded to a bf16 checkpoint's 8 bits would not match)
+    "plus_one": (lambda t: t.float() + 1.0, lambda t: t - 1.0),
 }
 
 
@@ -118,7 +119,7 @@ class KeyMap:
         # lack one bias while keeping the others: GTE's FFN input projection)
         for k in expected:
             if k not in out and any(fnmatch.fnmatchcase(k, p) for p in self.absent):
-                out[k] = torch.zeros_like(expected[k])
+                out[k] = torch.zeros(expected[k].shape, dtype=expected[k].dtype)   # the model may be on meta
         return out
 
     def invert(self, params: Mapping[str, torch.Tensor], num_layers: int,

@@ -34,7 +34,7 @@ from ..heads import ClassificationHead, Pooler
 from ..model import Encoder
 from ..tokenize import SentencePieceTokenizer
 from .keymap import CheckpointError, KeyMap, Rule
-from .parts import ModelParts, param_view
+from .parts import ModelParts, assemble
 
 PAD_ID = 1                      # RobertaEncoderConf.padding_idx
 POSITION_OFFSET = PAD_ID + 1    # fairseq positions
@@ -232,12 +232,9 @@ def load_torchtext(path: str | Path, spm: str | Path | None = None, num_classes:
         max_position_embeddings=positions, type_vocab_size=0, layer_norm_eps=LAYER_NORM_EPS, activation="gelu",
         pad_token_id=PAD_ID, position_offset=POSITION_OFFSET, model_type="xlm-roberta", num_labels=num_labels,
     )
-    encoder = Encoder(cfg)
-    head = ClassificationHead(hidden, num_labels, act="relu") if num_labels else None
-    view = param_view(encoder, head)
-    params = torchtext_keymap(scheme, head is not None, prefix).convert(
-        state, view, num_layers, what=f"{what} ({scheme} torchtext names)")
-    view.load_state_dict(params, strict=False)
+    encoder, head = assemble(lambda: (Encoder(cfg), ClassificationHead(hidden, num_labels, act="relu") if num_labels
+                                      else None), torchtext_keymap(scheme, bool(num_labels), prefix), state,
+                             num_layers, what=f"{what} ({scheme} torchtext names)")
     if preset is not None:
         _check_preset(preset, cfg, what)
     max_len = _max_seq_len(cfg, preset, max_seq_len, what)
