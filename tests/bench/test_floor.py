@@ -22,6 +22,7 @@ def test_floor_uses_the_models_weights_and_counts_flops():
 def test_floor_runner_is_the_last_layers_ffn_on_the_last_pass(monkeypatch):
     enc = Encoder(CFG)
     f = GemmFloor(enc, "cpu", torch.float32)
+    f.packed = None                   # F.linear for every role (the oneDNN choice: the test below)
     seen = []
     real_linear = F.linear
     monkeypatch.setattr(F, "linear", lambda x, w, b=None: seen.append(tuple(x.shape)) or real_linear(x, w, b))
@@ -65,3 +66,25 @@ def test_floor_runs_an_attention_width_apart_from_the_hidden_size():
                               num_kv_heads=2, head_size=32, intermediate_size=96, vocab_size=100)
     floor = GemmFloor(Encoder(cfg), "cpu", torch.float32)
     assert floor.attn == 128 and floor.runner([5], graph=False)().shape == (5, 64)
+
+
+def test_cpu_floor_runs_each_gemm_in_the_faster_library_and_says_which(monkeypatch):
+    """On a CPU each role runs in F.linear (MKL) or oneDNN's packed GEMM, whichever the timing picks;
+    either way the result is the same GEMM."""
+    import packformer.bench.floor as floor_mod
+    from packformer.fast.cpu_linear import onednn_available
+    if not onednn_available(torch.float32):
+        pytest.skip("this torch build has no oneDNN linear ops: the floor is F.linear only")
+    enc = Encoder(CFG)
+    f = GemmFloor(enc, "cpu", torch.float32)
+    picks = iter([1.0, 2.0] * 2 + [2.0, 1.0] * 2)     # mkl, onednn per role: mkl wins twice, then onednn
+    monkeypatch.setattr(floor_mod, "_best_seconds", lambda fn, reps=3: next(picks))
+    run = f.runner([7, 5, 9])
+    assert f.backends == {"qkv": "mkl", "out": "mkl", "ffn1": "onednn", "ffn2": "onednn"}
+    g = torch.Generator().manual_seed(0)               # the runner's last pass input, as it draws them
+    for t in (7, 5):
+        torch.randn(t, 16, generator=g), torch.randn(t, 16, generator=g), torch.randn(t, 40, generator=g)
+    _, _, xi = torch.randn(9, 16, generator=g), torch.randn(9, 16, generator=g), torch.randn(9, 40, generator=g)
+    last = enc.layers[-1].ffn2
+    with torch.inference_mode():
+        assert torch.allclose(run(), F.linear(xi, last.weight, last.bias), atol=1e-5)

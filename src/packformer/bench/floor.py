@@ -8,15 +8,24 @@ so no engine can be faster than the real-count floor by more than those.
 On a GPU the GEMMs replay as one CUDA graph: launched one by one from Python, a small batch's 48
 GEMMs are bound by the host's launches (bert-base serve_b32 on an H200: 0.8–1.6 ms eager, 0.69–0.71 ms
 as a graph), which would make the floor easy to beat and the ratios to it flattering.
+
+On a CPU each of the four GEMMs runs in the faster of two libraries, timed at the passes' median token
+count when the runner is built: torch's `F.linear` (MKL) and oneDNN on pre-packed weights (what the CPU
+fast path calls). On an AMD EPYC MKL's fp32 GEMMs ran at a third to half of oneDNN's rate, so an
+MKL-only floor was slower than packformer itself (benchmarks/NOTES-cpu.md); `backends` says which ran.
 """
 from __future__ import annotations
 
+import statistics
+import time
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from ..model import Encoder
+
+ROLES = ("qkv", "out", "ffn1", "ffn2")
 
 
 class GemmFloor:
@@ -30,6 +39,14 @@ class GemmFloor:
         # [(qkv, out, ffn1, ffn2) per layer], each (weight, bias)
         self.layers = [(w(l.qkv), w(l.out), w(l.ffn1), w(l.ffn2)) for l in encoder.layers]
         self.attn = self.layers[0][1][0].shape[1] if self.layers else self.hidden   # heads x head size (Qwen3: 2H)
+        # CPU: the same GEMMs on oneDNN's packed weights, where this torch build runs them
+        self.packed = None
+        if self.device.type == "cpu":
+            from ..fast.cpu_linear import OneDnnLinear, onednn_available
+            if onednn_available(dtype):
+                self.packed = [tuple(OneDnnLinear(lin, dtype) for lin in (l.qkv, l.out, l.ffn1, l.ffn2))
+                               for l in encoder.layers]
+        self.backends: dict[str, str] = {r: "cublas" if self.device.type == "cuda" else "mkl" for r in ROLES}
 
     def flops(self, tokens: int) -> int:
         """Multiply-adds x 2 of one pass over `tokens` tokens."""
@@ -45,14 +62,16 @@ class GemmFloor:
                torch.randn(t, self.attn, generator=g).to(self.device, self.dtype),
                torch.randn(t, self.inter, generator=g).to(self.device, self.dtype)) for t in token_counts if t > 0]
 
+        calls = self._calls(xs)
+
         def run() -> torch.Tensor:
             out = None
             for x, xa, xi in xs:
-                for (wq, bq), (wo, bo), (w1, b1), (w2, b2) in self.layers:
-                    F.linear(x, wq, bq)                                   # [T, (nh + 2 nkv) hd]
-                    out = F.linear(xa, wo, bo)                            # [T, nh hd] -> [T, H]
-                    F.linear(x, w1, b1)                                   # [T, I] (GLU: [T, 2I])
-                    out = F.linear(xi, w2, b2)                            # [T, I] -> [T, H]
+                for qkv, o, f1, f2 in calls:
+                    qkv(x)                                                # [T, (nh + 2 nkv) hd]
+                    out = o(xa)                                           # [T, nh hd] -> [T, H]
+                    f1(x)                                                 # [T, I] (GLU: [T, 2I])
+                    out = f2(xi)                                          # [T, I] -> [T, H]
             return out
 
         if graph is None:
@@ -71,3 +90,32 @@ class GemmFloor:
             return out
 
         return replay
+
+    def _calls(self, xs) -> list[tuple[Callable[[torch.Tensor], torch.Tensor], ...]]:
+        """Per layer, the four GEMMs as callables: F.linear, or on a CPU with packed weights the faster of
+        F.linear and oneDNN per role, timed on the median pass (`backends` records the choice)."""
+        def aten(wb):
+            return lambda x, w=wb[0], b=wb[1]: F.linear(x, w, b)
+
+        mkl = [tuple(aten(wb) for wb in layer) for layer in self.layers]
+        if self.packed is None or not xs:
+            return mkl
+        x, xa, xi = sorted(xs, key=lambda t: t[0].shape[0])[len(xs) // 2]
+        use = []
+        with torch.inference_mode():
+            for r, inp in enumerate((x, xa, x, xi)):
+                times = {name: _best_seconds(lambda: fn[r](inp)) for name, fn in (("mkl", mkl[0]),
+                                                                                    ("onednn", self.packed[0]))}
+                use.append(min(times, key=times.get))
+                self.backends[ROLES[r]] = use[-1]
+        return [tuple(m[r] if use[r] == "mkl" else p[r] for r in range(4)) for m, p in zip(mkl, self.packed)]
+
+
+def _best_seconds(fn: Callable[[], object], reps: int = 3) -> float:
+    fn()                                                   # warm-up: packing caches, thread pool
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)

@@ -139,10 +139,12 @@ def run_bench(model: str | Path | ModelParts | None = None, workloads: Sequence[
             real, padded = _floor_counts(w, dev, batch_size)
             f = {}
             for kind, counts in (("real", real), ("padded", padded)):
-                t, _ = measure(gf.runner(counts), dev, iterations, warmup, max_seconds)
+                runner = gf.runner(counts)
+                t, _ = measure(runner, dev, iterations, warmup, max_seconds)
                 f[kind] = {"tokens": sum(counts), "passes": len(counts), "cuda_graph": dev.type == "cuda",
                            "timing": t.to_dict(),
-                           "tflops": round(gf.flops(sum(counts)) / (t.median_ms * 1e-3) / 1e12, 3)}
+                           "tflops": round(gf.flops(sum(counts)) / (t.median_ms * 1e-3) / 1e12, 3),
+                           "backends": dict(gf.backends)}     # per GEMM role: cublas, or mkl / onednn on a CPU
             entries[w.name]["floor"] = f
             log(f"  floor                 {w.name:<14} real {f['real']['timing']['median_ms']:10.2f} ms   "
                 f"padded {f['padded']['timing']['median_ms']:10.2f} ms")
