@@ -77,8 +77,9 @@ def test_cpu_floor_runs_each_gemm_in_the_faster_library_and_says_which(monkeypat
         pytest.skip("this torch build has no oneDNN linear ops: the floor is F.linear only")
     enc = Encoder(CFG)
     f = GemmFloor(enc, "cpu", torch.float32)
+    from types import SimpleNamespace
     picks = iter([1.0, 2.0] * 2 + [2.0, 1.0] * 2)     # mkl, onednn per role: mkl wins twice, then onednn
-    monkeypatch.setattr(floor_mod, "_best_seconds", lambda fn, reps=3: next(picks))
+    monkeypatch.setattr(floor_mod, "measure", lambda fn, *a, **kw: (SimpleNamespace(median_ms=next(picks)), None))
     run = f.runner([7, 5, 9])
     assert f.backends == {"qkv": "mkl", "out": "mkl", "ffn1": "onednn", "ffn2": "onednn"}
     g = torch.Generator().manual_seed(0)               # the runner's last pass input, as it draws them

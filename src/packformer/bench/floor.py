@@ -16,14 +16,13 @@ MKL-only floor was slower than packformer itself (benchmarks/NOTES-cpu.md); `bac
 """
 from __future__ import annotations
 
-import statistics
-import time
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from ..model import Encoder
+from .timing import measure
 
 ROLES = ("qkv", "out", "ffn1", "ffn2")
 
@@ -104,18 +103,9 @@ class GemmFloor:
         use = []
         with torch.inference_mode():
             for r, inp in enumerate((x, xa, x, xi)):
-                times = {name: _best_seconds(lambda: fn[r](inp)) for name, fn in (("mkl", mkl[0]),
-                                                                                    ("onednn", self.packed[0]))}
+                times = {name: measure(lambda: fn[r](inp), "cpu", iterations=3)[0].median_ms
+                         for name, fn in (("mkl", mkl[0]), ("onednn", self.packed[0]))}
                 use.append(min(times, key=times.get))
                 self.backends[ROLES[r]] = use[-1]
         return [tuple(m[r] if use[r] == "mkl" else p[r] for r in range(4)) for m, p in zip(mkl, self.packed)]
 
-
-def _best_seconds(fn: Callable[[], object], reps: int = 3) -> float:
-    fn()                                                   # warm-up: packing caches, thread pool
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
