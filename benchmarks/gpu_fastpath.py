@@ -417,6 +417,83 @@ def section_gelu(args):
     return out
 
 
+def _graph_us(fn):
+    """GPU time of `fn` replayed from a CUDA graph, in microseconds (no host launch cost in it)."""
+    import triton.testing
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return round(triton.testing.do_bench(g.replay, warmup=10, rep=60, return_mode="median") * 1e3, 1)
+
+
+def section_fp8_gemm(args):
+    """fp8 e4m3 GEMMs (Triton TMA kernel per tile config, torch._scaled_mm with row-wise scales) against
+    cuBLAS fp16 on the four Linear shapes of bert-base and xlmr-large, at serve- and offline-sized token
+    counts; and the quantize passes against the fp16 bias+GELU pass they replace."""
+    from packformer.ops.fp8 import LARGE, SMALL, Fp8TileConfig, fp8_linear, quantize_rows, quantize_weight
+    from packformer.ops.gelu import bias_act
+    configs = {"small": SMALL, "large": LARGE, "128x128x128s4": Fp8TileConfig(128, 128, 128, 8, 8, 4),
+               "64x64x128s4": Fp8TileConfig(64, 64, 128, 8, 4, 4), "64x128x128s3w8": Fp8TileConfig(64, 128, 128, 8, 8, 3),
+               "128x64x128s4": Fp8TileConfig(128, 64, 128, 8, 4, 4), "64x256x128s4": Fp8TileConfig(64, 256, 128, 8, 4, 4)}
+    shapes = {"bert-base": [(768, 2304), (768, 768), (768, 3072), (3072, 768)],
+              "xlmr-large": [(1024, 3072), (1024, 1024), (1024, 4096), (4096, 1024)]}
+    out = []
+    for model, lst in shapes.items():
+        for t in (4096, 35201):
+            tot = {"fp16": 0.0, "scaled_mm": 0.0, "triton_best": 0.0, **{f"triton_{c}": 0.0 for c in configs}}
+            for k, n in lst:
+                x = torch.randn(t, k, device=DEV, dtype=torch.float16)
+                w = torch.randn(n, k, device=DEV, dtype=torch.float16) * 0.05
+                a, (wq, ws) = quantize_rows(x), quantize_weight(w)
+                timer = _bench_ms if t > 8192 else _graph_us       # serve sizes: replayed, as the fast path runs them
+                row = {"model": model, "T": t, "K": k, "N": n, "fp16_us": timer(lambda: F.linear(x, w))}
+                try:
+                    row["scaled_mm_us"] = timer(lambda: fp8_linear(a, wq, ws, backend="scaled_mm"))
+                except Exception as e:
+                    row["scaled_mm_us"] = float("nan")
+                    log("scaled_mm failed", type(e).__name__, str(e)[:200])
+                best = float("inf")
+                for name, cfg in configs.items():
+                    try:
+                        us = timer(lambda cfg=cfg: fp8_linear(a, wq, ws, config=cfg, backend="triton"))
+                    except Exception as e:
+                        us = float("nan")
+                        log("config failed", name, type(e).__name__, str(e)[:120])
+                    row[f"triton_{name}_us"] = us
+                    tot[f"triton_{name}"] += us
+                    if us == us:
+                        best = min(best, us)
+                row["triton_best_us"] = best
+                tot["fp16"] += row["fp16_us"]
+                tot["scaled_mm"] += row["scaled_mm_us"]
+                tot["triton_best"] += best
+                out.append(row)
+                log("FP8GEMM", row)
+            log("FP8GEMM_TOTAL", model, t, {k: round(v, 1) for k, v in tot.items()},
+                "best/fp16 = %.3f" % (tot["triton_best"] / tot["fp16"]))
+            out.append({"model": model, "T": t, "totals_us": tot})
+    for t, f in ((35201, 3072), (35201, 768)):
+        h = torch.randn(t, f, device=DEV, dtype=torch.float16)
+        b = torch.randn(f, device=DEV, dtype=torch.float16)
+        y = torch.empty_like(h)
+        row = {"T": t, "F": f, "bias_gelu_fp16_us": _bench_ms(lambda: bias_act(h, b, "gelu", out=y)),
+               "quantize_us": _bench_ms(lambda: quantize_rows(h)),
+               "bias_gelu_quantize_us": _bench_ms(lambda: quantize_rows(h, b, "gelu"))}
+        for rows in (1, 2, 4):
+            for warps in (4, 8, 16):
+                row[f"bias_gelu_quantize_r{rows}w{warps}_us"] = _bench_ms(
+                    lambda rows=rows, warps=warps: quantize_rows(h, b, "gelu", rows=rows, num_warps=warps))
+        out.append(row)
+        log("FP8QUANT", row)
+    return out
+
+
 def section_correct(args):
     """Every embedding of the fast path vs the fp32 reference on the same weights."""
     out = []
@@ -735,7 +812,7 @@ def section_e2e(args):
     return out
 
 
-SECTIONS = {"env": section_env, "ops": section_ops, "attention": section_attention, "decoder_attention": section_decoder_attention, "overlap": section_overlap, "gelu": section_gelu, "correct": section_correct, "time": section_time,
+SECTIONS = {"env": section_env, "ops": section_ops, "attention": section_attention, "decoder_attention": section_decoder_attention, "overlap": section_overlap, "gelu": section_gelu, "fp8_gemm": section_fp8_gemm, "correct": section_correct, "time": section_time,
             "profile": section_profile, "host": section_host, "e2e": section_e2e}
 
 

@@ -22,7 +22,7 @@ from .fast import describe_runner, select_runner
 from . import outputs
 from .loaders.parts import ModelParts
 from .ops.attention import AttentionMeta
-from .runtime import DEFAULT_MAX_BATCH_TOKENS, resolve_device
+from .runtime import DEFAULT_MAX_BATCH_TOKENS, is_fp8, resolve_device
 from .tokenize import check_texts
 
 log = logging.getLogger(__name__)
@@ -42,9 +42,15 @@ class Model(nn.Module):
     def __init__(self, parts: ModelParts, device: str | torch.device | None = "cpu",
                  dtype: str | torch.dtype | None = None, max_batch_tokens: int | None = None,
                  fast: bool | None = None, quantize: str | None = None, threads: int | None = None,
-                 task: str | None = None, truncate_dim: int | None = None):
+                 task: str | None = None, truncate_dim: int | None = None, force_fp8: bool = False):
         super().__init__()
         self.device_ = resolve_device(device)
+        # dtype="float8": e4m3 GEMMs on the CUDA fast path, everything else in the family's half dtype
+        self.fp8 = is_fp8(dtype)
+        if self.fp8:
+            from .fast.fp8 import check_device
+            check_device(self.device_, fast)
+            dtype = None
         from .families import model_dtype         # dtype None: fp32 on CPU, the family's gpu_dtype on CUDA
         self.dtype = model_dtype(parts.config, self.device_, dtype)
         self.config = parts.config
@@ -90,6 +96,10 @@ class Model(nn.Module):
         if self.max_batch_tokens < self.max_seq_length:
             raise ValueError(f"max_batch_tokens ({self.max_batch_tokens}) must hold at least one sequence of the "
                              f"model's maximum length ({self.max_seq_length})")
+        self.fp8_report: dict | None = None
+        if self.fp8:        # fp8 vs fp16/bf16 on a fixed calibration set; refused below the threshold
+            from .fast.fp8 import guard
+            self.fp8_report = guard(self, force=force_fp8)
 
     # ---- properties -------------------------------------------------------------------------
     @property
@@ -125,6 +135,8 @@ class Model(nn.Module):
             "dim": self.dim, "max_seq_length": self.max_seq_length, "pooling": self.pooler.mode,
             "normalize": self.pooler.normalize, "num_labels": c.num_labels, "labels": c.labels(),
             "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
+            "gemm_dtype": "float8_e4m3fn" if self.fp8 else str(self.dtype).replace("torch.", ""),
+            "fp8_accuracy": self.fp8_report,
             "max_batch_tokens": self.max_batch_tokens,
             "runner": describe_runner(self.runner, self.task_encoder(self.task)),
             "tasks": list(self.tasks), "task": self.task,

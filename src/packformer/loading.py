@@ -116,12 +116,14 @@ def load(path_or_name: str | Path | None = None, device: str | torch.device | No
          dtype: str | torch.dtype | None = None, max_batch_tokens: int | None = None, fast: bool | None = None,
          quantize: str | None = None, threads: int | None = None, task: str | None = None,
          truncate_dim: int | None = None, kind: str | None = None, instruction: str | None = None,
-         **kwargs) -> Model:
+         force_fp8: bool = False, **kwargs) -> Model:
     """Load a model: None -> the built-in all-MiniLM-L6-v2; a Hugging Face or sentence-transformers
     folder (a cross-encoder folder gives a rerank.CrossEncoderModel); a torchtext XLM-R .pt file (kwargs: spm=...,
     num_classes=..., preset=...); 'random:<preset>'.
     dtype None means fp32 on CPU and, on CUDA, the family's gpu_dtype: fp16 for encoders, bf16 for the
-    decoder families (Qwen3, Gemma 3); fast=False runs the readable reference encoder.
+    decoder families (Qwen3, Gemma 3); fast=False runs the readable reference encoder. dtype="float8" (CUDA,
+    fp8 tensor cores): the encoder's GEMMs in e4m3 (fast/fp8.py), refused where a calibration check falls
+    below cosine 0.999 vs fp16/bf16 unless force_fp8=True (the report: Model.info()["fp8_accuracy"]).
     CPU only: quantize="int8" runs the Linear layers in int8; threads=N sets torch's intra-op threads
     (default: $PACKFORMER_THREADS, else at most the physical cores).
     task: models with task adapters (jina-embeddings-v3): the default task of every call (its LoRA adapter
@@ -147,4 +149,4 @@ def load(path_or_name: str | Path | None = None, device: str | torch.device | No
         from .colbert import MultiVectorModel
         cls = MultiVectorModel
     return cls(parts, device=device, dtype=dtype, max_batch_tokens=max_batch_tokens, fast=fast,
-               quantize=quantize, threads=threads, task=task, truncate_dim=truncate_dim)
+               quantize=quantize, threads=threads, task=task, truncate_dim=truncate_dim, force_fp8=force_fp8)

@@ -31,6 +31,14 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
+FP8_NAMES = ("float8", "fp8", "float8_e4m3fn", "e4m3")
+
+
+def is_fp8(dtype) -> bool:
+    """dtype='float8' (the fp8 GEMM mode of the CUDA fast path, fast/fp8.py) in any of its spellings."""
+    return dtype is torch.float8_e4m3fn or (isinstance(dtype, str) and dtype.lower() in FP8_NAMES)
+
+
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device,
                   cuda_default: str | torch.dtype = torch.float16) -> torch.dtype:
     """None -> fp32 on CPU, `cuda_default` on CUDA (fp16; a model family may state bf16: families.model_dtype).

@@ -13,9 +13,11 @@ INT8_MIN_COS_POOLED = 0.99
 INT8_MIN_COS_TOKEN = 0.98
 
 
-def compare(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, per: str, int8: bool = False) -> dict:
+def compare(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, per: str, int8: bool = False,
+            quantized: str = "int8") -> dict:
     """out, ref: [N, D] fp32 CPU (N tokens or sequences). `per` names the rows ("token" / "sequence");
-    int8: the peer quantizes its Linear layers, judged by cosine like half precision but looser."""
+    int8: the peer quantizes its Linear layers (to `quantized`: int8, fp8), judged by cosine like half
+    precision but looser."""
     if out.shape != ref.shape:
         raise ValueError(f"output shape {tuple(out.shape)} does not match the reference {tuple(ref.shape)}")
     out, ref = out.float(), ref.float()
@@ -26,7 +28,7 @@ def compare(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, per: str, 
          "min_cosine": float(cos.min()) if cos.numel() else 1.0}
     if int8:
         t = INT8_MIN_COS_TOKEN if per == "token" else INT8_MIN_COS_POOLED
-        d["criterion"] = f"min_cosine >= {t} (int8)"
+        d["criterion"] = f"min_cosine >= {t} ({quantized})"
         d["agrees"] = d["min_cosine"] >= t
     elif dtype == torch.float32:
         d["criterion"] = f"max_abs_diff <= {FP32_MAX_ABS}"

@@ -70,7 +70,8 @@ class Engine:
     name: str = ""
     dtype: torch.dtype = torch.float32
     notes: str = ""
-    int8: bool = False           # int8 Linear layers: agreement judged by compare(..., int8=True)
+    int8: bool = False           # int8 / fp8 Linear layers: agreement judged by compare(..., int8=True)
+    quantized: str = "int8"      # which of the two, for the criterion's label
     unit_norm: bool = False      # always L2-normalizes its embeddings: judged against the normalized reference
 
     def prepare(self, inputs: IdInputs | TextInputs) -> Callable[[], Any]:
@@ -227,6 +228,18 @@ def build_packformer_int8(ctx: PeerContext) -> Engine:
         raise NotApplicable("packformer_int8 quantizes an fp32 model: run bench with --dtype float32")
     eng = PackformerEngine(Model(_copy_parts(ctx.parts), device=ctx.device, quantize="int8"), "packformer_int8")
     eng.int8, eng.notes = True, "packformer, quantize='int8' (per-token activation scales, lossy)"
+    return eng
+
+
+def build_packformer_fp8(ctx: PeerContext) -> Engine:
+    """fp8 GEMMs (dtype='float8'), forced past the load-time accuracy check so that its speed is measured
+    on any weights; the check's figures go into the notes and the agreement is judged like int8's."""
+    model = Model(_copy_parts(ctx.parts), device=ctx.device, dtype="float8", force_fp8=True)
+    eng = PackformerEngine(model, "packformer_fp8")
+    rep = model.fp8_report
+    eng.int8, eng.quantized = True, "fp8"
+    eng.notes = (f"packformer, dtype='float8' (e4m3 GEMMs, per-token scales, lossy); load check: "
+                 f"min cosine {rep['min_cosine']} vs {rep['against']} on {rep['calibration']}")
     return eng
 
 
@@ -416,6 +429,8 @@ PEERS: dict[str, PeerSpec] = {p.name: p for p in [
              description="packformer, readable reference encoder (fast=False)"),
     PeerSpec("packformer_int8", build_packformer_int8, devices=("cpu",),
              description="packformer with quantize='int8' (CPU; lossy, judged by cosine >= 0.99)"),
+    PeerSpec("packformer_fp8", build_packformer_fp8, devices=("cuda",),
+             description="packformer with dtype='float8' (GPU fp8 GEMMs; lossy, judged by cosine like int8)"),
     PeerSpec("hf_eager_fp32", build_hf_eager, _TF, "pip install transformers", description="transformers eager, fp32"),
     PeerSpec("hf_sdpa", build_hf_sdpa, _TF, "pip install transformers", description="transformers sdpa"),
     PeerSpec("hf_best", build_hf_best, _TF, "pip install transformers",
@@ -442,7 +457,7 @@ PEERS: dict[str, PeerSpec] = {p.name: p for p in [
              FASTEMBED_INSTALL, devices=("cpu",),
              description="FastEmbed TextEmbedding.embed on the ONNX export, end to end (texts, CPU)"),
 ]}
-ALIASES = {"hf_eager": "hf_eager_fp32", "hf": "hf_sdpa", "int8": "packformer_int8", "bt": "bt_nested",
+ALIASES = {"hf_eager": "hf_eager_fp32", "hf": "hf_sdpa", "int8": "packformer_int8", "fp8": "packformer_fp8", "bt": "bt_nested",
            "ort": "onnxruntime", "st": "sentence_transformers", "onnx": "onnxruntime", "infinity": "infinity_torch"}
 DEFAULT_PEERS = {
     "cpu": ["hf_eager_fp32", "hf_sdpa", "hf_int8_dynamic", "bt_nested", "onnxruntime", "sentence_transformers"],

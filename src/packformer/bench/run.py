@@ -200,7 +200,8 @@ def _run_peer(eng: P.Engine, w: Workload, inputs, ref: torch.Tensor, dev: torch.
         return {"status": "failed", "error": msg}
     del raw
     against = torch.nn.functional.normalize(ref, dim=-1) if eng.unit_norm and w.is_text else ref
-    agree = compare(out, against, eng.dtype, "sequence" if w.is_text else "token", int8=eng.int8)
+    agree = compare(out, against, eng.dtype, "sequence" if w.is_text else "token", int8=eng.int8,
+                    quantized=eng.quantized)
     if against is not ref:
         agree["reference"] = "L2-normalized (the peer always normalizes)"
     entry = {"status": "ok", "dtype": str(eng.dtype).replace("torch.", ""), "notes": eng.notes,

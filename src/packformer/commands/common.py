@@ -14,7 +14,9 @@ def add_model_options(p: argparse.ArgumentParser, positional: bool = False) -> N
                        help="model folder, torchtext .pt file or 'random:<preset>' (default: built-in all-MiniLM-L6-v2)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
     p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: fp32 on CPU; on CUDA fp16, bf16 for "
-                   "Qwen3 / Gemma 3)")
+                   "Qwen3 / Gemma 3); float8: e4m3 GEMMs on fp8 GPUs (sm89+), checked against fp16 at load")
+    p.add_argument("--force-fp8", action="store_true", help="with --dtype float8: run fp8 even where the load-time "
+                   "check finds it below cosine 0.999")
     p.add_argument("--max-batch-tokens", type=int, default=None, help="token budget of one packed batch")
     p.add_argument("--spm", default=None, help="sentencepiece model for a torchtext .pt checkpoint")
     p.add_argument("--num-heads", type=int, default=None, help="attention heads of a torchtext .pt checkpoint "
@@ -29,7 +31,7 @@ def load_model(args):
         raise ValueError("--spm and --num-heads apply to torchtext .pt checkpoints only")
     task = getattr(args, "task", None)          # encode / serve --task: the model's default task
     return packformer.load(args.model, device=args.device, dtype=args.dtype, max_batch_tokens=args.max_batch_tokens,
-                           task=task, **extra)
+                           task=task, force_fp8=getattr(args, "force_fp8", False), **extra)
 
 
 def add_text_inputs(p: argparse.ArgumentParser) -> None:

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from ..batch import PackedBatch
 from ..dataflow import Context, Primitives, build_context, run_encoder
 from ..model import Encoder, RMSNorm
+from ..ops._triton import INTERPRET
 from ..ops.attention import AttentionMeta, check_no_key_lens, split_qkv, varlen_attention
 from ..ops.disentangled import distance_index, position_projections
 from ..ops.disentangled_flash import disentangled_flash
@@ -69,16 +70,18 @@ class FastEncoder:
     """Callable `(PackedBatch on device, AttentionMeta, out=None) -> [T, H]` over `encoder`'s weights:
     the one dataflow (dataflow.py) over CudaPrimitives."""
 
-    def __init__(self, encoder: Encoder):
+    def __init__(self, encoder: Encoder, fp8: bool = False):
         self.encoder = encoder
         self.cfg = encoder.config
         p = next(encoder.parameters())
-        if p.device.type != "cuda" or p.dtype not in (torch.float16, torch.bfloat16):
+        # on a CPU only under Triton's interpreter, where the tests run this path's kernels on tiny models
+        on_device = p.device.type == "cuda" or (INTERPRET and p.device.type == "cpu")
+        if not on_device or p.dtype not in (torch.float16, torch.bfloat16):
             raise ValueError(f"the CUDA fast path runs fp16/bf16 weights on a GPU, got {p.dtype} on {p.device}")
         self.dtype, self.device = p.dtype, p.device
         # the TMA GEMM needs Hopper (sm90+) and 16-byte aligned rows (hidden and FFN sizes multiples of 8)
-        self._tma = (torch.cuda.get_device_capability(self.device)[0] >= 9 and self.cfg.hidden_size % 8 == 0
-                     and self.cfg.intermediate_size % 8 == 0)
+        self._tma = (p.is_cuda and torch.cuda.get_device_capability(self.device)[0] >= 9
+                     and self.cfg.hidden_size % 8 == 0 and self.cfg.intermediate_size % 8 == 0)
         # one flash_varlen tile config for every forward, so the tile table always matches the kernel
         self._flash = flash_config(self.cfg.head_dim, self.cfg.max_tokens_per_sequence)
         table = encoder.bias_table()
@@ -89,15 +92,25 @@ class FastEncoder:
                                                 for l in encoder.layers]
         if self.cfg.disentangled is not None:   # its distance index, on the device before any graph capture
             distance_index(self.cfg.disentangled, self.cfg.max_tokens_per_sequence, self.device)
-        self.primitives = CudaPrimitives(self)
+        if fp8:             # e4m3 GEMMs over weights quantized here, once (fast/fp8.py)
+            from .fp8 import Fp8Primitives
+
+            self.primitives = Fp8Primitives(self)
+        else:
+            self.primitives = CudaPrimitives(self)
+        self.fp8 = fp8
 
     def describe(self) -> dict:
-        return {"tma_ffn1": self._tma}
+        d = {"tma_ffn1": self._tma}
+        if self.fp8:
+            d["gemm"] = self.primitives.describe()
+        return d
 
     def __call__(self, batch: PackedBatch, meta: AttentionMeta, out: torch.Tensor | None = None) -> torch.Tensor:
         if batch.num_tokens == 0:
             return torch.empty(0, self.cfg.hidden_size, dtype=self.dtype, device=self.device)
-        return run_encoder(self.primitives, self.encoder, batch, meta, out)
+        y = run_encoder(self.primitives, self.encoder, batch, meta, out)
+        return y if isinstance(y, torch.Tensor) else y.x       # fp8: a LayerNorm's output, quantized too
 
     def tiles(self, meta: AttentionMeta) -> torch.Tensor | None:
         """The query-block table of flash_varlen, once per forward, where the host knows the lengths
@@ -128,6 +141,18 @@ class CudaPrimitives(Primitives):
 
     def __init__(self, fast: FastEncoder):
         self.fast = fast
+
+    # the GEMMs of the dataflow (fast/fp8.py runs them in e4m3)
+    def linear(self, x: torch.Tensor, lin, bias: bool = True) -> torch.Tensor:
+        return F.linear(x, lin.weight, lin.bias if bias else None)                        # [T, N]
+
+    def linear_add_(self, x: torch.Tensor, lin, residual: torch.Tensor) -> torch.Tensor:
+        """residual += x W^T (no bias), in place, in the GEMM."""
+        return residual.addmm_(x, lin.weight.t())
+
+    def layernorm(self, s: torch.Tensor, norm, **kw):
+        """add_layernorm for project_add_norm's LayerNorms (kw: x_bias, out, return_sum, sum_out)."""
+        return add_layernorm(s, norm.weight, norm.bias, norm.eps, **kw)
 
     def context(self, batch: PackedBatch, meta: AttentionMeta) -> Context:
         ctx = build_context(self.fast.cfg, batch, meta, self.fast.bias_table)
@@ -162,8 +187,8 @@ class CudaPrimitives(Primitives):
         return add_layernorm(x, norm.weight, norm.bias, norm.eps)
 
     def attention(self, layer, h: torch.Tensor, ctx: Context) -> torch.Tensor:
-        t = h.shape[0]
-        qkv = F.linear(h, layer.qkv.weight, layer.qkv.bias)                               # [T, (nh + 2 nkv) hd]
+        qkv = self.linear(h, layer.qkv)                                                    # [T, (nh + 2 nkv) hd]
+        t = qkv.shape[0]
         q, k, v = split_qkv(qkv, layer.num_heads, getattr(layer, "kv_heads", layer.num_heads),
                             layer.head_dim)                                                 # [T, nh|nkv, hd]
         if getattr(layer, "q_norm", None) is not None and layer.rotary is not None:    # in place, one pass
@@ -205,34 +230,33 @@ class CudaPrimitives(Primitives):
         if (post is not None or (norm is not None and _is_rms(norm))) and _rms_or_none(post, norm):
             w, eps = (None, 0.0) if norm is None else (norm.weight, norm.eps)
             if post is None:
-                s = residual.addmm_(a, lin.weight.t())                                      # [T, H]
+                s = self.linear_add_(a, lin, residual)                                      # [T, H]
                 y, s = add_rmsnorm(s, w, eps, x_bias=lin.bias, return_sum=True, out=out, sum_out=s)
             else:
-                g = F.linear(a, lin.weight)                                                 # [T, H]
+                g = self.linear(a, lin, bias=False)                                         # [T, H]
                 y, s = add_rmsnorm(g, w, eps, residual=residual, x_bias=lin.bias, post_weight=post.weight,
                                    post_eps=post.eps, return_sum=True, out=out, sum_out=residual)
             return (s, y) if keep_sum else y
         if post is not None or (norm is not None and _is_rms(norm)):    # a LayerNorm beside a sandwich norm
             if post is not None:
-                s = residual.add_(self.norm(F.linear(a, lin.weight, lin.bias), post))           # [T, H]
+                s = residual.add_(self.norm(self.linear(a, lin), post))                          # [T, H]
             else:
-                s = residual.addmm_(a, lin.weight.t())
+                s = self.linear_add_(a, lin, residual)
                 if lin.bias is not None:
                     s.add_(lin.bias)
             y = self.norm(s, norm)
             if out is not None:
                 y = out.copy_(y)
             return (s, y) if keep_sum else y
-        s = residual.addmm_(a, lin.weight.t())                                              # [T, H]
+        s = self.linear_add_(a, lin, residual)                                              # [T, H]
         if norm is None:
             if lin.bias is not None:
                 s.add_(lin.bias)
             y = s if out is None else out.copy_(s)
             return (s, y) if keep_sum else y
         if not keep_sum:
-            return add_layernorm(s, norm.weight, norm.bias, norm.eps, x_bias=lin.bias, out=out)
-        y, s = add_layernorm(s, norm.weight, norm.bias, norm.eps, x_bias=lin.bias, return_sum=True,
-                             out=out, sum_out=s)
+            return self.layernorm(s, norm, x_bias=lin.bias, out=out)
+        y, s = self.layernorm(s, norm, x_bias=lin.bias, return_sum=True, out=out, sum_out=s)
         return s, y
 
 
@@ -243,7 +267,7 @@ def build_runner(model, options: FastOptions | None = None):
         log.info("CUDA fast path needs fp16/bf16 (got %s): running the reference encoder", model.dtype)
         return model.encoder
     opt = options or FastOptions()
-    fast = FastEncoder(model.encoder)
+    fast = FastEncoder(model.encoder, fp8=getattr(model, "fp8", False))
     if not opt.graphs:
         return fast
     from .graphs import GraphRunner

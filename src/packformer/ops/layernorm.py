@@ -3,7 +3,8 @@
 After the attention out-projection and after FFN2 a post-norm layer computes
 `LN(gemm_out + bias + residual)`; unfused that is an add, another add and a LayerNorm, each reading and
 writing [T, H]. The kernel reads each input once, sums in fp32, and writes the normed row (and, for
-pre-norm stacks, the sum itself, which is the next residual).
+pre-norm stacks, the sum itself, which is the next residual; for fp8 GEMMs, the normed row in e4m3 with
+its scale, ops/fp8.py, which is the next GEMM's input).
 
 - `add_layernorm_ref`: plain torch in fp32 (the specification).
 - `_add_layernorm_kernel`: Triton, one row per program.
@@ -33,10 +34,12 @@ def add_layernorm_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
 
 
 if triton is not None:
+    from .fp8 import E4M3_MAX, MIN_AMAX, _quantize
+
     @triton.jit
-    def _add_layernorm_kernel(X, XB, R, W, B, Y, S, stride_x, stride_r, stride_y, stride_s, N, eps,
+    def _add_layernorm_kernel(X, XB, R, W, B, Y, S, Q, QS, stride_x, stride_r, stride_y, stride_s, stride_q, N, eps,
                               HAS_XB: tl.constexpr, HAS_RES: tl.constexpr, STORE_SUM: tl.constexpr,
-                              BLOCK: tl.constexpr):
+                              QUANT: tl.constexpr, BLOCK: tl.constexpr, MAX: tl.constexpr, MIN_A: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < N
@@ -52,7 +55,12 @@ if triton is not None:
         rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / N + eps)
         w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
         b = tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(Y + row * stride_y + cols, (d * rstd * w + b).to(Y.dtype.element_ty), mask=mask)
+        y = (d * rstd * w + b).to(Y.dtype.element_ty)
+        tl.store(Y + row * stride_y + cols, y, mask=mask)
+        if QUANT:        # the rounded row, as ops/fp8.quantize_rows would quantize it
+            q, scale = _quantize(tl.where(mask, y.to(tl.float32), 0.0)[None, :], MAX, MIN_A)  # [1, BLOCK], [1]
+            tl.store(Q + row * stride_q + cols[None, :], q.to(Q.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask[None, :])
+            tl.store(QS + row + tl.arange(0, 1), scale)
 
 
 def check_row_args(x: torch.Tensor, vectors: dict, rows: dict) -> None:
@@ -86,22 +94,41 @@ def reference_into(res, return_sum: bool, out: torch.Tensor | None, sum_out: tor
 
 def add_layernorm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
                   residual: torch.Tensor | None = None, x_bias: torch.Tensor | None = None,
-                  return_sum: bool = False, out: torch.Tensor | None = None, sum_out: torch.Tensor | None = None):
+                  return_sum: bool = False, out: torch.Tensor | None = None, sum_out: torch.Tensor | None = None,
+                  quantize: bool = False):
     """LN(x + x_bias + residual): [T, H] -> [T, H] in x's dtype (see `add_layernorm_ref`).
 
-    `out` / `sum_out` may be given (CUDA graphs write into static buffers); `sum_out` may alias `x`."""
+    `out` / `sum_out` may be given (CUDA graphs write into static buffers); `sum_out` may alias `x`.
+    `quantize`: y comes back as an ops.fp8.Quantized (e4m3 rows with their scales, and y itself as `.x`)."""
     check_row_args(x, dict(weight=weight, bias=bias, x_bias=x_bias), dict(residual=residual, out=out, sum_out=sum_out))
     if not kernel_ok(x, weight, bias):
-        return reference_into(add_layernorm_ref(x, weight, bias, eps, residual, x_bias, return_sum), return_sum,
-                              out, sum_out)
+        res = reference_into(add_layernorm_ref(x, weight, bias, eps, residual, x_bias, return_sum), return_sum,
+                             out, sum_out)
+        if not quantize:
+            return res
+        from .fp8 import quantize_rows_ref
+
+        y, s = res if return_sum else (res, None)
+        qy = quantize_rows_ref(y)
+        qy.x = y
+        return (qy, s) if return_sum else qy
     t, h = x.shape
     y = torch.empty_like(x) if out is None else out
     s = (torch.empty_like(x) if sum_out is None else sum_out) if return_sum else y
+    if quantize:
+        from .fp8 import E4M3, Quantized
+
+        qy = Quantized(torch.empty(t, h, dtype=E4M3, device=x.device),
+                       torch.empty(t, dtype=torch.float32, device=x.device), y)
     if t:
         block = next_pow2(h)
         _add_layernorm_kernel[(t,)](
             x, x_bias if x_bias is not None else x, residual if residual is not None else x, weight, bias, y, s,
-            x.stride(0), residual.stride(0) if residual is not None else 0, y.stride(0), s.stride(0), h, eps,
-            HAS_XB=x_bias is not None, HAS_RES=residual is not None, STORE_SUM=return_sum, BLOCK=block,
-            num_warps=min(8, max(1, block // 256)))
+            qy.q if quantize else y, qy.scale if quantize else y,
+            x.stride(0), residual.stride(0) if residual is not None else 0, y.stride(0), s.stride(0),
+            qy.q.stride(0) if quantize else 0, h, eps,
+            HAS_XB=x_bias is not None, HAS_RES=residual is not None, STORE_SUM=return_sum, QUANT=quantize,
+            BLOCK=block, MAX=E4M3_MAX, MIN_A=MIN_AMAX, num_warps=min(8, max(1, block // 256)))
+    if quantize:
+        y = qy
     return (y, s) if return_sum else y
