@@ -158,7 +158,7 @@ def _minilm_dir():
 
 @needs_fp8_gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("preset", ["bert-base", "xlmr-large"])
+@pytest.mark.parametrize("preset", ["bert-base", "xlmr-large", "modernbert-base", "qwen3-embedding-0.6b"])
 def test_random_real_shapes_stay_close_to_fp32(preset):
     from packformer.batch import pack
 

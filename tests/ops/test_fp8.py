@@ -41,6 +41,15 @@ def test_bias_and_activation_come_before_the_quantization():
     assert torch.equal(qx.q, quantize_rows_ref(qx.x).q)
 
 
+def test_glu_rows_are_the_gated_product_of_the_two_halves():
+    x = _x(5, 64)
+    qx = quantize_rows_ref(x, act="silu", keep=True, glu=True)
+    gate, up = x.float().chunk(2, dim=-1)
+    assert qx.q.shape == (5, 32) and torch.equal(qx.x, (torch.nn.functional.silu(gate) * up).half())
+    with pytest.raises(ValueError, match="glu"):
+        quantize_rows(x, glu=True)
+
+
 def test_weights_get_one_scale_per_output_channel():
     w = _x(24, 16, torch.float32)
     q, s = quantize_weight(w)
@@ -110,10 +119,17 @@ def test_kernels_under_triton_interpreter(run_interpreted):
         # (codes compared as values: a tiny negative rounds to +0 here, -0 in torch)
         got = quantize_rows(x, b, "gelu", keep=True)
         assert torch.equal(got.q.float(), quantize_rows_ref(got.x).q.float())
-        # the fused LayerNorm's codes are its own output's
-        y = add_layernorm(x, torch.randn(96, generator=g).half(), b, 1e-5, quantize=True)
+        # GLU: [T, 2F] -> [T, F]
+        got, want = quantize_rows(x, act="relu", keep=True, glu=True), quantize_rows_ref(x, act="relu", keep=True, glu=True)
+        assert torch.equal(got.x, want.x) and torch.equal(got.q.float(), want.q.float())
+        # the fused norms' codes are their own outputs'
+        from packformer.ops.rmsnorm import add_rmsnorm
+        w = torch.randn(96, generator=g).half()
+        y = add_layernorm(x, w, b, 1e-5, quantize=True)
         assert torch.equal(y.q.float(), quantize_rows_ref(y.x).q.float())
         assert torch.equal(y.scale, quantize_rows_ref(y.x).scale)
+        y, s = add_rmsnorm(x, w, 1e-6, residual=x.flip(0).contiguous(), return_sum=True, quantize=True)
+        assert torch.equal(y.q.float(), quantize_rows_ref(y.x).q.float()) and s.shape == x.shape
         # the TMA GEMM: tail tiles in M and N, bias + activation + in-place residual
         a = quantize_rows(x)
         wq, ws = quantize_weight(torch.randn(72, 96, generator=g))

@@ -154,6 +154,11 @@ class CudaPrimitives(Primitives):
         """add_layernorm for project_add_norm's LayerNorms (kw: x_bias, out, return_sum, sum_out)."""
         return add_layernorm(s, norm.weight, norm.bias, norm.eps, **kw)
 
+    def rmsnorm(self, s: torch.Tensor, weight, eps: float, **kw):
+        """add_rmsnorm for project_add_norm's RMSNorms (kw: residual, x_bias, post_weight, post_eps,
+        return_sum, out, sum_out)."""
+        return add_rmsnorm(s, weight, eps, **kw)
+
     def context(self, batch: PackedBatch, meta: AttentionMeta) -> Context:
         ctx = build_context(self.fast.cfg, batch, meta, self.fast.bias_table)
         ctx.tiles = self.fast.tiles(meta)
@@ -231,11 +236,11 @@ class CudaPrimitives(Primitives):
             w, eps = (None, 0.0) if norm is None else (norm.weight, norm.eps)
             if post is None:
                 s = self.linear_add_(a, lin, residual)                                      # [T, H]
-                y, s = add_rmsnorm(s, w, eps, x_bias=lin.bias, return_sum=True, out=out, sum_out=s)
+                y, s = self.rmsnorm(s, w, eps, x_bias=lin.bias, return_sum=True, out=out, sum_out=s)
             else:
                 g = self.linear(a, lin, bias=False)                                         # [T, H]
-                y, s = add_rmsnorm(g, w, eps, residual=residual, x_bias=lin.bias, post_weight=post.weight,
-                                   post_eps=post.eps, return_sum=True, out=out, sum_out=residual)
+                y, s = self.rmsnorm(g, w, eps, residual=residual, x_bias=lin.bias, post_weight=post.weight,
+                                    post_eps=post.eps, return_sum=True, out=out, sum_out=residual)
             return (s, y) if keep_sum else y
         if post is not None or (norm is not None and _is_rms(norm)):    # a LayerNorm beside a sandwich norm
             if post is not None:

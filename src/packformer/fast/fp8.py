@@ -12,8 +12,8 @@ family's half dtype (fp16 encoders, bf16 decoders). Per layer (post-norm):
   h8  = quantize(GELU(x8 W18^T ... + b_1))  fp8 GEMM, then bias + GELU + quantize in one pass
   x   = LN(x + h8 W28^T ... + b_2)          as for the out-projection
 
-Other producers (the embeddings, RMSNorms, GLU) are quantized by `quantize_rows` where their output is
-read. `check_device` refuses GPUs without fp8 tensor cores; `accuracy_report` / `guard` compare fp8 with
+RMSNorm stacks quantize in add_rmsnorm, GLU feed-forwards in the GLU pass (quantize_rows(glu=True)); the
+embeddings and the attention output are quantized by `quantize_rows` where they are read. `check_device` refuses GPUs without fp8 tensor cores; `accuracy_report` / `guard` compare fp8 with
 the half-precision fast path on a fixed calibration set at load (pooled embeddings, token rows, class
 argmax) and refuse fp8 below MIN_COSINE unless forced.
 """
@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import torch
 
 from ..ops.fp8 import Quantized, fp8_linear, quantize_rows, quantize_weight
-from ..ops.glu import glu
 from ..ops.layernorm import add_layernorm
+from ..ops.rmsnorm import add_rmsnorm
 from .cuda import CudaPrimitives
 
 log = logging.getLogger(__name__)
@@ -112,13 +112,17 @@ class Fp8Primitives(CudaPrimitives):
         w = self.weights[id(lin)]
         return fp8_linear(self._q(x), w.q, w.scale, residual=residual, backend=self.backend)
 
+    # the norms after a sublayer quantize their output for the next GEMM, except the forward's last
+    # output (written into `out`) and a norm with no weight (the plain sum, which feeds no GEMM)
     def layernorm(self, s, norm, **kw):
-        # quantized for the next GEMM, except the forward's last output (written into `out`)
         return add_layernorm(s, norm.weight, norm.bias, norm.eps, quantize=kw.get("out") is None, **kw)
 
-    def ffn_hidden(self, layer, x) -> torch.Tensor | Quantized:
-        if layer.glu:
-            return glu(self.linear(x, layer.ffn1), layer.act)                               # [T, F]
+    def rmsnorm(self, s, weight, eps, **kw):
+        return add_rmsnorm(s, weight, eps, quantize=kw.get("out") is None and weight is not None, **kw)
+
+    def ffn_hidden(self, layer, x) -> Quantized:
+        if layer.glu:       # act(gate) * up and its quantization in one pass
+            return quantize_rows(self.linear(x, layer.ffn1), act=layer.act, glu=True)          # [T, F] e4m3
         return quantize_rows(self.linear(x, layer.ffn1, bias=False), layer.ffn1.bias, layer.act)   # [T, F] e4m3
 
     def project_add_norm(self, a, lin, residual, norm, keep_sum=False, out=None, post=None):

@@ -11,7 +11,8 @@ never depends on what else shares its batch:
 
 - `Quantized`: an activation in e4m3 with its row scales (and the same rows in fp16/bf16, where kept).
 - `quantize_rows_ref` / `quantize_weight` / `fp8_linear_ref`: plain torch (the specification).
-- `_quantize_rows_kernel` / `quantize_rows`: Triton, (bias +) (activation +) row quantization in one pass.
+- `_quantize_rows_kernel` / `quantize_rows`: Triton, (bias +) (activation or GLU +) row quantization in one
+  pass.
 - `_fp8_gemm_kernel` / `fp8_linear`: Triton on Hopper (tiles moved by the TMA engine, persistent over
   the multiprocessors); `torch._scaled_mm` (row-wise scales, cuBLASLt/CUTLASS; bf16 output only) on other
   fp8 GPUs; the reference elsewhere.
@@ -50,19 +51,37 @@ class Quantized:
 
 
 def quantize_rows_ref(x: torch.Tensor, bias: torch.Tensor | None = None, act: str | None = None,
-                      keep: bool = False) -> Quantized:
+                      keep: bool = False, glu: bool = False) -> Quantized:
     """act(x + bias) (in fp32, rounded once to x's dtype) quantized per row to e4m3; `keep` also returns
-    the rounded rows as `.x`."""
+    the rounded rows as `.x`. glu: x is [T, 2F] = [gate | up] and the rows are act(gate) * up, [T, F]."""
     y = x.float()
     if bias is not None:
         y = y + bias.float()
-    if act is not None:
+    if glu:
+        gate, up = y.chunk(2, dim=-1)
+        y = act_ref(gate, act) * up
+    elif act is not None:
         y = act_ref(y, act)
     y = y.to(x.dtype)
     yf = y.float()
     scale = yf.abs().amax(dim=-1).clamp_min(MIN_AMAX) / E4M3_MAX                        # [T]
     q = (yf * (1.0 / scale)[:, None]).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)    # by the reciprocal, as the kernels
     return Quantized(q, scale, y if keep else None)
+
+
+def empty_quantized(y: torch.Tensor) -> Quantized:
+    """Buffers for a fused norm's quantized output of y [T, H] (y itself kept as `.x`)."""
+    t, h = y.shape
+    return Quantized(torch.empty(t, h, dtype=E4M3, device=y.device), torch.empty(t, dtype=torch.float32,
+                                                                                 device=y.device), y)
+
+
+def quantized_result(res, return_sum: bool):
+    """A fused norm's reference result (y, or (y, s)) with y quantized, as the kernels return it."""
+    y, s = res if return_sum else (res, None)
+    qy = quantize_rows_ref(y)
+    qy.x = y
+    return (qy, s) if return_sum else qy
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,8 +131,8 @@ if triton is not None:
 
     @triton.jit
     def _quantize_rows_kernel(X, BIAS, Q, S, Y, T, N, stride_x, stride_q, stride_y, HAS_BIAS: tl.constexpr,
-                              HAS_ACT: tl.constexpr, ACT: tl.constexpr, KEEP: tl.constexpr, ROWS: tl.constexpr,
-                              BLOCK: tl.constexpr, MAX: tl.constexpr, MIN_A: tl.constexpr):
+                              HAS_ACT: tl.constexpr, ACT: tl.constexpr, GLU: tl.constexpr, KEEP: tl.constexpr,
+                              ROWS: tl.constexpr, BLOCK: tl.constexpr, MAX: tl.constexpr, MIN_A: tl.constexpr):
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         cols = tl.arange(0, BLOCK)
         rmask = rows < T
@@ -122,7 +141,12 @@ if triton is not None:
         y = tl.load(X + r64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         if HAS_BIAS:
             y += tl.load(BIAS + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-        if HAS_ACT:
+        if GLU:          # N is F; the up half of the row starts at column F
+            u = tl.load(X + r64 * stride_x + N + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                u += tl.load(BIAS + N + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+            y = _act(y, ACT) * u
+        elif HAS_ACT:
             y = _act(y, ACT)
         yr = y.to(Y.dtype.element_ty)                  # rounded once to the activation dtype, as the reference
         if KEEP:
@@ -133,28 +157,31 @@ if triton is not None:
 
 
 def quantize_rows(x: torch.Tensor, bias: torch.Tensor | None = None, act: str | None = None,
-                  keep: bool = False, rows: int | None = None, num_warps: int | None = None) -> Quantized:
-    """act(x + bias) per row to e4m3 with its row scales (see `quantize_rows_ref`): [T, N] -> Quantized.
-    After FFN1 this is the bias + activation pass itself, so FFN2's input costs no extra read."""
+                  keep: bool = False, glu: bool = False, rows: int | None = None,
+                  num_warps: int | None = None) -> Quantized:
+    """act(x + bias) per row to e4m3 with its row scales (see `quantize_rows_ref`): [T, N] -> Quantized
+    (glu: [T, 2F] -> [T, F]). After FFN1 this is the bias + activation (or GLU) pass itself, so FFN2's
+    input costs no extra read."""
     check(x.dim() == 2 and x.stride(1) == 1, f"x must be [T, N] with contiguous rows, got shape {tuple(x.shape)}")
     check(x.dtype in (torch.float16, torch.bfloat16, torch.float32), f"unsupported dtype {x.dtype}")
     check(act is None or act in ACTS, f"unknown activation {act!r}; expected one of {tuple(ACTS)}")
+    check(not glu or (act is not None and x.shape[1] % 2 == 0), "glu needs an activation and x = [T, 2F]")
     if bias is not None:
         check(bias.shape == (x.shape[1],) and bias.is_contiguous() and bias.device == x.device,
               f"bias must be a contiguous [{x.shape[1]}] vector on {x.device}, got {tuple(bias.shape)}")
     if not kernel_ok(x):
-        return quantize_rows_ref(x, bias, act, keep)
-    t, n = x.shape
+        return quantize_rows_ref(x, bias, act, keep, glu)
+    t, n = x.shape[0], x.shape[1] // 2 if glu else x.shape[1]
     q = torch.empty(t, n, dtype=E4M3, device=x.device)
     s = torch.empty(t, dtype=torch.float32, device=x.device)
-    y = torch.empty_like(x) if keep else None
+    y = torch.empty(t, n, dtype=x.dtype, device=x.device) if keep else None
     if t:
         block = next_pow2(n)
         rows = rows or max(1, min(16, 8192 // block))
         _quantize_rows_kernel[(triton.cdiv(t, rows),)](
             x, bias if bias is not None else x, q, s, y if keep else x, t, n, x.stride(0), q.stride(0),
             y.stride(0) if keep else 0, HAS_BIAS=bias is not None, HAS_ACT=act is not None,
-            ACT=ACTS[act] if act is not None else 0, KEEP=keep, ROWS=rows, BLOCK=block, MAX=E4M3_MAX,
+            ACT=ACTS[act] if act is not None else 0, GLU=glu, KEEP=keep, ROWS=rows, BLOCK=block, MAX=E4M3_MAX,
             MIN_A=MIN_AMAX, num_warps=num_warps or (8 if block >= 2048 else 4))
     return Quantized(q, s, y)
 

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ._triton import check, kernel_ok, next_pow2, tl, triton
+from .fp8 import empty_quantized, quantized_result
 
 
 def add_layernorm_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
@@ -104,22 +105,11 @@ def add_layernorm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps
     if not kernel_ok(x, weight, bias):
         res = reference_into(add_layernorm_ref(x, weight, bias, eps, residual, x_bias, return_sum), return_sum,
                              out, sum_out)
-        if not quantize:
-            return res
-        from .fp8 import quantize_rows_ref
-
-        y, s = res if return_sum else (res, None)
-        qy = quantize_rows_ref(y)
-        qy.x = y
-        return (qy, s) if return_sum else qy
+        return quantized_result(res, return_sum) if quantize else res
     t, h = x.shape
     y = torch.empty_like(x) if out is None else out
     s = (torch.empty_like(x) if sum_out is None else sum_out) if return_sum else y
-    if quantize:
-        from .fp8 import E4M3, Quantized
-
-        qy = Quantized(torch.empty(t, h, dtype=E4M3, device=x.device),
-                       torch.empty(t, dtype=torch.float32, device=x.device), y)
+    qy = empty_quantized(y) if quantize else None
     if t:
         block = next_pow2(h)
         _add_layernorm_kernel[(t,)](

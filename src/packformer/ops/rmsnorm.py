@@ -5,7 +5,8 @@ A pre-norm layer computes `s = residual + a W^T + b` and then `RMSNorm(s)` for t
 sandwich layers first normalise the sublayer output itself: `s = residual + P(a W^T + b)`. Unfused that
 is a bias add, a norm, a residual add and another norm, each reading and writing [T, H] (on an H200,
 Qwen3-0.6B's offline batch spent 30% of its time in them). The kernel reads the GEMM output and the
-residual once, keeps the row in fp32 and writes the sum (the next residual) and the normed row.
+residual once, keeps the row in fp32 and writes the sum (the next residual) and the normed row (and, for
+fp8 GEMMs, the normed row in e4m3 with its scale, ops/fp8.py).
 
 - `add_rmsnorm_ref`: plain torch in fp32 (the specification).
 - `_add_rmsnorm_kernel`: Triton, one row per program.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from ._triton import kernel_ok, next_pow2, tl, triton
+from .fp8 import empty_quantized, quantized_result
 from .layernorm import check_row_args, reference_into
 
 
@@ -44,10 +46,13 @@ def add_rmsnorm_ref(x: torch.Tensor, weight: torch.Tensor | None, eps: float, re
 
 
 if triton is not None:
+    from .fp8 import E4M3_MAX, MIN_AMAX, _quantize
+
     @triton.jit
-    def _add_rmsnorm_kernel(X, XB, R, PW, W, Y, S, stride_x, stride_r, stride_y, stride_s, N, eps, post_eps,
-                            HAS_XB: tl.constexpr, HAS_POST: tl.constexpr, HAS_RES: tl.constexpr,
-                            HAS_NORM: tl.constexpr, STORE_SUM: tl.constexpr, BLOCK: tl.constexpr):
+    def _add_rmsnorm_kernel(X, XB, R, PW, W, Y, S, Q, QS, stride_x, stride_r, stride_y, stride_s, stride_q, N, eps,
+                            post_eps, HAS_XB: tl.constexpr, HAS_POST: tl.constexpr, HAS_RES: tl.constexpr,
+                            HAS_NORM: tl.constexpr, STORE_SUM: tl.constexpr, QUANT: tl.constexpr,
+                            BLOCK: tl.constexpr, MAX: tl.constexpr, MIN_A: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < N
@@ -64,30 +69,42 @@ if triton is not None:
         if HAS_NORM:
             w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
             s = s * (1.0 / tl.sqrt(tl.sum(s * s, axis=0) / N + eps)) * w
-        tl.store(Y + row * stride_y + cols, s.to(Y.dtype.element_ty), mask=mask)
+        y = s.to(Y.dtype.element_ty)
+        tl.store(Y + row * stride_y + cols, y, mask=mask)
+        if QUANT:        # the rounded row, as ops/fp8.quantize_rows would quantize it
+            q, scale = _quantize(tl.where(mask, y.to(tl.float32), 0.0)[None, :], MAX, MIN_A)  # [1, BLOCK], [1]
+            tl.store(Q + row * stride_q + cols[None, :], q.to(Q.dtype.element_ty), mask=mask[None, :])
+            tl.store(QS + row + tl.arange(0, 1), scale)
 
 
 def add_rmsnorm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, residual: torch.Tensor | None = None,
                 x_bias: torch.Tensor | None = None, post_weight: torch.Tensor | None = None,
                 post_eps: float | None = None, return_sum: bool = False, out: torch.Tensor | None = None,
-                sum_out: torch.Tensor | None = None):
+                sum_out: torch.Tensor | None = None, quantize: bool = False):
     """[T, H] -> [T, H] in x's dtype: see `add_rmsnorm_ref`. `out` / `sum_out` may be given (CUDA graphs
-    write into static buffers); `sum_out` may alias `x` or `residual` (each row is read before it is written)."""
+    write into static buffers); `sum_out` may alias `x` or `residual` (each row is read before it is written).
+    `quantize`: y comes back as an ops.fp8.Quantized (e4m3 rows with their scales, and y itself as `.x`)."""
     check_row_args(x, dict(weight=weight, x_bias=x_bias, post_weight=post_weight),
                    dict(residual=residual, out=out, sum_out=sum_out))
     if not kernel_ok(x, *(t for t in (weight, residual, x_bias, post_weight) if t is not None)):
-        return reference_into(add_rmsnorm_ref(x, weight, eps, residual, x_bias, post_weight, post_eps, return_sum),
-                              return_sum, out, sum_out)
+        res = reference_into(add_rmsnorm_ref(x, weight, eps, residual, x_bias, post_weight, post_eps, return_sum),
+                             return_sum, out, sum_out)
+        return quantized_result(res, return_sum) if quantize else res
     t, h = x.shape
     y = torch.empty_like(x) if out is None else out
     s = (torch.empty_like(x) if sum_out is None else sum_out) if return_sum else y
+    qy = empty_quantized(y) if quantize else None
     if t:
         block = next_pow2(h)
         _add_rmsnorm_kernel[(t,)](
             x, x if x_bias is None else x_bias, x if residual is None else residual,
             x if post_weight is None else post_weight, x if weight is None else weight, y, s,
-            x.stride(0), 0 if residual is None else residual.stride(0), y.stride(0), s.stride(0), h, eps,
+            qy.q if quantize else y, qy.scale if quantize else y,
+            x.stride(0), 0 if residual is None else residual.stride(0), y.stride(0), s.stride(0),
+            qy.q.stride(0) if quantize else 0, h, eps,
             eps if post_eps is None else post_eps, HAS_XB=x_bias is not None, HAS_POST=post_weight is not None,
             HAS_RES=residual is not None, HAS_NORM=weight is not None, STORE_SUM=return_sum and s is not y,
-            BLOCK=block, num_warps=min(8, max(1, block // 256)))
+            QUANT=quantize, BLOCK=block, MAX=E4M3_MAX, MIN_A=MIN_AMAX, num_warps=min(8, max(1, block // 256)))
+    if quantize:
+        y = qy
     return (y, s) if return_sum else y
