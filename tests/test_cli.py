@@ -87,3 +87,9 @@ def test_classify_prints_the_argmax_label_and_softmax_scores_of_the_models_logit
     assert main(["classify", "--model", str(tmp_path), "--raw-scores", *texts]) == 0
     raw = [json.loads(line)["scores"] for line in capsys.readouterr().out.splitlines()]
     assert np.abs(np.array([list(r.values()) for r in raw]) - logits).max() <= 1e-6
+
+
+def test_float8_on_a_cpu_is_refused_with_the_reason(capsys):
+    assert main(["encode", "--dtype", "float8", "hello"]) == 1
+    err = capsys.readouterr().err
+    assert "fp8 tensor cores" in err and "quantize='int8'" in err

@@ -73,3 +73,12 @@ def test_empty_outputs_agree():
 def test_shape_mismatch_is_an_error():
     with pytest.raises(ValueError, match="does not match"):
         compare(torch.zeros(2, 3), torch.zeros(3, 3), torch.float32, "token")
+
+
+def test_fp8_is_judged_as_a_quantized_peer_and_named_so():
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(8, 16, generator=g)
+    d = compare(ref + 0.05 * torch.randn(8, 16, generator=g), ref, torch.float16, "sequence", int8=True,
+                quantized="fp8")
+    assert d["criterion"].endswith("(fp8)") and d["agrees"]
+

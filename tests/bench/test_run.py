@@ -133,3 +133,10 @@ def test_sentence_transformers_folder_runs_as_itself_and_agrees():
                   peers="st", iterations=1, warmup=0, floor=False, log=None)
     p = r["workloads"][0]["peers"]["sentence_transformers"]
     assert p["status"] == "ok" and p["notes"].startswith("SentenceTransformer(/") and p["agreement"]["agrees"]
+
+
+def test_bench_takes_fp8_as_a_peer_not_as_a_dtype():
+    from packformer.bench.run import run_bench
+
+    with pytest.raises(ValueError, match="--peers packformer,packformer_fp8"):
+        run_bench("random:minilm-l6", ["serve_b32"], ["packformer"], "cpu", "float8")

@@ -159,18 +159,39 @@ def _minilm_dir():
 @needs_fp8_gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("preset", ["bert-base", "xlmr-large", "modernbert-base", "qwen3-embedding-0.6b"])
-def test_random_real_shapes_stay_close_to_fp32(preset):
+def test_random_real_shapes_lose_no_more_than_the_fp8_reference(preset):
+    """The fp8 fast path loses no more than fp8 arithmetic itself: its distance to plain fp32 is within
+    0.002 of the distance of the readable fp32 encoder whose Linears run fp8_linear_ref on the same
+    quantized weights. (The two fp8 runs are not closer to each other than to fp32: a rounding apart in
+    fp16 flips e4m3 codes, and the flips add up over 24 layers. Measured on an H200, min token cosine to
+    fp32, fast path / reference: bert-base 0.99671 / 0.99678, xlmr-large 0.98880 / 0.98790,
+    modernbert-base 0.99811 / 0.99817.)"""
+    from torch import nn
+
     from packformer.batch import pack
+    from packformer.ops.fp8 import fp8_linear_ref, quantize_rows_ref, quantize_weight
 
     m8 = packformer.load(f"random:{preset}", device="cuda", dtype="float8", force_fp8=True)
     ref = packformer.load(f"random:{preset}", device="cuda", dtype="float32", fast=False)
     g = torch.Generator().manual_seed(0)
     seqs = [torch.randint(5, 1000, (n,), generator=g).tolist() for n in (3, 17, 64, 130, 511)]
-    batch = pack(seqs)
+    batch = pack(seqs, m8.config.position_offset)
     h8, h32 = m8.hidden_states(batch).float(), ref.hidden_states(batch).float()
-    cos = torch.nn.functional.cosine_similarity(h8, h32, dim=-1)
-    assert cos.min().item() >= 0.995, cos.min().item()
-    alone = m8.hidden_states(pack(seqs[2:3])).float()
+
+    def oracle(mod, args, out):
+        wq, ws = quantize_weight(mod.weight)
+        return fp8_linear_ref(quantize_rows_ref(args[0]), wq, ws, mod.bias, out_dtype=torch.float16).float()
+
+    for mod in ref.encoder.modules():
+        if isinstance(mod, nn.Linear):
+            mod.register_forward_hook(oracle)
+    hq = ref.hidden_states(batch).float()
+    cos = lambda a, b: torch.nn.functional.cosine_similarity(a, b, dim=-1).min().item()  # noqa: E731
+    print(f"{preset} fp8: min token cosine vs the fp8 reference {cos(h8, hq):.6f}, vs fp32 {cos(h8, h32):.6f} "
+          f"(the reference vs fp32: {cos(hq, h32):.6f}); load report {m8.fp8_report}")
+    assert cos(h8, h32) >= cos(hq, h32) - 0.002
+    assert cos(h8, h32) >= 0.98
+    alone = m8.hidden_states(pack(seqs[2:3], m8.config.position_offset)).float()
     s, e = int(batch.cu_seqlens[2]), int(batch.cu_seqlens[3])
     assert torch.equal(alone, h8[s:e])
     info = m8.info()

@@ -178,5 +178,8 @@ def test_kernels_match_the_reference_on_gpu(dtype):
             r0 = res.clone()
             got = fp8_linear(a, wq, ws, out_dtype=dtype, backend=backend, **kw).float()
             res.copy_(r0)
-            tol = (2e-2 if backend == "scaled_mm" else 4e-3) * want.abs().max().item()   # _scaled_mm rounds to bf16
+            # fp32 sums in another order may round an output to the neighbouring fp16 / bf16 value (2 ulps at
+            # the largest); _scaled_mm also rounds to bf16 before the epilogue
+            big = want.abs().max().item()
+            tol = (2e-2 if backend == "scaled_mm" else 2e-3) * big + 2 * torch.finfo(dtype).eps * big
             assert (got - want).abs().max().item() <= tol, (backend, kw.keys())

@@ -12,7 +12,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from ..families import model_dtype
-from ..runtime import resolve_device
+from ..runtime import is_fp8, resolve_device
 from .timing import synchronize
 
 
@@ -69,6 +69,9 @@ def run_profile(model: str | Path | None = None, device: str = "cpu", dtype: str
     log = log or (lambda s: None)
     dev = resolve_device(device)
     parts = load_source(model)
+    if is_fp8(dtype):
+        raise ValueError("fp8 is measured as a peer against the fp16 floor: pass --peers packformer,packformer_fp8 "
+                         "and leave --dtype at the model's half precision")
     dt = model_dtype(parts.config, dev, dtype)     # the family's GPU default (bf16 for decoder families)
     (w,) = make_workloads([workload], parts)
     inputs = _inputs(w, parts, dev, batch_size)

@@ -14,7 +14,7 @@ import torch
 from ..engine import Model
 from ..loaders.parts import ModelParts
 from ..families import model_dtype
-from ..runtime import DEFAULT_MAX_BATCH_TOKENS, plan_chunks, resolve_device
+from ..runtime import DEFAULT_MAX_BATCH_TOKENS, is_fp8, plan_chunks, resolve_device
 from . import peers as P
 from .compare import compare
 from .floor import GemmFloor
@@ -107,6 +107,9 @@ def run_bench(model: str | Path | ModelParts | None = None, workloads: Sequence[
         texts_name = f"texts:{Path(texts).name}"
         texts = read_texts_file(texts)
     parts = load_source(model)
+    if is_fp8(dtype):
+        raise ValueError("fp8 is measured as a peer against the fp16 floor: pass --peers packformer,packformer_fp8 "
+                         "and leave --dtype at the model's half precision")
     dt = model_dtype(parts.config, dev, dtype)     # the family's GPU default (bf16 for decoder families)
     wls = make_workloads(list(workloads), parts, texts, texts_name)
     names = P.resolve_peers(peers, dev)

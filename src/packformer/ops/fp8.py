@@ -23,11 +23,14 @@ from dataclasses import dataclass
 
 import torch
 
-from ._triton import check, kernel_ok, next_pow2, tl, triton
+from ._triton import INTERPRET, check, kernel_ok, next_pow2, tl, triton
 from .gelu import ACTS, act_ref
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
+# scales are amax * (1/448) (the fp32 reciprocal, multiplied): torch divides by a scalar that way on CUDA
+# and by IEEE division on a CPU, so a product is the one form every device and the kernels compute alike
+INV_E4M3_MAX = 1.0 / 448.0
 # a row of zeros gets this amax (scale 2.2e-15), so no division by zero; its codes are all zero
 MIN_AMAX = 1e-12
 
@@ -64,7 +67,7 @@ def quantize_rows_ref(x: torch.Tensor, bias: torch.Tensor | None = None, act: st
         y = act_ref(y, act)
     y = y.to(x.dtype)
     yf = y.float()
-    scale = yf.abs().amax(dim=-1).clamp_min(MIN_AMAX) / E4M3_MAX                        # [T]
+    scale = yf.abs().amax(dim=-1).clamp_min(MIN_AMAX) * INV_E4M3_MAX                    # [T]
     q = (yf * (1.0 / scale)[:, None]).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)    # by the reciprocal, as the kernels
     return Quantized(q, scale, y if keep else None)
 
@@ -109,25 +112,30 @@ def fp8_linear_ref(a: Quantized, wq: torch.Tensor, ws: torch.Tensor, bias: torch
 if triton is not None:
     from .gelu import _act
 
+    _EXACT_ROUND = tl.constexpr(INTERPRET)      # a kernel reads module globals only as constexprs
+
     @triton.jit
-    def _round_e4m3(v):
+    def _round_e4m3(v, EXACT: tl.constexpr):
         """v (fp32, |v| <= 448) rounded to the nearest e4m3 value, ties to even, in fp32 arithmetic, so the
         cast that follows is exact. Adding and taking away c = 1.5 * 2^(e + 20) leaves v in a binade whose
-        fp32 step is e4m3's step at v's exponent e (2^(e - 3), and 2^-9 below the normal range). Why not
-        the cast alone: Triton's interpreter (the CPU tests) rounds fp32 -> fp8 without carrying into the
-        exponent; the GPU's cvt rounds to nearest even, as this does."""
-        e = tl.maximum(((v.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)
-        c = ((e + 147) << 23).to(tl.float32, bitcast=True) * 1.5
-        return (v + c) - c
+        fp32 step is e4m3's step at v's exponent e (2^(e - 3), and 2^-9 below the normal range). Only under
+        Triton's interpreter (EXACT; the CPU tests), which rounds fp32 -> fp8 without carrying into the
+        exponent; a GPU's cvt rounds to nearest even itself, and these ~10 operations per element made the
+        GELU + quantize pass compute-bound on an H200."""
+        if EXACT:
+            e = tl.maximum(((v.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)
+            c = ((e + 147) << 23).to(tl.float32, bitcast=True) * 1.5
+            v = (v + c) - c
+        return v
 
     @triton.jit
     def _quantize(y, MAX: tl.constexpr, MIN_A: tl.constexpr):
-        """y [R, C] fp32 (0 in masked columns) -> (e4m3 values [R, C], still fp32; scales [R]). The two
-        divisions round as IEEE's (div_rn; Triton's `/` is approximate on a GPU), and the row is multiplied by
-        the reciprocal (one division per row), so the codes are bit for bit those of quantize_rows_ref."""
-        scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(y), axis=1), MIN_A), MAX)
+        """y [R, C] fp32 (0 in masked columns) -> (e4m3 values [R, C], still fp32; scales [R]). The row is
+        multiplied by its scale's reciprocal, an IEEE division once per row (div_rn: Triton's `/` is
+        approximate on a GPU), as quantize_rows_ref does, so the codes are bit for bit the reference's."""
+        scale = tl.maximum(tl.max(tl.abs(y), axis=1), MIN_A) * (1.0 / MAX)
         inv = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
-        return _round_e4m3(tl.clamp(y * inv[:, None], -MAX, MAX)), scale
+        return _round_e4m3(tl.clamp(y * inv[:, None], -MAX, MAX), _EXACT_ROUND), scale
 
     @triton.jit
     def _quantize_rows_kernel(X, BIAS, Q, S, Y, T, N, stride_x, stride_q, stride_y, HAS_BIAS: tl.constexpr,
@@ -199,27 +207,33 @@ class Fp8TileConfig:
 # fp8 holds twice the K per byte of fp16: 128-deep K tiles move the same bytes as fp16's 64
 SMALL = Fp8TileConfig(64, 128, 128, 8, 4, 4)
 LARGE = Fp8TileConfig(128, 256, 128, 8, 8, 3)
+WIDE = Fp8TileConfig(64, 256, 128, 8, 4, 4)
+# a residual in the epilogue needs a 128 x 256 tile's layout conversion in shared memory: LARGE's three
+# stages then ask for 240 KB, over the H200's 227 KB
+LARGE_RES = Fp8TileConfig(128, 256, 128, 8, 8, 2)
 
 
-# with a residual tile in the epilogue LARGE's 3 stages need 272 KB of shared memory (an H200 has 227 KB)
-LARGE_RES = Fp8TileConfig(128, 128, 128, 8, 8, 4)
-
-
-def default_config(m: int, n: int, residual: bool = False) -> Fp8TileConfig:
-    """Measured on an H200 (benchmarks/gpu_fastpath.py --sections fp8_gemm, NOTES-gpu.md)."""
+def default_config(m: int, n: int, k: int, residual: bool = False) -> Fp8TileConfig:
+    """Measured on an H200 (benchmarks/gpu_fastpath.py --sections fp8_gemm, NOTES-gpu.md): LARGE was the
+    fastest or within 5% on bert-base's and xlmr-large's Linears at 4,096 and 35,201 tokens, except
+    768 x 768 (bert-base's out-projection: 126 us against 54 for WIDE at 35,201 tokens); SMALL keeps the
+    multiprocessors busy on a few hundred tokens."""
     tiles_large = -(-m // LARGE.block_m) * -(-n // LARGE.block_n)
-    if tiles_large < 264:
+    if tiles_large < 66:
         return SMALL
+    if n <= 768 and k <= 768:
+        return WIDE
     return LARGE_RES if residual else LARGE
 
 
 if triton is not None:
     @triton.jit
-    def _fp8_gemm_kernel(a_desc, w_desc, c_desc, r_desc, SA, SW, BIAS, M, N, K, HAS_BIAS: tl.constexpr,
+    def _fp8_gemm_kernel(a_desc, w_desc, c_desc, R, stride_r, SA, SW, BIAS, M, N, K, HAS_BIAS: tl.constexpr,
                          HAS_ACT: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, NUM_PROGRAMS):
         """C = act(A W^T * s_a s_w + bias) + R over e4m3 tiles moved by the TMA engine; persistent: each
-        program walks tiles NUM_PROGRAMS apart in grouped order (GROUP_M row tiles share a weight tile)."""
+        program walks tiles NUM_PROGRAMS apart in grouped order (GROUP_M row tiles share a weight tile).
+        The residual is read straight into registers: a TMA tile of it would not fit LARGE's shared memory."""
         num_m = tl.cdiv(M, BLOCK_M)
         num_n = tl.cdiv(N, BLOCK_N)
         k_tiles = tl.cdiv(K, BLOCK_K)
@@ -245,7 +259,9 @@ if triton is not None:
             if HAS_ACT:
                 acc = _act(acc, ACT)
             if HAS_RES:
-                acc += r_desc.load([off_m, off_n]).to(tl.float32)
+                rmask = (rm[:, None] < M) & (rn[None, :] < N)
+                acc += tl.load(R + rm.to(tl.int64)[:, None] * stride_r + rn[None, :], mask=rmask,
+                               other=0.0).to(tl.float32)
             c_desc.store([off_m, off_n], acc.to(c_desc.dtype))
 
 
@@ -322,14 +338,14 @@ def _fp8_gemm(a: Quantized, wq, ws, bias, act, residual, out_dtype, config) -> t
     y = residual if residual is not None else torch.empty(t, n, dtype=out_dtype, device=a.q.device)
     if t == 0:
         return y
-    cfg = config or default_config(t, n, residual is not None)
+    cfg = config or default_config(t, n, k, residual is not None)
     tiles = triton.cdiv(t, cfg.block_m) * triton.cdiv(n, cfg.block_n)
     sms = torch.cuda.get_device_properties(a.q.device).multi_processor_count if a.q.is_cuda else tiles
     progs = min(tiles, sms)
     c_desc = TensorDescriptor.from_tensor(y, [cfg.block_m, cfg.block_n])
     _fp8_gemm_kernel[(progs,)](
         TensorDescriptor.from_tensor(a.q, [cfg.block_m, cfg.block_k]),
-        TensorDescriptor.from_tensor(wq, [cfg.block_n, cfg.block_k]), c_desc, c_desc, a.scale, ws,
+        TensorDescriptor.from_tensor(wq, [cfg.block_n, cfg.block_k]), c_desc, y, y.stride(0), a.scale, ws,
         bias if bias is not None else ws, t, n, k, HAS_BIAS=bias is not None, HAS_ACT=act is not None,
         ACT=ACTS[act] if act is not None else 0, HAS_RES=residual is not None, BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, NUM_PROGRAMS=progs,
