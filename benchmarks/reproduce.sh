@@ -204,6 +204,16 @@ gpu_steps() {
   step e2e-encode-mpnet-base-v2 "NOTES-gpu: encode() vs SentenceTransformer.encode fp16, all-mpnet-base-v2's shape, 20,000 texts" \
     "$PY" "$here/with_folder.py" mpnet-base-v2 bench @FOLDER@ --device cuda --dtype float16 --workloads texts_20000 \
     --peers sentence_transformers --batch-size 256 --no-floor $(q "--iterations 3" "$it") --out @W@
+  for fam in bert-base xlmr-large qwen3-embedding-0.6b; do
+    step bench-fp8-$fam "README + NOTES-gpu: fp8 GEMMs (dtype=float8) against fp16/bf16 and the fp16 floor" \
+      "${pf[@]}" bench random:$fam --device cuda --workloads serve_b32,offline_b256 --peers packformer,packformer_fp8 \
+      $(q "--iterations 5" "$it") --out @W@
+  done
+  step e2e-fp8-minilm-l6 "README + NOTES-gpu: encode() of 20,000 texts, fp8 against fp16, all-MiniLM-L6-v2" \
+    "${pf[@]}" bench --device cuda --workloads texts_20000 --peers packformer,packformer_fp8 --warmup 1 --no-floor \
+    $(q "--iterations 3" "$it") --out @W@
+  step fp8-gemm "NOTES-gpu: fp8 GEMM backends and tiles, the quantize passes" \
+    "${fp[@]}" --sections env,fp8_gemm
   step bench-rerank-cuda-float16 "README + NOTES-gpu: rerank of 100 passages on the GPU vs CrossEncoder.predict" \
     "${pf[@]}" bench --device cuda --workloads rerank $(q "--iterations 50" "--iterations 5") --out @W@
 }
