@@ -227,6 +227,8 @@ def default_config(m: int, n: int, k: int, residual: bool = False) -> Fp8TileCon
 
 
 if triton is not None:
+    from .linear_act import tma_tile
+
     @triton.jit
     def _fp8_gemm_kernel(a_desc, w_desc, c_desc, R, stride_r, SA, SW, BIAS, M, N, K, HAS_BIAS: tl.constexpr,
                          HAS_ACT: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -234,21 +236,9 @@ if triton is not None:
         """C = act(A W^T * s_a s_w + bias) + R over e4m3 tiles moved by the TMA engine; persistent: each
         program walks tiles NUM_PROGRAMS apart in grouped order (GROUP_M row tiles share a weight tile).
         The residual is read straight into registers: a TMA tile of it would not fit LARGE's shared memory."""
-        num_m = tl.cdiv(M, BLOCK_M)
-        num_n = tl.cdiv(N, BLOCK_N)
-        k_tiles = tl.cdiv(K, BLOCK_K)
-        width = GROUP_M * num_n
-        for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_PROGRAMS, flatten=True):
-            group = tile // width
-            first_m = group * GROUP_M
-            size_m = min(num_m - first_m, GROUP_M)
-            off_m = (first_m + (tile % width) % size_m) * BLOCK_M
-            off_n = ((tile % width) // size_m) * BLOCK_N
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for ki in range(k_tiles):
-                a = a_desc.load([off_m, ki * BLOCK_K])
-                w = w_desc.load([off_n, ki * BLOCK_K])
-                acc = tl.dot(a, w.T, acc)
+        for tile in tl.range(tl.program_id(0), tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N), NUM_PROGRAMS,
+                             flatten=True):
+            off_m, off_n, acc = tma_tile(a_desc, w_desc, tile, M, N, K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
             rm = off_m + tl.arange(0, BLOCK_M)
             rn = off_n + tl.arange(0, BLOCK_N)
             sa = tl.load(SA + rm, mask=rm < M, other=0.0)

@@ -96,26 +96,33 @@ if triton is not None:
 
 
     @triton.jit
+    def tma_tile(a_desc, w_desc, tile, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+        """Output tile number `tile` of A W^T in grouped order (GROUP_M row tiles share each weight tile
+        while it is in L2): (off_m, off_n, the fp32 product over K), A and W moved by the TMA engine.
+        The main loop of this file's TMA kernel and of ops/fp8.py's."""
+        num_n = tl.cdiv(N, BLOCK_N)
+        width = GROUP_M * num_n
+        first_m = (tile // width) * GROUP_M
+        size_m = min(tl.cdiv(M, BLOCK_M) - first_m, GROUP_M)
+        off_m = (first_m + (tile % width) % size_m) * BLOCK_M
+        off_n = ((tile % width) // size_m) * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for ki in range(tl.cdiv(K, BLOCK_K)):
+            a = a_desc.load([off_m, ki * BLOCK_K])
+            w = w_desc.load([off_n, ki * BLOCK_K])
+            acc = tl.dot(a, w.T, acc)
+        return off_m, off_n, acc
+
+    @triton.jit
     def _linear_act_tma_kernel(a_desc, w_desc, c_desc, BIAS, M, N, K, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                                GROUP_M: tl.constexpr, NUM_PROGRAMS):
         """Hopper variant: tiles moved by the TMA engine (host tensor descriptors); with fewer programs
         than tiles it is persistent (each program walks tiles NUM_PROGRAMS apart)."""
-        num_m = tl.cdiv(M, BLOCK_M)
-        num_n = tl.cdiv(N, BLOCK_N)
-        k_tiles = tl.cdiv(K, BLOCK_K)
-        width = GROUP_M * num_n
-        for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_PROGRAMS, flatten=True):
-            group = tile // width
-            first_m = group * GROUP_M
-            size_m = min(num_m - first_m, GROUP_M)
-            off_m = (first_m + (tile % width) % size_m) * BLOCK_M
-            off_n = ((tile % width) // size_m) * BLOCK_N
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for ki in range(k_tiles):
-                a = a_desc.load([off_m, ki * BLOCK_K])
-                w = w_desc.load([off_n, ki * BLOCK_K])
-                acc = tl.dot(a, w.T, acc)
+        for tile in tl.range(tl.program_id(0), tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N), NUM_PROGRAMS,
+                             flatten=True):
+            off_m, off_n, acc = tma_tile(a_desc, w_desc, tile, M, N, K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
             if HAS_BIAS:
                 rn = off_n + tl.arange(0, BLOCK_N)
                 acc += tl.load(BIAS + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
