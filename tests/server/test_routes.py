@@ -142,6 +142,7 @@ def test_info_and_health(http, minilm):
     assert info["max_batch_tokens"] == 4096 and info["max_client_batch_size"] == MAX_CLIENT_BATCH
     assert info["max_concurrent_requests"] == 512 and info["version"] == packformer.__version__
     assert info["state"] == "ready" and info["family"] == "bert" and info["architecture"]["norm"] == "post"
+    assert info["gemm_dtype"] == info["model_dtype"] == "float32" and info["fp8_accuracy"] is None
     assert httpx.get(str(http.base_url) + "/health", timeout=60).json() == {"status": "ok"}   # open, no key
 
 
