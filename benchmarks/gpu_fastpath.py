@@ -436,11 +436,11 @@ def section_fp8_gemm(args):
     """fp8 e4m3 GEMMs (Triton TMA kernel per tile config, torch._scaled_mm with row-wise scales) against
     cuBLAS fp16 on the four Linear shapes of bert-base and xlmr-large, at serve- and offline-sized token
     counts; and the quantize passes against the fp16 bias+GELU pass they replace."""
-    from packformer.ops.fp8 import LARGE, SMALL, Fp8TileConfig, fp8_linear, quantize_rows, quantize_weight
+    from packformer.ops.fp8 import LARGE, SMALL, TileConfig, fp8_linear, quantize_rows, quantize_weight
     from packformer.ops.gelu import bias_act
-    configs = {"small": SMALL, "large": LARGE, "128x128x128s4": Fp8TileConfig(128, 128, 128, 8, 8, 4),
-               "64x64x128s4": Fp8TileConfig(64, 64, 128, 8, 4, 4), "64x128x128s3w8": Fp8TileConfig(64, 128, 128, 8, 8, 3),
-               "128x64x128s4": Fp8TileConfig(128, 64, 128, 8, 4, 4), "64x256x128s4": Fp8TileConfig(64, 256, 128, 8, 4, 4)}
+    configs = {"small": SMALL, "large": LARGE, "128x128x128s4": TileConfig(128, 128, 128, 8, 8, 4),
+               "64x64x128s4": TileConfig(64, 64, 128, 8, 4, 4), "64x128x128s3w8": TileConfig(64, 128, 128, 8, 8, 3),
+               "128x64x128s4": TileConfig(128, 64, 128, 8, 4, 4), "64x256x128s4": TileConfig(64, 256, 128, 8, 4, 4)}
     shapes = {"bert-base": [(768, 2304), (768, 768), (768, 3072), (3072, 768)],
               "xlmr-large": [(1024, 3072), (1024, 1024), (1024, 4096), (4096, 1024)]}
     out = []

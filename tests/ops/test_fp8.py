@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from packformer.ops.layernorm import add_layernorm
-from packformer.ops.fp8 import (E4M3, E4M3_MAX, Fp8TileConfig, Quantized, fp8_linear, fp8_linear_ref,
+from packformer.ops.fp8 import (E4M3, E4M3_MAX, Quantized, TileConfig, fp8_linear, fp8_linear_ref,
                                 quantize_rows, quantize_rows_ref, quantize_weight)
 
 needs_fp8_gpu = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
@@ -134,7 +134,7 @@ def test_kernels_under_triton_interpreter(run_interpreted):
         a = quantize_rows(x)
         wq, ws = quantize_weight(torch.randn(72, 96, generator=g))
         bias, res = torch.randn(72, generator=g).half(), torch.randn(37, 72, generator=g).half()
-        cfg = Fp8TileConfig(32, 32, 32, 2, 4, 2)
+        cfg = TileConfig(32, 32, 32, 2, 4, 2)
         for kw in (dict(), dict(bias=bias, act="gelu"), dict(bias=bias, residual=res)):
             want = fp8_linear_ref(a, wq, ws, **kw)
             r0 = kw["residual"].clone() if "residual" in kw else None

@@ -25,6 +25,7 @@ import torch
 
 from ._triton import INTERPRET, check, kernel_ok, next_pow2, tl, triton
 from .gelu import ACTS, act_ref
+from .linear_act import TileConfig
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
@@ -194,26 +195,16 @@ def quantize_rows(x: torch.Tensor, bias: torch.Tensor | None = None, act: str | 
     return Quantized(q, s, y)
 
 
-@dataclass(frozen=True)
-class Fp8TileConfig:
-    block_m: int = 128
-    block_n: int = 128
-    block_k: int = 128
-    group_m: int = 8
-    num_warps: int = 8
-    num_stages: int = 4
-
-
 # fp8 holds twice the K per byte of fp16: 128-deep K tiles move the same bytes as fp16's 64
-SMALL = Fp8TileConfig(64, 128, 128, 8, 4, 4)
-LARGE = Fp8TileConfig(128, 256, 128, 8, 8, 3)
-WIDE = Fp8TileConfig(64, 256, 128, 8, 4, 4)
+SMALL = TileConfig(64, 128, 128, 8, 4, 4)
+LARGE = TileConfig(128, 256, 128, 8, 8, 3)
+WIDE = TileConfig(64, 256, 128, 8, 4, 4)
 # a residual in the epilogue needs a 128 x 256 tile's layout conversion in shared memory: LARGE's three
 # stages then ask for 240 KB, over the H200's 227 KB
-LARGE_RES = Fp8TileConfig(128, 256, 128, 8, 8, 2)
+LARGE_RES = TileConfig(128, 256, 128, 8, 8, 2)
 
 
-def default_config(m: int, n: int, k: int, residual: bool = False) -> Fp8TileConfig:
+def default_config(m: int, n: int, k: int, residual: bool = False) -> TileConfig:
     """Measured on an H200 (benchmarks/gpu_fastpath.py --sections fp8_gemm, NOTES-gpu.md): LARGE was the
     fastest or within 5% on bert-base's and xlmr-large's Linears at 4,096 and 35,201 tokens, except
     768 x 768 (bert-base's out-projection: 126 us against 54 for WIDE at 35,201 tokens); SMALL keeps the
@@ -281,7 +272,7 @@ BACKENDS = ("auto", "triton", "scaled_mm", "reference")
 
 def fp8_linear(a: Quantized, wq: torch.Tensor, ws: torch.Tensor, bias: torch.Tensor | None = None,
                act: str | None = None, residual: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
-               config: Fp8TileConfig | None = None, backend: str = "auto") -> torch.Tensor:
+               config: TileConfig | None = None, backend: str = "auto") -> torch.Tensor:
     """act(a W^T + bias) (+ residual, which is then updated in place and returned): a [T, K] Quantized,
     wq [N, K] e4m3, ws [N] fp32 -> [T, N] in out_dtype (the residual's dtype when given).
 
