@@ -137,6 +137,13 @@ except F8.Fp8AccuracyError as e:
 else:
     raise AssertionError("the guard let fp8 run below its threshold")
 assert F8.guard(m, force=True, texts=TEXTS)["forced"]
+# a classifier's report also says whether fp8 keeps every argmax
+from packformer.heads import ClassificationHead
+m.head = ClassificationHead(64, 3).eval()
+with torch.no_grad():              # a clear margin: class 1 wins on every text, in fp8 as in fp16
+    m.head.out.bias.copy_(torch.tensor([0.0, 5.0, 0.0]))
+assert F8.accuracy_report(m, texts=TEXTS)["argmax_agrees"] is True
+m.head = None
 # without a tokenizer: fixed random ids, the same every time
 m.tokenizer = None
 r1, r2 = F8.accuracy_report(m), F8.accuracy_report(m)
