@@ -139,6 +139,15 @@ if triton is not None:
         return _round_e4m3(tl.clamp(y * inv[:, None], -MAX, MAX), _EXACT_ROUND), scale
 
     @triton.jit
+    def store_quantized_row(y, mask, row, cols, Q, QS, stride_q, MAX: tl.constexpr, MIN_A: tl.constexpr):
+        """The fused norms' e4m3 output: one row y [BLOCK], already rounded to the activation dtype (masked
+        columns ignored), quantized as quantize_rows would, into Q's row `row` and its scale into QS[row]."""
+        q, scale = _quantize(tl.where(mask, y.to(tl.float32), 0.0)[None, :], MAX, MIN_A)   # [1, BLOCK], [1]
+        tl.store(Q + row * stride_q + cols[None, :], q.to(Q.dtype.element_ty, fp_downcast_rounding="rtne"),
+                 mask=mask[None, :])
+        tl.store(QS + row + tl.arange(0, 1), scale)
+
+    @triton.jit
     def _quantize_rows_kernel(X, BIAS, Q, S, Y, T, N, stride_x, stride_q, stride_y, HAS_BIAS: tl.constexpr,
                               HAS_ACT: tl.constexpr, ACT: tl.constexpr, GLU: tl.constexpr, KEEP: tl.constexpr,
                               ROWS: tl.constexpr, BLOCK: tl.constexpr, MAX: tl.constexpr, MIN_A: tl.constexpr):

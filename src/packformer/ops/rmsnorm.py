@@ -46,7 +46,7 @@ def add_rmsnorm_ref(x: torch.Tensor, weight: torch.Tensor | None, eps: float, re
 
 
 if triton is not None:
-    from .fp8 import E4M3_MAX, MIN_AMAX, _quantize
+    from .fp8 import E4M3_MAX, MIN_AMAX, store_quantized_row
 
     @triton.jit
     def _add_rmsnorm_kernel(X, XB, R, PW, W, Y, S, Q, QS, stride_x, stride_r, stride_y, stride_s, stride_q, N, eps,
@@ -72,9 +72,7 @@ if triton is not None:
         y = s.to(Y.dtype.element_ty)
         tl.store(Y + row * stride_y + cols, y, mask=mask)
         if QUANT:        # the rounded row, as ops/fp8.quantize_rows would quantize it
-            q, scale = _quantize(tl.where(mask, y.to(tl.float32), 0.0)[None, :], MAX, MIN_A)  # [1, BLOCK], [1]
-            tl.store(Q + row * stride_q + cols[None, :], q.to(Q.dtype.element_ty), mask=mask[None, :])
-            tl.store(QS + row + tl.arange(0, 1), scale)
+            store_quantized_row(y, mask, row, cols, Q, QS, stride_q, MAX, MIN_A)
 
 
 def add_rmsnorm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, residual: torch.Tensor | None = None,
