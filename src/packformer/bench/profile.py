@@ -11,8 +11,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from ..families import model_dtype
-from ..runtime import is_fp8, resolve_device
+from ..runtime import resolve_device
 from .timing import synchronize
 
 
@@ -64,15 +63,12 @@ def run_profile(model: str | Path | None = None, device: str = "cpu", dtype: str
     `trace`: a Chrome trace path (with several peers, the peer's name is added before the suffix)."""
     from . import peers as P
     from .report import machine_info
-    from .run import _inputs, load_source, make_workloads
+    from .run import _inputs, bench_dtype, load_source, make_workloads
 
     log = log or (lambda s: None)
     dev = resolve_device(device)
     parts = load_source(model)
-    if is_fp8(dtype):
-        raise ValueError("fp8 is measured as a peer against the fp16 floor: pass --peers packformer,packformer_fp8 "
-                         "and leave --dtype at the model's half precision")
-    dt = model_dtype(parts.config, dev, dtype)     # the family's GPU default (bf16 for decoder families)
+    dt = bench_dtype(parts, dev, dtype)
     (w,) = make_workloads([workload], parts)
     inputs = _inputs(w, parts, dev, batch_size)
     names = P.canonical_peers(peers) or ["packformer"]

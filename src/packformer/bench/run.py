@@ -107,10 +107,7 @@ def run_bench(model: str | Path | ModelParts | None = None, workloads: Sequence[
         texts_name = f"texts:{Path(texts).name}"
         texts = read_texts_file(texts)
     parts = load_source(model)
-    if is_fp8(dtype):
-        raise ValueError("fp8 is measured as a peer against the fp16 floor: pass --peers packformer,packformer_fp8 "
-                         "and leave --dtype at the model's half precision")
-    dt = model_dtype(parts.config, dev, dtype)     # the family's GPU default (bf16 for decoder families)
+    dt = bench_dtype(parts, dev, dtype)
     wls = make_workloads(list(workloads), parts, texts, texts_name)
     names = P.resolve_peers(peers, dev)
     from .report import machine_info
@@ -185,6 +182,15 @@ def run_bench(model: str | Path | ModelParts | None = None, workloads: Sequence[
         _ratios(entries[w.name])
         result["workloads"].append(entries[w.name])
     return result
+
+
+def bench_dtype(parts: ModelParts, dev: torch.device, dtype) -> torch.dtype:
+    """The dtype bench and profile run (None: the family's GPU default, bf16 for decoder families); fp8 is
+    refused here: it is a peer (packformer_fp8), measured against the fp16 floor."""
+    if is_fp8(dtype):
+        raise ValueError("fp8 is measured as a peer against the fp16 floor: pass --peers packformer,packformer_fp8 "
+                         "and leave --dtype at the model's half precision")
+    return model_dtype(parts.config, dev, dtype)
 
 
 def _run_peer(eng: P.Engine, w: Workload, inputs, ref: torch.Tensor, dev: torch.device, iterations: int,

@@ -105,14 +105,16 @@ class Fp8Primitives(CudaPrimitives):
     def _q(self, x) -> Quantized:
         return x if isinstance(x, Quantized) else quantize_rows(x)
 
-    def linear(self, x, lin, bias: bool = True) -> torch.Tensor:
+    def _gemm(self, x, lin, bias=None, act=None, residual=None) -> torch.Tensor:
         w = self.weights[id(lin)]
-        return fp8_linear(self._q(x), w.q, w.scale, lin.bias if bias else None, out_dtype=self.fast.dtype,
+        return fp8_linear(self._q(x), w.q, w.scale, bias, act, residual, out_dtype=self.fast.dtype,
                           backend=self.backend)
 
+    def linear(self, x, lin, bias: bool = True) -> torch.Tensor:
+        return self._gemm(x, lin, lin.bias if bias else None)
+
     def linear_add_(self, x, lin, residual: torch.Tensor) -> torch.Tensor:
-        w = self.weights[id(lin)]
-        return fp8_linear(self._q(x), w.q, w.scale, residual=residual, backend=self.backend)
+        return self._gemm(x, lin, residual=residual)
 
     # the norms after a sublayer quantize their output for the next GEMM, except the forward's last
     # output (written into `out`) and a norm with no weight (the plain sum, which feeds no GEMM)
@@ -125,10 +127,8 @@ class Fp8Primitives(CudaPrimitives):
     def ffn_hidden(self, layer, x) -> Quantized:
         if layer.glu:       # act(gate) * up and its quantization in one pass
             return quantize_rows(self.linear(x, layer.ffn1), act=layer.act, glu=True)          # [T, F] e4m3
-        w = self.weights[id(layer.ffn1)]         # bias + activation in the GEMM's epilogue, then the quantize pass
-        h = fp8_linear(self._q(x), w.q, w.scale, layer.ffn1.bias, layer.act, out_dtype=self.fast.dtype,
-                       backend=self.backend)                                                # [T, F]
-        return quantize_rows(h)                                                             # [T, F] e4m3
+        # bias + activation in the GEMM's epilogue, then the quantize pass
+        return quantize_rows(self._gemm(x, layer.ffn1, layer.ffn1.bias, layer.act))        # [T, F] e4m3
 
     def project_add_norm(self, a, lin, residual, norm, keep_sum=False, out=None, post=None):
         if isinstance(residual, Quantized):      # post-norm: the LayerNorm output is also the residual
@@ -157,13 +157,11 @@ def accuracy_report(model, texts=CALIBRATION_TEXTS) -> dict:
     """The calibration batch through the model's fp8 runner and through the half-precision fast path
     (no graphs) on the same weights: min / mean cosine of the pooled embeddings and of the token rows,
     and for classifiers whether the argmax agrees."""
-    import numpy as np
-
     from ..ops.attention import AttentionMeta
     from .cuda import FastEncoder
 
     batch, what = calibration_batch(model, texts)
-    seqlens = np.diff(batch.cu_seqlens.numpy()).tolist()
+    seqlens = batch.cu_seqlens.diff().tolist()
     batch = batch.to(model.device)
     meta = AttentionMeta.build(batch.cu_seqlens, batch.max_seqlen, seqlens)
     cu = batch.cu_seqlens
