@@ -108,4 +108,3 @@ class GemmFloor:
                 use.append(min(times, key=times.get))
                 self.backends[ROLES[r]] = use[-1]
         return [tuple(m[r] if use[r] == "mkl" else p[r] for r in range(4)) for m, p in zip(mkl, self.packed)]
-

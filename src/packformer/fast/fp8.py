@@ -15,7 +15,8 @@ family's half dtype (fp16 encoders, bf16 decoders). Per layer (post-norm):
   x   = LN(x + h8 W28^T ... + b_2)          as for the out-projection
 
 RMSNorm stacks quantize in add_rmsnorm, GLU feed-forwards in the GLU pass (quantize_rows(glu=True)); the
-embeddings and the attention output are quantized by `quantize_rows` where they are read. `check_device` refuses GPUs without fp8 tensor cores; `accuracy_report` / `guard` compare fp8 with
+embeddings and the attention output are quantized by `quantize_rows` where they are read.
+`check_device` refuses GPUs without fp8 tensor cores; `accuracy_report` / `guard` compare fp8 with
 the half-precision fast path on a fixed calibration set at load (pooled embeddings, token rows, class
 argmax) and refuse fp8 below MIN_COSINE unless forced.
 """
