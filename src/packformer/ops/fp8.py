@@ -255,15 +255,12 @@ if triton is not None:
             c_desc.store([off_m, off_n], acc.to(c_desc.dtype))
 
 
-def _tma_ok(a: Quantized, wq: torch.Tensor, out_dtype: torch.dtype) -> bool:
+def _tma_ok(a: Quantized, wq: torch.Tensor) -> bool:
     """The TMA kernel's needs: Hopper or later (or the interpreter), 16-byte aligned rows."""
-    k, n = wq.shape[1], wq.shape[0]
-    aligned = k % 16 == 0 and n % 8 == 0
-    if not aligned:
+    n, k = wq.shape
+    if k % 16 or n % 8:
         return False
-    if a.q.is_cuda:
-        return torch.cuda.get_device_capability(a.q.device)[0] >= 9
-    return True
+    return not a.q.is_cuda or torch.cuda.get_device_capability(a.q.device)[0] >= 9
 
 
 def _scaled_mm(a: Quantized, wq, ws, bias, act, residual, out_dtype) -> torch.Tensor:
@@ -307,7 +304,7 @@ def fp8_linear(a: Quantized, wq: torch.Tensor, ws: torch.Tensor, bias: torch.Ten
     if backend == "auto":
         if not kernel_ok(a.q, wq):
             backend = "reference"
-        elif _tma_ok(a, wq, out_dtype):
+        elif _tma_ok(a, wq):
             backend = "triton"
         else:
             backend = "scaled_mm" if a.q.is_cuda else "reference"
@@ -316,7 +313,7 @@ def fp8_linear(a: Quantized, wq: torch.Tensor, ws: torch.Tensor, bias: torch.Ten
         return y if residual is None else residual.copy_(y)
     if backend == "scaled_mm":
         return _scaled_mm(a, wq, ws, bias, act, residual, out_dtype)
-    check(_tma_ok(a, wq, out_dtype), "the Triton fp8 GEMM needs Hopper (sm90+), K % 16 == 0 and N % 8 == 0")
+    check(_tma_ok(a, wq), "the Triton fp8 GEMM needs Hopper (sm90+), K % 16 == 0 and N % 8 == 0")
     return _fp8_gemm(a, wq, ws, bias, act, residual, out_dtype, config)
 
 
