@@ -214,6 +214,10 @@ gpu_steps() {
     $(q "--iterations 3" "$it") --out @W@
   step fp8-gemm "NOTES-gpu: fp8 GEMM backends and tiles, the quantize passes" \
     "${fp[@]}" --sections env,fp8_gemm
+  step ray-dataset-minilm-l6 "README + NOTES-gpu: embed-dataset on Ray (1 replica, 1 and 3 shards at once; 2 replicas on one GPU) vs encode()" \
+    "$PY" "$here/ray_dataset.py" --device cuda $(q "--rows 200000" "--rows 20000 --configs 1x1") --out @W@
+  step bench-serve-ray-minilm-l6 "README + NOTES-gpu: serve --ray (proxy, haproxy; 1 and 2 replicas on one GPU) vs serve" \
+    "$PY" "$here/ray_serve.py" --device cuda $(q "" "--requests 60") --note "reproduce.sh: load generator on the same host" --out @W@
   step bench-rerank-cuda-float16 "README + NOTES-gpu: rerank of 100 passages on the GPU vs CrossEncoder.predict" \
     "${pf[@]}" bench --device cuda --workloads rerank $(q "--iterations 50" "--iterations 5") --out @W@
 }

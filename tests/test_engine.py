@@ -55,6 +55,19 @@ def test_input_order_is_kept_across_many_chunks(minilm_dir):
     assert np.abs(small - ref).max() <= 1e-5
 
 
+def test_threads_may_share_a_model_and_get_what_they_would_alone(minilm):
+    """Launches are serialized inside the model, so concurrent encode() calls (embed-dataset runs several
+    shards per replica) each get exactly the result of a call made alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    groups = [[f"thread {k} text {i} " + "word " * ((i * 7 + k) % 40) for i in range(40)] for k in range(4)]
+    alone = [minilm.encode(g) for g in groups]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(minilm.encode, groups * 2))
+    for got, want in zip(together, alone * 2):
+        np.testing.assert_array_equal(got, want)
+
+
 def test_single_string_gives_a_vector_and_empty_list_gives_0_by_d(minilm):
     assert minilm.encode("Hello world").shape == (384,)
     empty = minilm.encode([])

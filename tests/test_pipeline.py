@@ -10,7 +10,7 @@ from packformer.engine import Model
 from packformer.heads import ClassificationHead, Pooler
 from packformer.loaders.parts import ModelParts
 from packformer.model import Encoder
-from packformer.pipeline import PipelineConfig, run_texts, text_ranges, tokenize_range
+from packformer.pipeline import PipelineConfig, RunStats, run_texts, text_ranges, tokenize_range
 
 
 def _tokenizer(cfg):
@@ -83,6 +83,29 @@ def test_every_batch_but_the_last_is_filled_across_tokenizer_chunks():
     assert all(n > m.max_batch_tokens - longest for n in seen[:-1]), seen
 
 
+def test_stats_count_the_tokens_and_batches_run():
+    m = tiny_model()
+    seen = []
+
+    def fn(b):
+        seen.append(b.num_tokens)
+        return m.embed_batch(b)
+    stats = RunStats()
+    run_texts(m, TEXTS, fn, m.dim, config=SMALL, stats=stats)
+    assert stats.tokens == sum(len(s) for s in m.token_ids(TEXTS)) == sum(seen)
+    assert stats.batches == len(seen) > 1
+    assert stats.tokenize_wait_s >= 0
+
+
+def test_embed_texts_is_encode_without_its_output_options():
+    m = tiny_model()
+    stats = RunStats()
+    got = m.embed_texts(TEXTS, stats=stats)
+    assert isinstance(got, torch.Tensor) and got.dtype == torch.float32 and got.shape == (57, 32)
+    assert np.array_equal(got.numpy(), m.encode(TEXTS))
+    assert stats.tokens == sum(len(s) for s in m.token_ids(TEXTS))
+
+
 def test_truncation_error_names_the_index_in_the_whole_input():
     m = tiny_model(max_seq_length=16)
     texts = ["short"] * 30 + ["long " * 40] + ["short"] * 5
@@ -125,6 +148,24 @@ def test_on_cuda_results_match_cpu_and_come_back_in_order():
     assert got.device.type == "cpu" and got.dtype == torch.float32
     want = one_by_one(cpu, TEXTS)
     assert torch.nn.functional.cosine_similarity(got, want, dim=1).min() >= 0.9995
+
+
+@pytest.mark.gpu
+def test_on_cuda_threads_sharing_a_model_get_what_they_would_alone():
+    """Concurrent encode() calls on one GPU model (CUDA graphs and eager batches alike) each get the
+    result of a call made alone: the model serializes launches; pipelines overlap around them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    gpu = tiny_model(device="cuda", dtype=torch.float16)
+    groups = [TEXTS[k::3] * 4 for k in range(3)]
+    for _ in range(2):                  # every batch shape seen twice: its CUDA graph is captured
+        alone = [gpu.encode(g) for g in groups]
+    with ThreadPoolExecutor(3) as pool:
+        together = list(pool.map(gpu.encode, groups * 3))
+    # Two calls alone differ by up to ~1.5e-8 (the order of the fp32 pooling sums on the GPU varies); a
+    # batch of one call mixed up with another's would be off by ~0.1.
+    for got, want in zip(together, alone * 3):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
 
 
 def test_gpu_default_tokenizes_in_larger_chunks_than_cpu():

@@ -22,6 +22,7 @@ from .fast import describe_runner, select_runner
 from . import outputs
 from .loaders.parts import ModelParts
 from .ops.attention import AttentionMeta
+from .pipeline import RunStats, run_texts   # tokenization of the next chunk overlaps the model's work
 from .runtime import DEFAULT_MAX_BATCH_TOKENS, is_fp8, resolve_device
 from .tokenize import check_texts
 
@@ -78,6 +79,9 @@ class Model(nn.Module):
         self._fast_arg = fast
         self._task_runners: dict[str, tuple[nn.Module, Any]] = {}     # task -> (merged encoder, runner)
         self._task_lock = threading.Lock()
+        # Launches are serialized, so threads may share a model (embed-dataset runs several shards per
+        # replica at once): each thread's tokenization and host work overlaps the others' device work.
+        self._launch_lock = threading.Lock()
         self.task: str | None = None
         self.task = self.resolve_task(task)
         # sentence-transformers' prompts and Matryoshka default (outputs.py); the folder's, else none
@@ -262,12 +266,13 @@ class Model(nn.Module):
         adapter (the default task's if None). Ids are taken as given: no instruction is added here."""
         runner = self.runner if task is None else self.runner_for(task)
         seqlens = np.diff(batch.cu_seqlens.numpy()).tolist() if batch.device.type == "cpu" else None
-        if seqlens is not None and self.device.type != "cpu" and hasattr(runner, "run_host"):
-            return runner.run_host(batch, seqlens)          # CUDA graphs: host rows go straight to the graph
-        if batch.device != self.device:
-            batch = batch.to(self.device, non_blocking=True)
-        meta = AttentionMeta.build(batch.cu_seqlens, batch.max_seqlen, seqlens)
-        return runner(batch, meta)
+        with self._launch_lock:
+            if seqlens is not None and self.device.type != "cpu" and hasattr(runner, "run_host"):
+                return runner.run_host(batch, seqlens)      # CUDA graphs: host rows go straight to the graph
+            if batch.device != self.device:
+                batch = batch.to(self.device, non_blocking=True)
+            meta = AttentionMeta.build(batch.cu_seqlens, batch.max_seqlen, seqlens)
+            return runner(batch, meta)
 
     @torch.inference_mode()
     def embed_batch(self, batch: PackedBatch, normalize: bool | None = None, task: str | None = None,
@@ -320,15 +325,10 @@ class Model(nn.Module):
                                  convert_to_sparse_tensor=convert_to_sparse_tensor, max_active_dims=max_active_dims,
                                  prompt=prompt, prompt_name=prompt_name)
         single = isinstance(texts, str)
-        task = self.resolve_task(task)
         precision = outputs.check_precision(precision)
         truncate_dim = outputs.check_truncate_dim(self.truncate_dim if truncate_dim is None else truncate_dim, self.dim)
-        prefix = self.text_prefix(task, prompt, prompt_name)
-        skip = self.pool_skip(prefix)
-        texts = self.with_instruction(texts, prompt=prefix)
-        from .pipeline import run_texts   # tokenization of the next chunk overlaps the model's work
-        out = run_texts(self, texts, lambda b: self.embed_batch(b, normalize_embeddings, task, skip), self.dim,
-                        batch_size=batch_size, truncate=truncate, show_progress_bar=show_progress_bar)
+        out = self.embed_texts(texts, normalize_embeddings, truncate, task, prompt, prompt_name,
+                               batch_size=batch_size, show_progress_bar=show_progress_bar)
         # a cut vector of a normalizing model is renormalized (Matryoshka: cosine-ready, as
         # SentenceTransformer.encode(truncate_dim=..., normalize_embeddings=True) gives it)
         renorm = truncate_dim is not None and (normalize_embeddings if normalize_embeddings is not None
@@ -339,6 +339,20 @@ class Model(nn.Module):
         if isinstance(out, np.ndarray):
             return torch.from_numpy(out) if convert_to_tensor else out
         return out if (convert_to_tensor or not convert_to_numpy) else out.numpy()
+
+    def embed_texts(self, texts: str | Sequence[str], normalize: bool | None = None, truncate: bool = True,
+                    task: str | None = None, prompt: str | None = None, prompt_name: str | None = None, *,
+                    batch_size: int | None = None, show_progress_bar: bool | None = None,
+                    stats: RunStats | None = None) -> torch.Tensor:
+        """Texts -> pooled embeddings [N, D] fp32 on the host, in input order: the core of encode() (its
+        prompt, adapter and pooling), without encode's output options. `stats` (pipeline.RunStats) is
+        filled in with the tokens run and the time the device waited for the tokenizer."""
+        task = self.resolve_task(task)
+        prefix = self.text_prefix(task, prompt, prompt_name)
+        skip = self.pool_skip(prefix)
+        texts = self.with_instruction(texts, prompt=prefix)
+        return run_texts(self, texts, lambda b: self.embed_batch(b, normalize, task, skip), self.dim,
+                         batch_size=batch_size, truncate=truncate, show_progress_bar=show_progress_bar, stats=stats)
 
     def encode_sparse(self, texts: str | Sequence[str], **kwargs):
         """Texts -> sparse vectors (SPLADE, or bge-m3's lexical weights): packformer.sparse.encode_sparse."""
@@ -360,7 +374,6 @@ class Model(nn.Module):
         """Texts -> logits [N, num_labels] (numpy, fp32) in input order."""
         if self.head is None:
             raise RuntimeError(f"model {self.source} has no classification head; use encode()")
-        from .pipeline import run_texts
         return run_texts(self, check_texts(texts), self.classify_batch, self.num_labels, batch_size=batch_size,
                          truncate=truncate, show_progress_bar=show_progress_bar).numpy()
 

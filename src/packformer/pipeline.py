@@ -19,6 +19,7 @@ the model's matrix work, which releases the GIL.
 from __future__ import annotations
 
 import sys
+import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -41,6 +42,15 @@ class PipelineConfig:
     def __post_init__(self):
         if min(self.first_chunk, self.chunk, self.prefetch, self.inflight) < 1:
             raise ValueError(f"PipelineConfig fields must be >= 1, got {self}")
+
+
+@dataclass
+class RunStats:
+    """What one run_texts call did, for callers that report throughput (embed-dataset's replicas)."""
+
+    tokens: int = 0              # real tokens run through the model
+    batches: int = 0
+    tokenize_wait_s: float = 0.0  # time the device feed waited for the tokenizer thread (not overlapped)
 
 
 HOST_THREADS_ON_GPU = 1    # torch intra-op threads while encode() feeds a GPU
@@ -174,19 +184,21 @@ class _Readback:
 def run_texts(model, texts: list[str], fn: Callable[[PackedBatch], torch.Tensor], width: int, *,
               batch_size: int | None = None, truncate: bool = True, show_progress_bar: bool | None = None,
               config: PipelineConfig | None = None,
-              sink: Callable[[Any, list[int]], None] | None = None) -> torch.Tensor:
+              sink: Callable[[Any, list[int]], None] | None = None,
+              stats: RunStats | None = None) -> torch.Tensor:
     """texts -> fn(batch) for every packed batch -> [N, width] fp32 on CPU, in input order.
 
     `fn` maps a PackedBatch on the host (pinned on CUDA) to [B, width] on the model's device, in the
     batch's own sequence order. With `sink`, outputs whose shape varies per text (token embeddings,
     sparse vectors) go to `sink(fn(batch), input indices of its sequences)` instead, and the returned
-    tensor is [N, 0]."""
+    tensor is [N, 0]. `stats`, if given, is filled in (tokens, batches, time waiting for the tokenizer)."""
     with host_threads_for(model.device):
         return _run_texts(model, texts, fn, 0 if sink is not None else width, batch_size, truncate,
-                          show_progress_bar, config, sink)
+                          show_progress_bar, config, sink, stats if stats is not None else RunStats())
 
 
-def _run_texts(model, texts, fn, width, batch_size, truncate, show_progress_bar, config, sink=None) -> torch.Tensor:
+def _run_texts(model, texts, fn, width, batch_size, truncate, show_progress_bar, config, sink,
+               stats: RunStats) -> torch.Tensor:
     cfg = config or default_config(model.device)
     tokenizer = model._require_tokenizer()
     out = torch.empty(len(texts), width, dtype=torch.float32)
@@ -203,14 +215,19 @@ def _run_texts(model, texts, fn, width, batch_size, truncate, show_progress_bar,
 
     def chunks() -> Iterator[tuple[tuple[int, int], list[list[int]]]]:
         if len(ranges) == 1:                  # nothing to overlap: no thread
-            yield tokenize(ranges[0])
+            t0 = time.perf_counter()
+            chunk = tokenize(ranges[0])
+            stats.tokenize_wait_s += time.perf_counter() - t0
+            yield chunk
             return
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="packformer-tok") as pool:
             queued = deque(pool.submit(tokenize, r) for r in ranges[:cfg.prefetch + 1])
             nxt = cfg.prefetch + 1
             try:
                 while queued:
+                    t0 = time.perf_counter()
                     r, ids = queued.popleft().result()
+                    stats.tokenize_wait_s += time.perf_counter() - t0
                     if nxt < len(ranges):
                         queued.append(pool.submit(tokenize, ranges[nxt]))
                         nxt += 1
@@ -223,6 +240,8 @@ def _run_texts(model, texts, fn, width, batch_size, truncate, show_progress_bar,
 
     def launch(seqs: list[list[int]], index: list[int]) -> None:
         batch = pack(seqs, offset)
+        stats.tokens += batch.num_tokens
+        stats.batches += 1
         if staging is not None:
             batch, slot = staging.stage(batch)
         result = fn(batch)

@@ -133,6 +133,36 @@ def test_jsonl_rows_one_row_per_input_and_encode_equal(tmp_path, tiny):
     assert_matches(out, ids, texts, tiny)
 
 
+def test_one_replica_working_on_several_shards_at_once_loses_nothing(tmp_path, tiny):
+    """Shards run on threads of one replica (as on a GPU, by default): each file still holds exactly its
+    rows, equal to encode()."""
+    texts = make_texts(N, seed=13)
+    ids = [f"s{i}" for i in range(N)]
+    write_jsonl(tmp_path / "in.jsonl", ids, texts)
+    out, summary = embed_dataset(tmp_path / "in.jsonl", tmp_path / "out", TinyModel(), replicas=1,
+                                 rows_per_shard=60, shards_per_replica=3, progress=False)
+    assert (summary.rows, summary.shards, summary.phases["replica_processes"]) == (N, 10, 1)
+    assert_matches(out, ids, texts, tiny)
+
+
+def test_summary_says_where_the_time_went(tmp_path):
+    texts = make_texts(N, seed=11)
+    write_jsonl(tmp_path / "in.jsonl", list(range(N)), texts)
+    _, s = embed_dataset(tmp_path / "in.jsonl", tmp_path / "out", TinyModel(), replicas=2, rows_per_shard=100,
+                         progress=False)
+    p = s.phases
+    assert p["replica_processes"] == 2                        # no replica was restarted
+    assert 0 < p["first_shard_s"] < s.wall_s and 0 < p["shards_s"] < s.wall_s
+    assert p["first_shard_s"] + p["shards_s"] + p["finish_s"] == pytest.approx(s.wall_s, abs=0.05)
+    assert p["model_load_s"] > 0 and p["replica_start_s"] >= 0 and p["ray_init_s"] >= 0
+    assert p["encode_s"] > 0 and p["read_s"] > 0 and p["write_s"] > 0 and p["capture_s"] == 0   # CPU: no graphs
+    assert p["read_s"] + p["encode_s"] + p["write_s"] <= s.embed_s + 1e-6
+    assert s.steady_rows_per_s > s.rows_per_s
+    d = s.to_dict()
+    assert d["phases"] == p and d["steady_rows_per_s"] == s.steady_rows_per_s
+    assert "where the time went: Ray start" in str(s) and "rows/s), summed over replicas" in str(s)
+
+
 def test_parquet_folder_int_ids_custom_columns(tmp_path, tiny):
     texts = make_texts(N, seed=3)
     ids = list(range(10_000, 10_000 + N))
@@ -189,14 +219,16 @@ def test_resume_refuses_other_settings_or_foreign_files(tmp_path):
 
 
 # ---- faults -------------------------------------------------------------------------------------
-@pytest.mark.parametrize("fail", ["raise", "die"])
-def test_replica_that_fails_once_is_retried_and_nothing_is_lost(tmp_path, tiny, fail):
+@pytest.mark.parametrize("fail,shards_per_replica", [("raise", 1), ("die", 1), ("die", 3)])
+def test_replica_that_fails_once_is_retried_and_nothing_is_lost(tmp_path, tiny, fail, shards_per_replica):
+    """With 3 shards per replica, the replica that dies takes the other shards it was working on with it:
+    they are run again too."""
     texts = make_texts(600, seed=11)
     ids = [f"f{i}" for i in range(600)]
     write_jsonl(tmp_path / "in.jsonl", ids, texts)
     marker = str(tmp_path / "failed-once")
     out, summary = embed_dataset(tmp_path / "in.jsonl", tmp_path / "out", TinyModel(fail, marker), replicas=2,
-                                 rows_per_shard=100, progress=False)
+                                 rows_per_shard=100, progress=False, shards_per_replica=shards_per_replica)
     assert os.path.exists(marker)                        # the failure did happen ...
     assert (summary.rows, summary.shards) == (600, 6)    # ... and every shard still completed
     assert_matches(out, ids, texts, tiny)
@@ -213,6 +245,8 @@ def test_argument_errors_are_clear(tmp_path):
     write_jsonl(tmp_path / "in.jsonl", ["a"], ["x"])
     with pytest.raises(ValueError, match="replicas must be at least 1"):
         embed_dataset(tmp_path / "in.jsonl", tmp_path / "out", TinyModel(), replicas=0)
+    with pytest.raises(ValueError, match="shards_per_replica must be at least 1, got 0"):
+        embed_dataset(tmp_path / "in.jsonl", tmp_path / "out", TinyModel(), shards_per_replica=0)
     with pytest.raises(InputError, match="no column 'body'"):
         embed_dataset(tmp_path / "in.jsonl", tmp_path / "out", TinyModel(), text_column="body")
     with pytest.raises(FileNotFoundError):
@@ -235,5 +269,5 @@ def test_cli_embed_dataset_with_the_builtin_model(tmp_path, minilm, capsys):
                "--replicas", "2", "--rows-per-shard", "50", "--no-progress"])
     assert rc == 0
     err = capsys.readouterr().err
-    assert "embedded 120 rows" in err and "tokens/s" in err
+    assert "embedded 120 rows" in err and "tokens/s" in err and "where the time went" in err
     assert_matches(str(tmp_path / "out"), ids, texts, minilm)

@@ -35,12 +35,22 @@ def texts(n: int, offset: int = 0) -> list[str]:
 
 # ---- the CLI (its own local Ray, in a subprocess) --------------------------------------------------
 def test_cli_serve_ray_answers_and_stops_on_sigterm(minilm):
-    with ServerProcess(["--ray", "--replicas", "1", "--max-batch-tokens", "2048"], startup_timeout=300) as srv:
+    """Through the HAProxy ingress (requests go straight to the replica's own port); the default proxy
+    ingress is what the deployment tests below run."""
+    with ServerProcess(["--ray", "--ingress", "haproxy", "--replicas", "1", "--max-batch-tokens", "2048"],
+                       startup_timeout=300) as srv:
         r = httpx.post(srv.url + "/v1/embeddings", json={"input": ["hello world"]}, timeout=60)
         assert r.status_code == 200, r.text
         np.testing.assert_allclose(r.json()["data"][0]["embedding"], minilm.encode(["hello world"])[0], atol=1e-5)
         code = srv.terminate(timeout=120)
         assert code == 0, srv.log()[-3000:]
+
+
+def test_cli_haproxy_ingress_cannot_be_set_on_a_joined_cluster(capsys):
+    from packformer.cli import main
+
+    assert main(["serve", "--ray", "--ingress", "haproxy", "--ray-address", "auto"]) == 1
+    assert "--ingress haproxy starts its own local Ray" in capsys.readouterr().err
 
 
 # ---- the deployment, against the single-process server ----------------------------------------------

@@ -37,6 +37,9 @@ def add_parser(sub):
     p.add_argument("--ray-address", default=None,
                    help="join this Ray cluster ('auto' or ray://host:port); default: start a local Ray on this machine")
     p.add_argument("--overwrite", action="store_true", help="recompute everything, deleting earlier part files")
+    p.add_argument("--shards-per-replica", type=int, default=None,
+                   help="shards each replica works on at once: on a GPU one runs on the device while others are "
+                        "read, tokenized and written (default: 3 with GPUs, 1 on CPU)")
     p.add_argument("--max-retries", type=int, default=3, help="retries of a failed shard (default: 3)")
     p.add_argument("--no-progress", action="store_true", help="hide Ray Data's progress bars")
     p.add_argument("--summary-json", default=None, help="also write the summary as JSON to this file")
@@ -57,7 +60,7 @@ def run(args) -> int:
         cpus_per_replica=args.cpus_per_replica, batch_tokens=args.batch_tokens, dtype=args.dtype,
         normalize=args.normalize, truncate=not args.no_truncate, rows_per_shard=args.rows_per_shard,
         ray_address=args.ray_address, overwrite=args.overwrite, max_retries=args.max_retries,
-        progress=not args.no_progress)
+        progress=not args.no_progress, shards_per_replica=args.shards_per_replica)
     print(f"packformer embed-dataset: {summary}", file=sys.stderr)
     if args.summary_json:
         with open(args.summary_json, "w", encoding="utf-8") as f:

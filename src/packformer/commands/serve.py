@@ -50,6 +50,11 @@ def add_parser(sub):
     ray.add_argument("--cpus-per-replica", type=float, default=None,
                      help="with --ray: CPUs (and torch threads) per replica (default: an equal share)")
     ray.add_argument("--ray-address", default=None, help="with --ray: join this Ray cluster (default: start a local Ray)")
+    ray.add_argument("--ingress", choices=["proxy", "haproxy"], default="proxy",
+                     help="with --ray: what takes the HTTP requests. proxy: Ray Serve's Python proxy (one per node), "
+                          "haproxy: Ray Serve's HAProxy ingress, which sends each request straight to a replica's "
+                          "own HTTP port (30000 and up, on all interfaces); the proxy caps a node's request rate "
+                          "(default: proxy)")
     return p
 
 

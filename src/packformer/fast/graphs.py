@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass
 
@@ -113,6 +114,7 @@ class GraphRunner:
         self.graphs: dict[tuple, _Captured] = {}
         self.seen: Counter = Counter()
         self.stats: Counter = Counter()          # "replay", "eager", "capture"
+        self.capture_s = 0.0                     # wall time spent capturing (warm-up run included)
         self._pool = None
         self._lock = threading.Lock()
         self._out: torch.Tensor | None = None
@@ -184,7 +186,8 @@ class GraphRunner:
     def describe(self) -> dict:
         """For Model.info() / the server's /info: the captured graphs and how batches ran so far."""
         d = {"graphs": len(self.graphs), "graph_max_tokens": self.buckets[-1], "replays": self.stats["replay"],
-             "eager_runs": self.stats["eager"], "captures": self.stats["capture"]}
+             "eager_runs": self.stats["eager"], "captures": self.stats["capture"],
+             "capture_s": round(self.capture_s, 4)}
         if hasattr(self.forward, "describe"):
             d.update(self.forward.describe())
         return d
@@ -196,6 +199,7 @@ class GraphRunner:
         return self._out
 
     def _capture(self, key: tuple) -> _Captured:
+        t0 = time.perf_counter()
         n, slots, has_tt = key
         rows = 3 if has_tt else 2
         size = _Captured.size(n, rows, slots)
@@ -229,6 +233,7 @@ class GraphRunner:
             e.record()
         self.graphs[key] = cap
         self.stats["capture"] += 1
+        self.capture_s += time.perf_counter() - t0
         log.debug("captured CUDA graph for %d tokens, %d segments", n, slots)
         return cap
 

@@ -3,9 +3,11 @@
 How a job runs. The driver splits the input into shards (packformer.ray.shards) and drops those whose
 output file already exists whole (resume). The rest become a Ray Data dataset of shard descriptions,
 mapped by `ShardEmbedder`, an actor class: Ray Data keeps `replicas` of them (each loads the model once,
-on its own GPU when `gpus_per_replica` is set) and feeds them one shard per call. A replica reads its
-shard, packs the texts under the token budget, embeds them and writes the shard's Parquet file
-atomically, returning only a few counters. Writes are idempotent, so Ray may retry a shard freely: an
+on its own GPU when `gpus_per_replica` is set) and feeds them one shard per call, `shards_per_replica`
+calls at once (on a GPU, 3: while one shard's batches run on the device, others are read, tokenized
+and written; the model serializes its launches). A replica reads its shard, packs the texts under the
+token budget, embeds them with encode()'s pipeline and writes the shard's Parquet file atomically,
+returning only a few counters and where its time went. Writes are idempotent, so Ray may retry a shard freely: an
 actor that dies is restarted and its shard re-run (actor options `max_restarts`, `max_task_retries`),
 and a shard whose replica raises is run again in place (DataContext `retried_map_errors`,
 `max_map_retries`), up to `max_retries` times each; bad input (InputError) fails the job at once.
@@ -86,6 +88,7 @@ class EmbedSummary:
     skipped_rows: int
     replicas: int
     embed_s: float = 0.0         # summed over replicas: time inside read + encode + write
+    phases: dict[str, float] = dataclasses.field(default_factory=dict)   # where the time went: job_phases()
 
     @property
     def tokens_per_s(self) -> float:
@@ -95,39 +98,88 @@ class EmbedSummary:
     def rows_per_s(self) -> float:
         return self.rows / self.wall_s if self.wall_s > 0 else 0.0
 
+    @property
+    def steady_rows_per_s(self) -> float:
+        """Rows per second from the first shard's start to the last one's end: the replicas' rate once
+        started, without Ray's start-up, the model loads and the final checks."""
+        span = self.phases.get("shards_s", 0.0)
+        return self.rows / span if span > 0 else 0.0
+
     def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "tokens_per_s": self.tokens_per_s, "rows_per_s": self.rows_per_s}
+        return {**dataclasses.asdict(self), "tokens_per_s": self.tokens_per_s, "rows_per_s": self.rows_per_s,
+                "steady_rows_per_s": self.steady_rows_per_s}
 
     def __str__(self) -> str:
         skipped = f", {self.skipped_rows} rows in {self.skipped_shards} shards already done" if self.skipped_shards else ""
-        return (f"embedded {self.rows} rows ({self.tokens} tokens) in {self.shards} shards on {self.replicas} "
+        text = (f"embedded {self.rows} rows ({self.tokens} tokens) in {self.shards} shards on {self.replicas} "
                 f"replica(s) in {self.wall_s:.1f} s: {self.rows_per_s:,.1f} rows/s, {self.tokens_per_s:,.0f} tokens/s"
                 f"{skipped}; {self.total_rows} rows in {self.output}")
+        p = self.phases
+        if p:
+            text += (f"\n  where the time went: Ray start {p['ray_init_s']:.1f} s, first replica up "
+                     f"{p['replica_start_s']:.1f} s after launch, model load {p['model_load_s']:.1f} s (slowest "
+                     f"replica), first shard at {p['first_shard_s']:.1f} s; shards ran {p['shards_s']:.1f} s "
+                     f"({self.steady_rows_per_s:,.1f} rows/s), summed over replicas: read {p['read_s']:.1f} s, "
+                     f"encode {p['encode_s']:.1f} s (waiting for the tokenizer {p['tokenize_wait_s']:.1f} s, "
+                     f"CUDA graph capture {p['capture_s']:.1f} s), Arrow + write {p['write_s']:.1f} s; "
+                     f"Ray shutdown and output checks {p['finish_s']:.1f} s")
+        return text
+
+
+def job_phases(results: dict[str, np.ndarray], job_start: float, launch: float, ray_init_s: float,
+               end: float) -> dict[str, float]:
+    """Where a run's time went, from the replicas' per-shard results (RESULT_KEYS) and the driver's
+    wall-clock marks (time.time()): `job_start` when embed_dataset began, `launch` when the dataset
+    was handed to Ray, `end` after the shards finished. A replica restarted by Ray counts as another
+    replica (`replica_processes`)."""
+    starts = results["start"].astype(float)
+    ends = starts + results["seconds"].astype(float)
+    replicas = {str(r): (float(a), float(b)) for r, a, b in
+                zip(results["replica"], results["replica_start"], results["replica_ready"])}
+    return {
+        "ray_init_s": ray_init_s,
+        "replica_start_s": min(a for a, _ in replicas.values()) - launch,       # process start + imports
+        "model_load_s": max(b - a for a, b in replicas.values()),
+        "replica_processes": float(len(replicas)),
+        "first_shard_s": float(starts.min()) - job_start,
+        "shards_s": float(ends.max() - starts.min()),
+        **{k: float(np.sum(results[k])) for k in ("read_s", "encode_s", "write_s", "tokenize_wait_s")},
+        "capture_s": sum(max(c for r, c in zip(results["replica"], results["capture_s"]) if str(r) == rep)
+                         for rep in replicas),
+        "finish_s": end - float(ends.max()),
+    }
 
 
 # ---- the replica --------------------------------------------------------------------------------
-def embed_texts(model, texts: Sequence[str], normalize: bool | None, truncate: bool) -> tuple[np.ndarray, int]:
-    """Texts -> (embeddings [N, D] fp32 in input order, real token count). The same steps as
-    Model.encode (length-sorted chunks under the token budget, one packed batch each), tokenizing once
-    so that the tokens can be counted."""
-    from packformer.batch import pack
-    from packformer.runtime import plan_chunks
+def embed_texts(model, texts: Sequence[str], normalize: bool | None, truncate: bool,
+                stats: Any = None) -> tuple[np.ndarray, int]:
+    """Texts -> (embeddings [N, D] fp32 in input order, real token count): Model.encode's own pipeline
+    (tokenization of the next chunk overlaps the device's work on this one; results are read back
+    without blocking), with its prompt and pooling. `stats`: a pipeline.RunStats to fill in."""
+    from packformer.pipeline import RunStats
 
-    ids = model.token_ids(list(texts), truncate)
-    out = np.empty((len(ids), model.dim), dtype=np.float32)                  # [N, D]
-    for chunk in plan_chunks([len(s) for s in ids], model.max_batch_tokens):
-        batch = pack([ids[i] for i in chunk], model.config.position_offset)
-        out[chunk] = model.embed_batch(batch, normalize).float().cpu().numpy()
-    return out, sum(len(s) for s in ids)
+    stats = stats if stats is not None else RunStats()
+    out = model.embed_texts(list(texts), normalize, truncate, stats=stats)         # [N, D] fp32, host
+    return out.numpy(), stats.tokens
 
 
-RESULT_KEYS = ("name", "rows", "tokens", "seconds", "error")
+# What a replica returns per shard: counters, and where its time went (seconds; `replica_start`,
+# `replica_ready` and `start` are wall-clock times, time.time(), so the driver can place them on its clock;
+# `capture_s` is the replica's total so far, since shards of one replica overlap).
+RESULT_KEYS = ("name", "rows", "tokens", "seconds", "error", "replica", "replica_start", "replica_ready",
+               "start", "read_s", "encode_s", "write_s", "tokenize_wait_s", "capture_s")
+
+
+def _capture_seconds(model) -> float:
+    """Seconds the model's runner has spent capturing CUDA graphs so far (0 for runners without graphs)."""
+    return float(getattr(model.runner, "capture_s", 0.0))
 
 
 class ShardEmbedder:
     """Ray Data actor: loads the model once, then turns shard descriptions into written shard files."""
 
     def __init__(self, job: Job):
+        started = time.time()
         # Replicas share the machine's cores: each uses only the cores Ray gave it.
         from ..fast.cpu_threads import limit_process_threads
         from .shards import resolve
@@ -138,28 +190,37 @@ class ShardEmbedder:
         self.model = job.load_model()
         self.in_fs, _ = resolve(job.input)
         self.out_fs, self.out_dir = resolve(job.output)
+        self.replica = {"replica": uuid.uuid4().hex[:12], "replica_start": started, "replica_ready": time.time()}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = [self.run_shard(s) for s in batch["shard"]]
         return {k: np.asarray([r[k] for r in rows]) for k in RESULT_KEYS}
 
     def run_shard(self, shard_json: str) -> dict[str, Any]:
+        from packformer.pipeline import RunStats
+
         from .shards import InputError, Shard, output_table, read_shard, write_atomic
 
-        t0 = time.perf_counter()
+        start, t0 = time.time(), time.perf_counter()
+        result = {**self.replica, "start": start, "read_s": 0.0, "encode_s": 0.0, "write_s": 0.0,
+                  "tokenize_wait_s": 0.0, "capture_s": 0.0, "error": ""}
         shard = Shard.from_json(str(shard_json))
         try:
             ids, texts = read_shard(self.in_fs, shard, self.job.text_column, self.job.id_column)
         except InputError as e:
             # Returned, not raised: Ray would retry an exception (in vain) and only pass its text on.
-            return {"name": shard.output_name, "rows": 0, "tokens": 0, "seconds": 0.0, "error": str(e)}
-        emb, tokens = embed_texts(self.model, texts, self.job.normalize, self.job.truncate)   # [N, D]
+            return {**result, "name": shard.output_name, "rows": 0, "tokens": 0, "seconds": 0.0, "error": str(e)}
+        t1, stats = time.perf_counter(), RunStats()
+        emb, tokens = embed_texts(self.model, texts, self.job.normalize, self.job.truncate, stats)   # [N, D]
+        t2 = time.perf_counter()
         meta = {"model": self.model.source, "source": shard.key, "rows": f"{shard.start}:{shard.stop}",
                 "normalize": self.job.normalize, "dtype": str(self.model.dtype).replace("torch.", "")}
         table = output_table(ids, self.job.id_column, emb, meta)
         write_atomic(self.out_fs, self.out_dir, shard.output_name, table, uuid.uuid4().hex)
-        return {"name": shard.output_name, "rows": len(texts), "tokens": tokens, "seconds": time.perf_counter() - t0,
-                "error": ""}
+        t3 = time.perf_counter()
+        return {**result, "name": shard.output_name, "rows": len(texts), "tokens": tokens, "seconds": t3 - t0,
+                "read_s": t1 - t0, "encode_s": t2 - t1, "write_s": t3 - t2,
+                "tokenize_wait_s": stats.tokenize_wait_s, "capture_s": _capture_seconds(self.model)}
 
 
 # ---- the driver ---------------------------------------------------------------------------------
@@ -304,13 +365,16 @@ def embed_dataset(input: str | os.PathLike, output: str | os.PathLike, model: An
                   replicas: int = 1, gpus_per_replica: float = 0, cpus_per_replica: float | None = None,
                   batch_tokens: int | None = None, dtype: str | None = None, normalize: bool | None = None,
                   truncate: bool = True, rows_per_shard: int = 10_000, ray_address: str | None = None,
-                  overwrite: bool = False, max_retries: int = 3, progress: bool = True) -> tuple[str, EmbedSummary]:
+                  overwrite: bool = False, max_retries: int = 3, progress: bool = True,
+                  shards_per_replica: int | None = None) -> tuple[str, EmbedSummary]:
     """Embed column `text_column` of a Parquet or JSONL file or folder into Parquet files under `output`
     (columns: `id_column` as in the input, and `embedding`, a fixed-size list of float32), on `replicas`
     Ray actors each holding the model (`gpus_per_replica` GPUs each: 0 runs on CPU). Re-running over the
     same output resumes: shards already written are skipped unless `overwrite`. `model` is a path, a
     name, 'random:<preset>', None (the built-in all-MiniLM-L6-v2), or a zero-argument callable returning
-    a packformer Model. Returns (output folder, EmbedSummary)."""
+    a packformer Model. `shards_per_replica`: shards each replica works on at once (default: 3 with
+    GPUs, so that reading, tokenizing and writing overlap the device's work; 1 on CPU, where the model
+    itself uses every core). Returns (output folder, EmbedSummary)."""
     require_ray()
     if replicas < 1:
         raise ValueError(f"replicas must be at least 1, got {replicas}")
@@ -318,20 +382,25 @@ def embed_dataset(input: str | os.PathLike, output: str | os.PathLike, model: An
         raise ValueError(f"gpus_per_replica must be 0 or more, got {gpus_per_replica}")
     if max_retries < 0:
         raise ValueError(f"max_retries must be 0 or more, got {max_retries}")
+    if shards_per_replica is None:
+        shards_per_replica = GPU_SHARDS_PER_REPLICA if gpus_per_replica > 0 else 1
+    if shards_per_replica < 1:
+        raise ValueError(f"shards_per_replica must be at least 1, got {shards_per_replica}")
     model = model_spec(model)
     input, output = os.fspath(input), os.fspath(output)
     job = Job(model=model, input=input if "://" in input else os.path.abspath(input),
               output=output if "://" in output else os.path.abspath(output), text_column=text_column,
               id_column=id_column, device="cuda" if gpus_per_replica > 0 else "cpu", dtype=dtype,
               batch_tokens=batch_tokens, normalize=normalize, truncate=truncate)
-    t0 = time.perf_counter()
+    t0, job_start = time.perf_counter(), time.time()
     shards = plan(job, format, rows_per_shard)
     pending, done = prepare_output(job, shards, rows_per_shard, overwrite)
     summary = EmbedSummary(output=job.output, total_rows=sum(s.num_rows for s in shards), rows=0, tokens=0,
                            wall_s=0.0, shards=len(pending), skipped_shards=len(done),
                            skipped_rows=sum(s.num_rows for s in done), replicas=replicas)
     if pending:
-        results = _run(job, pending, replicas, gpus_per_replica, cpus_per_replica, ray_address, max_retries, progress)
+        results, marks = _run(job, pending, replicas, gpus_per_replica, cpus_per_replica, ray_address,
+                              max_retries, progress, shards_per_replica)
         got = {str(n) for n in results["name"]}
         missing = [s.output_name for s in pending if s.output_name not in got]
         if missing:
@@ -342,7 +411,23 @@ def embed_dataset(input: str | os.PathLike, output: str | os.PathLike, model: An
     verify_output(job, shards)
     remove_tmp(job)
     summary.wall_s = time.perf_counter() - t0
+    if pending and len(results["name"]):
+        summary.phases = job_phases(results, job_start, marks["launch"], marks["ray_init_s"], time.time())
     return job.output, summary
+
+
+GPU_SHARDS_PER_REPLICA = 3
+
+
+def pool_strategy(replicas: int, shards_per_replica: int):
+    """A fixed pool of `replicas` actors, each running up to `shards_per_replica` calls at once on
+    threads of its own (Ray Data runs one call per actor at a time otherwise)."""
+    import ray.data
+
+    if shards_per_replica == 1:
+        return ray.data.ActorPoolStrategy(size=replicas)
+    return ray.data.ActorPoolStrategy(size=replicas, max_concurrent_calls_per_actor=shards_per_replica,
+                                      enable_true_multi_threading=True)
 
 
 def data_context():
@@ -357,13 +442,18 @@ def data_context():
 
 
 def _run(job: Job, pending, replicas: int, gpus_per_replica: float, cpus_per_replica: float | None,
-         ray_address: str | None, max_retries: int, progress: bool) -> dict[str, np.ndarray]:
+         ray_address: str | None, max_retries: int, progress: bool,
+         shards_per_replica: int = 1) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """-> (the replicas' results as columns of RESULT_KEYS, the driver's marks: seconds to start or join
+    Ray, and the wall-clock time the dataset was handed to Ray)."""
     import ray
     import ray.data
 
     from .shards import InputError
 
+    t0 = time.perf_counter()
     with ray_session(ray_address):
+        marks = {"ray_init_s": time.perf_counter() - t0}
         cpus = replica_cpus(replicas, cpus_per_replica)
         check_resources(replicas, cpus, gpus_per_replica, strict=not ray_address)
         job = dataclasses.replace(job, threads=max(1, int(cpus)))
@@ -374,6 +464,7 @@ def _run(job: Job, pending, replicas: int, gpus_per_replica: float, cpus_per_rep
             setattr(ctx, k, v)
         rows = []
         try:
+            marks["launch"] = time.time()
             ds = ray.data.from_items([{"shard": s.to_json()} for s in pending], override_num_blocks=len(pending))
             with warnings.catch_warnings():
                 # A replica that dies is restarted and its shard re-run, at most max_retries times. Ray 2.60
@@ -381,7 +472,7 @@ def _run(job: Job, pending, replicas: int, gpus_per_replica: float, cpus_per_rep
                 # (its default, -1, retries a shard that kills its replica forever).
                 warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
                 ds = ds.map_batches(ShardEmbedder, fn_constructor_kwargs={"job": job}, batch_size=1,
-                                    compute=ray.data.ActorPoolStrategy(size=replicas), num_cpus=cpus,
+                                    compute=pool_strategy(replicas, shards_per_replica), num_cpus=cpus,
                                     num_gpus=gpus_per_replica or None, max_restarts=-1, max_task_retries=max_retries)
             for row in ds.iter_rows():
                 if row["error"]:
@@ -390,4 +481,4 @@ def _run(job: Job, pending, replicas: int, gpus_per_replica: float, cpus_per_rep
         finally:
             for k, v in saved.items():
                 setattr(ctx, k, v)
-    return {k: np.asarray([r[k] for r in rows]) for k in RESULT_KEYS}
+    return {k: np.asarray([r[k] for r in rows]) for k in RESULT_KEYS}, marks

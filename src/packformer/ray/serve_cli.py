@@ -1,7 +1,10 @@
 """`packformer serve --ray ...`: the bridge from the serve command's arguments to packformer.ray.serve."""
 from __future__ import annotations
 
+import os
 import sys
+
+HAPROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"    # Ray Serve's switch to its HAProxy ingress (direct to replicas)
 
 
 def run(args, settings) -> int:
@@ -9,6 +12,14 @@ def run(args, settings) -> int:
     from . import require_ray
     from .dataset import model_spec
 
+    if args.ingress == "haproxy":
+        if args.ray_address:
+            print("packformer serve --ray: error: --ingress haproxy starts its own local Ray; a joined cluster's "
+                  "ingress is set where it was started (RAY_SERVE_ENABLE_HA_PROXY=1)", file=sys.stderr)
+            return 1
+        # Read by Ray Serve's constants when imported, here and in every process of the Ray started below
+        # (they inherit this environment): so set before the first import of ray.serve.
+        os.environ[HAPROXY_ENV] = "1"
     try:
         require_ray()
         import ray.serve  # noqa: F401
