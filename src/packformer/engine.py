@@ -102,8 +102,10 @@ class Model(nn.Module):
                              f"model's maximum length ({self.max_seq_length})")
         self.fp8_report: dict | None = None
         if self.fp8:        # fp8 vs fp16/bf16 on a fixed calibration set; refused below the threshold
-            from .fast.fp8 import guard
+            from .fast.fp8 import guard, release_half_weights
             self.fp8_report = guard(self, force=force_fp8)
+            if self.adapters is None:   # (another task's adapter is merged into the base weights later)
+                self.fp8_report["released_half_weight_bytes"] = release_half_weights(self.runner)
 
     # ---- properties -------------------------------------------------------------------------
     @property
@@ -150,13 +152,19 @@ class Model(nn.Module):
 
     def weight_bytes(self) -> int:
         """Bytes of the weights as loaded (parameters and buffers, each storage once: tied weights count once),
-        in their dtype: the encoder's (fp32 / fp16 / bf16), fp32 heads."""
+        in their dtype: the encoder's (fp32 / fp16 / bf16), fp32 heads; with fp8, the e4m3 GEMM weights and
+        their scales in place of the half-precision ones released after the load-time check."""
         seen, total = set(), 0
         for t in (*self.parameters(), *self.buffers()):
+            if t.device.type == "meta":          # released (fp8: the e4m3 copies are counted below)
+                continue
             key = (t.untyped_storage().data_ptr(), t.device) if t.numel() else id(t)
             if key not in seen:
                 seen.add(key)
                 total += t.untyped_storage().nbytes() if t.numel() else 0
+        if self.fp8:
+            from .fast.fp8 import fp8_weight_bytes
+            total += fp8_weight_bytes(self.runner)
         return total
 
     # ---- tasks ------------------------------------------------------------------------------

@@ -152,6 +152,36 @@ print("ok")
 """)
 
 
+def test_half_weights_are_released_after_the_check_under_the_interpreter(run_interpreted):
+    """After the load-time check the fp16 GEMM weights go: fp8 then holds e4m3 weights (half the bytes)
+    instead of both copies, and its results do not change."""
+    run_interpreted(PREAMBLE + """
+m = tiny()
+m.runner, m.fp8 = FastEncoder(m.encoder, fp8=True), True
+batch = m.tokenize(TEXTS)
+before, bytes_before = hidden(m.runner, m, batch), m.weight_bytes()
+gemms = [l for layer in m.encoder.layers for l in (layer.qkv, layer.out, layer.ffn1, layer.ffn2)]
+half = sum(l.weight.numel() * 2 for l in gemms)
+shapes = [l.weight.shape for l in gemms]
+assert F8.fp8_weight_bytes(m.runner) == half // 2 + sum(s[0] * 4 for s in shapes)     # e4m3 + fp32 scales
+assert F8.release_half_weights(m.runner) == half
+assert F8.release_half_weights(m.runner) == 0                                          # once
+assert all(l.weight.device.type == "meta" for l in gemms) and [l.weight.shape for l in gemms] == shapes
+assert torch.equal(hidden(m.runner, m, batch), before)                                 # fp8 never read them
+assert m.weight_bytes() == bytes_before - half
+assert m.info()["parameters"] == sum(p.numel() for p in m.parameters())               # shapes still count
+for call, err, text in ((lambda: F8.accuracy_report(m, texts=TEXTS), RuntimeError, "released after the load-time check"),
+                        (lambda: F8.release_half_weights(m.encoder), ValueError, "needs an fp8 runner")):
+    try:
+        call()
+    except err as e:
+        assert text in str(e), e
+    else:
+        raise AssertionError(text)
+print("ok")
+""")
+
+
 # ---- on an fp8 GPU -------------------------------------------------------------------------------
 
 def _minilm_dir():
@@ -221,6 +251,10 @@ def test_minilm_report_and_encode_against_fp32():
     print(f"MiniLM fp8: min cosine vs fp32 {cos.min().item():.6f}; load report {rep}")
     assert cos.min().item() >= 0.99
     assert (rep["min_cosine"] >= F8_MIN) == _accepted_without_force(d)
+    # the fp16 GEMM weights were released after the check: fp8 holds fewer bytes than fp16
+    m16 = packformer.load(d, device="cuda")
+    assert rep["released_half_weight_bytes"] > 0
+    assert m8.info()["memory_bytes"] < m16.info()["memory_bytes"] - rep["released_half_weight_bytes"] // 3
 
 
 F8_MIN = 0.999

@@ -137,6 +137,42 @@ class Fp8Primitives(CudaPrimitives):
         return super().project_add_norm(a, lin, residual, norm, keep_sum, out, post)
 
 
+def fp8_primitives(runner) -> Fp8Primitives | None:
+    """The Fp8Primitives under a runner (FastEncoder, or the CUDA graphs over one); None if it has none."""
+    prims = getattr(getattr(runner, "forward", runner), "primitives", None)
+    return prims if isinstance(prims, Fp8Primitives) else None
+
+
+def release_half_weights(runner) -> int:
+    """Drop the fp16/bf16 weights of the GEMMs that `runner` runs in e4m3 (once the load-time check no
+    longer needs them), so that fp8 holds less memory than half precision, not more: each becomes a
+    meta tensor of its shape (a later use fails loudly instead of reading stale memory). -> bytes freed."""
+    prims = fp8_primitives(runner)
+    if prims is None:
+        raise ValueError("release_half_weights needs an fp8 runner (dtype='float8')")
+    freed = 0
+    for layer in prims.fast.encoder.layers:
+        for lin in (layer.qkv, layer.out, layer.ffn1, layer.ffn2):
+            w = lin.weight
+            if w.device.type != "meta":
+                freed += w.numel() * w.element_size()
+                lin.weight = torch.nn.Parameter(torch.empty_like(w, device="meta"), requires_grad=False)
+    return freed
+
+
+def half_weights_released(encoder) -> bool:
+    return any(l.qkv.weight.device.type == "meta" for l in encoder.layers)
+
+
+def fp8_weight_bytes(runner) -> int:
+    """Bytes of the e4m3 weights and their scales that `runner` holds (0 without fp8)."""
+    prims = fp8_primitives(runner)
+    if prims is None:
+        return 0
+    return sum(w.q.numel() * w.q.element_size() + w.scale.numel() * w.scale.element_size()
+               for w in prims.weights.values())
+
+
 CALIBRATION_LENGTHS = (2, 8, 16, 33, 64, 128, 257, 512)     # without a tokenizer: random ids of these lengths
 
 
@@ -161,6 +197,10 @@ def accuracy_report(model, texts=CALIBRATION_TEXTS) -> dict:
     from ..ops.attention import AttentionMeta
     from .cuda import FastEncoder
 
+    if half_weights_released(model.task_encoder(model.task)):
+        raise RuntimeError("the half-precision GEMM weights were released after the load-time check, so there "
+                           "is nothing to compare fp8 with: its report is model.fp8_report "
+                           "(info()['fp8_accuracy'])")
     batch, what = calibration_batch(model, texts)
     seqlens = batch.cu_seqlens.diff().tolist()
     batch = batch.to(model.device)
