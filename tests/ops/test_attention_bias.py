@@ -1,6 +1,6 @@
 """Position-dependent attention terms (`PositionBias`) on CPU: the fp32 reference against a padded
 HF-style computation, the grouped SDPA path against the reference, batch independence, the per-meta mask
-cache and the argument checks. The Triton kernel's checks are in test_flash_varlen.py."""
+cache, long windowed sequences in query blocks, and the argument checks. The Triton kernel's checks are in test_flash_varlen.py."""
 import math
 
 import pytest
@@ -198,6 +198,47 @@ def test_the_meta_builds_one_mask_per_forward_and_each_group_reads_its_corner():
     varlen_attention(q, k, v, meta, bias=biases["window"])            # a window alone: one [1, 1, L, L]
     assert len(meta.masks) == 2
     assert meta.masks_for(biases["window"], 30).shape == (1, 1, 30, 30)
+
+
+LONG_LENS = [600, 40, 1100, 511, 600, 512, 40]     # ModernBERT's window 64: from 512 tokens on, query blocks
+
+
+@pytest.mark.parametrize("kind", ["window", "both", "causal window"])
+def test_long_windowed_sequences_run_in_query_blocks_without_an_l_by_l_mask(kind):
+    """Past a few windows' length, a windowed sequence runs in blocks of 128 queries against the keys their
+    window reaches: the reference's results, the same bits alone as in a batch, and no [L, L] mask."""
+    from packformer.ops.attention import WINDOW_BLOCK, _windowed
+
+    table = torch.randn(3, 2 * 5 + 1, generator=torch.Generator().manual_seed(3))
+    bias = {"window": PositionBias(window=WINDOW), "both": PositionBias(table, WINDOW),
+            "causal window": PositionBias(window=WINDOW, causal=True)}[kind]
+    assert WINDOW_BLOCK == 128 and not _windowed(bias, 511) and _windowed(bias, 512)
+    (q, k, v), meta = _packed(LONG_LENS, heads=3)
+    got = varlen_attention(q, k, v, meta, bias=bias)
+    want = varlen_attention_ref(q, k, v, meta.cu_seqlens, bias=bias)
+    assert torch.isfinite(got).all() and (got - want).abs().max() <= 1e-5 * want.abs().max()
+    (_t, _v, mask), = meta.masks.values()      # only the sequences below 512 tokens read the cached mask
+    assert mask.shape[-1] == 511
+    start = 0
+    for n in LONG_LENS:
+        alone = AttentionMeta.build(torch.tensor([0, n], dtype=torch.int32), n, [n])
+        one = varlen_attention(q[start:start + n], k[start:start + n], v[start:start + n], alone, bias=bias)
+        assert torch.equal(got[start:start + n], one), n
+        start += n
+
+
+def test_query_blocks_serve_grouped_query_attention_and_bf16():
+    lens = [700, 700, 64]
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(sum(lens), 4, 16, generator=g)
+    k, v = (torch.randn(sum(lens), 2, 16, generator=g) for _ in range(2))
+    meta = AttentionMeta.build(torch.tensor([0, 700, 1400, 1464], dtype=torch.int32), 700, lens)
+    bias = PositionBias(window=WINDOW)
+    want = varlen_attention_ref(q, k, v, meta.cu_seqlens, bias=bias)
+    assert (varlen_attention(q, k, v, meta, bias=bias) - want).abs().max() <= 1e-5 * want.abs().max()
+    meta16 = AttentionMeta.build(meta.cu_seqlens, 700, lens)
+    got16 = varlen_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), meta16, bias=bias)
+    assert got16.dtype == torch.bfloat16 and (got16.float() - want).abs().max() <= 3e-2
 
 
 def test_the_mask_cache_follows_an_in_place_update_of_the_table():
