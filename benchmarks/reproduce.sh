@@ -188,7 +188,7 @@ gpu_steps() {
   step encode-host "NOTES-gpu: encode()'s host pipeline (threads, chunks, no-model rate, cProfile)" \
     "$PY" "$here/gpu_encode_host.py" $(q "" "--texts 2000") --out @W@
   local fam
-  for fam in mpnet-base modernbert-base gte-base-en-v1.5 deberta-v3-base; do
+  for fam in mpnet-base modernbert-base gte-base-en-v1.5 deberta-v3-base nomic-embed-text-v1.5; do
     step bench-family-$fam-fp16 "README + NOTES-gpu: other encoder families vs transformers' fastest attention" \
       "${pf[@]}" bench random:$fam --device cuda --workloads serve_b32,offline_b256 --peers hf_best \
       $(q "--iterations 5" "$it") --out @W@

@@ -7,6 +7,7 @@ by packformer."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -19,6 +20,7 @@ from packformer.bench.run import run_bench
 from packformer.config import preset
 from packformer.families import family_of
 from packformer.families.gte import config_from_hf
+from packformer.heads import ClassificationHead
 from packformer.loading import builtin_model_dir, load_parts
 from packformer.ops.rotary import RotaryConfig
 from tests.families import ref_gte as ref
@@ -178,19 +180,40 @@ def test_the_presets_are_the_released_shapes_and_load_at_random():
     assert h.shape == (5, 768) and torch.isfinite(h).all()
 
 
-def test_bench_runs_without_a_transformers_peer_and_says_why(folders):
-    assert family_of({"model_type": "new"}).to_hf_config is None
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_the_bench_peer_is_transformers_own_port_on_the_same_weights(folders, variant):
+    """bench.convert.to_hf builds transformers' GteModel from packformer's weights, GTE's NTK scaling stated
+    as its "linear" rope type on base x factor: it equals the remote code on every variant."""
+    folder, model, _ = folders[variant]
+    peer = convert.to_hf(load_parts(folder).encoder, attn_implementation="eager")
+    ids, mask, _ = ragged_ids(LENGTHS, VOCAB, pad_id=0, seed=4)
+    with torch.no_grad():
+        theirs = peer(input_ids=ids, attention_mask=mask).last_hidden_state
+    ours = ref.padded_forward(model, ids, mask)
+    assert (theirs - ours)[mask.bool()].abs().max() < 1e-4
+
+
+def test_bench_runs_transformers_port_as_the_peer(folders, monkeypatch):
     parts = load_parts(folders["base-en-v1.5"][0])
-    with pytest.raises(ValueError, match="no transformers model for the gte family"):
-        convert.to_hf(parts.encoder)
-    result = run_bench(parts, workloads="tutorial_small", peers=["hf_eager_fp32", "bt_nested", "packformer_ref"],
+    result = run_bench(parts, workloads="tutorial_small", peers=["hf_sdpa", "bt_nested", "packformer_ref"],
                        iterations=1, warmup=0, floor=False, log=None)
     peers = result["workloads"][0]["peers"]
-    for name in ("packformer", "packformer_ref"):
+    for name in ("packformer", "packformer_ref", "hf_sdpa"):
         assert peers[name]["status"] == "ok" and peers[name]["agreement"]["agrees"], peers[name]
-    assert peers["hf_eager_fp32"]["status"] == "skipped"
-    assert "no transformers peer" in peers["hf_eager_fp32"]["reason"]
     assert peers["bt_nested"]["status"] == "skipped" and "GLU" in peers["bt_nested"]["reason"]
+    with pytest.raises(ValueError, match="no transformers classification model of the gte family"):
+        convert.to_hf(parts.encoder, ClassificationHead(parts.config.hidden_size, 2), with_head=True)
+    # a transformers from before GteModel (5.17 has none): the peer is skipped, saying so
+    import packformer.families.gte as gte_family
+    from packformer.families.base import transformers_class
+
+    monkeypatch.setattr(gte_family, "transformers_class", lambda name: transformers_class(name + "FromTheFuture"))
+    result = run_bench(parts, workloads="tutorial_small", peers=["hf_sdpa"], iterations=1, warmup=0, floor=False,
+                       log=None)
+    skipped = result["workloads"][0]["peers"]["hf_sdpa"]
+    assert skipped["status"] == "skipped", skipped
+    assert re.search(r"no transformers peer for this model: transformers \S+ has no GteConfigFromTheFuture",
+                     skipped["reason"]), skipped
 
 
 @pytest.mark.parametrize("changes, match", [

@@ -1,8 +1,9 @@
 """NomicBERT (nomic-embed-text-v1 / v1.5) as specifications.
 
-NomicBERT is remote code with no transformers class: the peer is a transcription of its modeling file
-(ref_nomic_bert.py), whose random weights are saved as a real checkpoint (config.json shaped like
-nomic-embed-text-v1.5's, model.safetensors with the checkpoint's key names) and loaded by packformer."""
+NomicBERT is remote code: the reference is a transcription of its modeling file (ref_nomic_bert.py), whose
+random weights are saved as a real checkpoint (config.json shaped like nomic-embed-text-v1.5's,
+model.safetensors with the checkpoint's key names) and loaded by packformer. transformers' own port
+(NomicBertModel) is the bench peer where it can state the model."""
 from __future__ import annotations
 
 import json
@@ -186,20 +187,30 @@ def test_the_preset_is_the_released_shape_and_loads_at_random():
     assert h.shape == (5, 768) and torch.isfinite(h).all()
 
 
-def test_bench_runs_without_a_transformers_peer_and_says_why(folders):
-    assert family_of({"model_type": "nomic_bert"}).to_hf_config is None
-    parts = load_parts(folders["v1.5"][0])
-    with pytest.raises(ValueError, match="no transformers model for the nomic_bert family"):
-        convert.to_hf(parts.encoder)
-    result = run_bench(parts, workloads="tutorial_small",
-                       peers=["hf_sdpa", "bt_nested", "onnxruntime", "packformer_ref"], iterations=1, warmup=0,
-                       floor=False, log=None)
+def test_the_bench_peer_is_transformers_own_port_where_it_states_the_model(folders):
+    """bench.convert.to_hf builds transformers' NomicBertModel from packformer's weights for the released
+    layout (no biases, SwiGLU, full rotary): it equals the remote code; the bench runs it as the hf peer.
+    Variants the port cannot state (biases, partial or interleaved rotary) are skipped with the reason."""
+    folder, model, _ = folders["v1.5"]
+    parts = load_parts(folder)
+    peer = convert.to_hf(parts.encoder, attn_implementation="eager")
+    ids, mask, _ = ragged_ids([1, 7, 40, 96], VOCAB, pad_id=0, seed=4)
+    with torch.no_grad():
+        theirs = peer(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert (theirs - ref.padded_forward(model, ids, mask))[mask.bool()].abs().max() < 1e-4
+    result = run_bench(parts, workloads="tutorial_small", peers=["hf_sdpa", "bt_nested", "packformer_ref"],
+                       iterations=1, warmup=0, floor=False, log=None)
     peers = result["workloads"][0]["peers"]
-    for name in ("packformer", "packformer_ref"):
+    for name in ("packformer", "packformer_ref", "hf_sdpa"):
         assert peers[name]["status"] == "ok" and peers[name]["agreement"]["agrees"], peers[name]
-    for name in ("hf_sdpa", "onnxruntime"):
-        assert peers[name]["status"] == "skipped" and "no transformers peer" in peers[name]["reason"], peers[name]
     assert peers["bt_nested"]["status"] == "skipped" and "rotary" in peers["bt_nested"]["reason"]
+    other = load_parts(folders["biases_half_rotary_interleaved_geglu"][0])
+    with pytest.raises(ValueError, match="no NomicBertConfig states this model"):
+        convert.to_hf(other.encoder)
+    result = run_bench(other, workloads="tutorial_small", peers=["hf_sdpa"], iterations=1, warmup=0,
+                       floor=False, log=None)
+    skipped = result["workloads"][0]["peers"]["hf_sdpa"]
+    assert skipped["status"] == "skipped" and "no NomicBertConfig states this model" in skipped["reason"], skipped
 
 
 @pytest.mark.parametrize("changes, match", [

@@ -210,6 +210,10 @@ def _require_transformers_class(ctx: PeerContext, built_from: str = "") -> None:
 
 def _hf(ctx: PeerContext, attn: str, dtype: torch.dtype):
     _require_transformers_class(ctx)
+    try:            # a family's transformers class may not state every variant (NomicBERT with biases)
+        convert.hf_config(ctx.parts.config)
+    except ValueError as e:
+        raise NotApplicable(f"no transformers peer for this model: {e}") from None
     parts = ctx.parts
     return convert.to_hf(parts.encoder, attn_implementation=attn).to(ctx.device, dtype)
 

@@ -14,11 +14,44 @@ import torch
 
 from ..config import EncoderConfig
 from ..heads import ClassificationHead
-from ..loaders.keymap import KeyMap
+from ..loaders.keymap import KeyMap, Rule
 
 HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu",
                   "silu": "silu", "swish": "silu", "gelu_python": "gelu"}
 TO_HF_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu", "silu": "silu"}
+
+
+def transformers_class(name: str):
+    """`transformers.<name>`, or a ValueError naming the installed version that lacks it (the ports of
+    remote-code families are recent: GteModel is not in transformers 5.17)."""
+    import transformers
+
+    cls = getattr(transformers, name, None)
+    if cls is None:
+        raise ValueError(f"transformers {transformers.__version__} has no {name}")
+    return cls
+
+
+def glu_port_keymap(cfg: EncoderConfig, with_head: bool, attn_bias: bool, down_bias: bool) -> KeyMap:
+    """The state-dict names of transformers' own ports of remote-code GLU encoders (GteModel,
+    NomicBertModel), for bench.convert.to_hf: q/k/v/o apart under self_attn, mlp gate/up/down (packformer's
+    ffn1 rows are [gate; up]), post_attention / post_mlp LayerNorms. Bare encoders only."""
+    if with_head:
+        raise ValueError(f"no transformers classification model of the {cfg.family} family is built here")
+    L = "layers.{i}."
+    rules = [Rule.of("embeddings.word.weight", "embeddings.word_embeddings.weight"),
+             Rule.of("embeddings.token_type.weight", "embeddings.token_type_embeddings.weight")]
+    for p in ("weight", "bias"):
+        rules += [Rule.of(f"embeddings.norm.{p}", f"embeddings.LayerNorm.{p}"),
+                  Rule.of(f"layers.{{i}}.norm1.{p}", f"{L}post_attention_layernorm.{p}"),
+                  Rule.of(f"layers.{{i}}.norm2.{p}", f"{L}post_mlp_layernorm.{p}")]
+    for p in ("weight", "bias") if attn_bias else ("weight",):
+        rules += [Rule.of(f"layers.{{i}}.qkv.{p}", *(f"{L}self_attn.{x}_proj.{p}" for x in "qkv")),
+                  Rule.of(f"layers.{{i}}.out.{p}", f"{L}self_attn.o_proj.{p}")]
+    rules += [Rule.of("layers.{i}.ffn1.weight", f"{L}mlp.gate_proj.weight", f"{L}mlp.up_proj.weight")]
+    rules += [Rule.of(f"layers.{{i}}.ffn2.{p}", f"{L}mlp.down_proj.{p}")
+              for p in (("weight", "bias") if down_bias else ("weight",))]
+    return KeyMap(rules)
 
 
 def hf_activation(name: str, key: str = "hidden_act") -> str:

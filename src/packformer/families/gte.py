@@ -1,6 +1,7 @@
 """GTE v1.5 and mGTE (gte-base-en-v1.5, gte-large-en-v1.5, gte-multilingual-base; model_type "new"): remote
-code (`NewModel` of Alibaba-NLP/new-impl's modeling.py); no transformers peer (recent transformers' own GteModel
-is model_type "gte", with renamed weights and without GTE's NTK scaling).
+code (`NewModel` of Alibaba-NLP/new-impl's modeling.py). Recent transformers' own GteModel (model_type "gte",
+renamed weights, no "ntk" rope type) is the bench peer (`to_hf_config`, `hf_keymap`): GTE's fixed NTK scaling is
+its "linear" rope type on base * factor with factor ** (2 / head_dim) as the linear factor.
 
 Post-norm BERT layers without absolute positions: word (+ token-type when type_vocab_size > 0) embeddings
 and their LayerNorm; rotary on the whole head (rotate_half pairs, positions from 0), base `rope_theta`, with
@@ -20,7 +21,8 @@ from __future__ import annotations
 from ..config import EncoderConfig
 from ..loaders.keymap import KeyMap, Rule, module_rules
 from ..ops.rotary import RotaryConfig
-from .base import Family, classification_labels, hf_activation
+from .base import (Family, TO_HF_ACTIVATIONS, classification_labels, glu_port_keymap,
+                   hf_activation, transformers_class)
 
 # NewConfig's defaults for keys a config.json may leave out
 DEFAULTS = dict(vocab_size=30528, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
@@ -89,6 +91,28 @@ def keymap(cfg: EncoderConfig, with_head: bool) -> KeyMap:
     return KeyMap(rules, ignore=ignore, absent=["layers.*.ffn1.bias"])
 
 
+def to_hf_config(cfg: EncoderConfig):
+    """EncoderConfig -> transformers GteConfig (transformers >= 5). GTE's NTK frequencies are
+    1 / ((base f)^(2i/d) f^(2/d)) (ops.rotary.rotary_inv_freq): the plain rope of base * f, each frequency
+    divided by f^(2/d), which is the "linear" rope type with that factor."""
+    GteConfig = transformers_class("GteConfig")
+
+    rot, d = cfg.rotary, cfg.head_dim
+    if rot is None or rot.rot_dim(d) != d or rot.interleaved:
+        raise ValueError(f"no GteConfig states this model's rotary {rot!r}")
+    if rot.scaling == "ntk":
+        f = rot.scaling_factor
+        rope = {"rope_type": "linear", "rope_theta": rot.base * f, "factor": f ** (2 / d)}
+    else:
+        rope = {"rope_type": "default", "rope_theta": rot.base}
+    return GteConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size,
+        hidden_act=TO_HF_ACTIVATIONS[cfg.activation], max_position_embeddings=cfg.max_position_embeddings,
+        type_vocab_size=max(cfg.type_vocab_size, 1), layer_norm_eps=cfg.layer_norm_eps,
+        pad_token_id=cfg.pad_token_id, rope_parameters=rope)
+
+
 def _preset(**kw) -> EncoderConfig:
     return EncoderConfig(**{**dict(vocab_size=30528, max_position_embeddings=8192, layer_norm_eps=1e-12,
                                    activation="gelu", position_embedding="none", ffn_kind="glu", model_type="new",
@@ -98,7 +122,9 @@ def _preset(**kw) -> EncoderConfig:
 FAMILY = Family(
     name="gte", model_types=("new",), config_from_hf=config_from_hf, keymap=keymap,
     reference="a transcription of NewModel / NewForSequenceClassification (Alibaba-NLP/new-impl modeling.py, the "
-              "checkpoints' remote code) in tests/families/ref_gte.py; no transformers class",
+              "checkpoints' remote code) in tests/families/ref_gte.py, and transformers' GteModel",
+    to_hf_config=to_hf_config,
+    hf_keymap=lambda cfg, with_head: glu_port_keymap(cfg, with_head, attn_bias=True, down_bias=True),
     presets={
         "gte-base-en-v1.5": _preset(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072,
                                     type_vocab_size=0,

@@ -32,7 +32,7 @@ from ..config import EncoderConfig
 from ..loaders.keymap import KeyMap, Rule
 from ..lora import LINEAR_TARGETS, LoraAdapters
 from ..ops.rotary import RotaryConfig
-from .base import Family, TO_HF_ACTIVATIONS, classification_labels, hf_activation
+from .base import Family, TO_HF_ACTIVATIONS, classification_labels, hf_activation, transformers_class
 from .bert import ROBERTA_HEAD_RULES
 
 REMOTE, NATIVE = "xlm-roberta", "jina_embeddings_v3"
@@ -183,7 +183,7 @@ def hf_keymap(cfg: EncoderConfig, with_head: bool) -> KeyMap:
 def to_hf_config(cfg: EncoderConfig):
     """EncoderConfig -> transformers JinaEmbeddingsV3Config (transformers >= 5). It has no adapters: the
     peer runs the base weights, as packformer does without a task."""
-    from transformers import JinaEmbeddingsV3Config
+    JinaEmbeddingsV3Config = transformers_class("JinaEmbeddingsV3Config")
 
     want = dict(norm_first=False, final_layer_norm=False, embedding_layer_norm=True, position_embedding="none",
                 ffn_kind="mlp", linear_bias=True, norm_bias=True, local_window=0, relative_bias=None)

@@ -1,6 +1,7 @@
 """NomicBERT (nomic-embed-text-v1 / v1.5, nomic-bert-2048; model_type "nomic_bert"): remote code
-(`NomicBertModel` of nomic-ai/contrastors' modeling_hf_nomic_bert.py); no transformers peer (recent transformers'
-own NomicBertModel reads other config keys and renamed weights).
+(`NomicBertModel` of nomic-ai/contrastors' modeling_hf_nomic_bert.py). Recent transformers' own NomicBertModel
+(other config keys, renamed weights; full rotary, SwiGLU, no Linear biases) is the bench peer where it can
+state the model (`to_hf_config`, `hf_keymap`).
 
 Post-norm BERT layers on GPT2-style config names (n_embd, n_head, n_layer, n_inner, layer_norm_epsilon):
 word + token-type embeddings and `emb_ln`, no absolute positions once `rotary_emb_fraction` > 0 (learned
@@ -26,7 +27,7 @@ from __future__ import annotations
 from ..config import EncoderConfig
 from ..loaders.keymap import KeyMap, Rule
 from ..ops.rotary import RotaryConfig
-from .base import Family, classification_labels
+from .base import Family, TO_HF_ACTIVATIONS, classification_labels, glu_port_keymap, transformers_class
 
 GATED = {"swiglu": "silu", "geglu": "gelu"}
 PLAIN = ("gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh")     # all run as the exact GELU by the original
@@ -122,11 +123,31 @@ def keymap(cfg: EncoderConfig, with_head: bool) -> KeyMap:
     return KeyMap([Rule.of(t, *s) for t, s in pairs], ignore=ignore, absent=absent)
 
 
+def to_hf_config(cfg: EncoderConfig):
+    """EncoderConfig -> transformers NomicBertConfig (transformers >= 5), which runs rotary on whole heads
+    (rotate_half pairs), a GLU FFN and no Linear biases: other NomicBERT variants raise a ValueError."""
+    NomicBertConfig = transformers_class("NomicBertConfig")
+
+    rot = cfg.rotary
+    off = {k: getattr(cfg, k) for k, v in dict(ffn_kind="glu", linear_bias=False, position_embedding="none",
+                                                 norm_first=False).items() if getattr(cfg, k) != v}
+    if off or rot is None or rot != RotaryConfig(base=rot.base):
+        raise ValueError(f"no NomicBertConfig states this model: {off or 'its rotary ' + repr(rot)}")
+    return NomicBertConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size,
+        hidden_act=TO_HF_ACTIVATIONS[cfg.activation], max_position_embeddings=cfg.max_position_embeddings,
+        type_vocab_size=max(cfg.type_vocab_size, 1), layer_norm_eps=cfg.layer_norm_eps,
+        pad_token_id=cfg.pad_token_id, rope_parameters={"rope_type": "default", "rope_theta": rot.base})
+
+
 FAMILY = Family(
     name="nomic_bert", model_types=("nomic_bert",), config_from_hf=config_from_hf, keymap=keymap,
     reference="a transcription of NomicBertModel / NomicBertForSequenceClassification (nomic-ai/contrastors "
-              "modeling_hf_nomic_bert.py, the checkpoints' remote code) in tests/families/ref_nomic_bert.py; "
-              "no transformers class",
+              "modeling_hf_nomic_bert.py, the checkpoints' remote code) in tests/families/ref_nomic_bert.py, "
+              "and transformers' NomicBertModel",
+    to_hf_config=to_hf_config,
+    hf_keymap=lambda cfg, with_head: glu_port_keymap(cfg, with_head, attn_bias=False, down_bias=False),
     presets={
         # nomic-embed-text-v1.5 (and v1): 2048 is the trained length (max_trained_positions)
         "nomic-embed-text-v1.5": EncoderConfig(
