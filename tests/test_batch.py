@@ -69,3 +69,16 @@ def test_an_empty_sequence_keeps_its_slot():
     assert b.positions.tolist() == [0, 0, 1] and b.token_type_ids.tolist() == [0, 1, 1]
     s = b.select([1, 0])
     assert s.seqlens.tolist() == [0, 1] and s.input_ids.tolist() == [1] and s.max_seqlen == 1
+
+
+def test_roberta_style_positions_number_a_pad_id_inside_a_sequence_as_transformers_does():
+    """With position_offset = pad id + 1 (RoBERTa, XLM-R, MPNet), a pad id inside a sequence gets the pad
+    position and is skipped by the count, per sequence; without one the positions are plain."""
+    from transformers.models.roberta.modeling_roberta import RobertaEmbeddings
+
+    seqs = [[0, 5, 1, 6, 2], [0, 1, 1, 2], [0, 7, 2], [1]]
+    got = pack(seqs, position_offset=2).positions
+    want = torch.cat([RobertaEmbeddings.create_position_ids_from_input_ids(torch.tensor([s]), 1)[0] for s in seqs])
+    assert got.tolist() == want.tolist() == [2, 3, 1, 4, 5, 2, 1, 1, 3, 2, 3, 4, 1]
+    assert pack([[0, 5, 6, 2], [0, 2]], position_offset=2).positions.tolist() == [2, 3, 4, 5, 2, 3]
+    assert pack([[0, 1, 0]], position_offset=0).positions.tolist() == [0, 1, 2]      # BERT: no pad rule

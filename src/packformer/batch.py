@@ -82,19 +82,37 @@ def positions_for(lengths: Sequence[int] | np.ndarray, offset: int = 0) -> torch
     return torch.from_numpy(np.arange(total, dtype=np.int64) - starts + offset)
 
 
+def roberta_positions(flat: np.ndarray, lengths: Sequence[int], position_offset: int) -> torch.Tensor | None:
+    """RoBERTa-style position ids (position_offset = pad id + 1: RoBERTa, XLM-R, CamemBERT, MPNet) where a
+    sequence holds the pad id itself (a literal "<pad>" in a text): that token gets the pad position and
+    the tokens after it do not count it, as transformers' create_position_ids_from_input_ids (and
+    fairseq's make_positions) number them. None when no pad id occurs: plain positions_for then."""
+    pad = position_offset - 1
+    is_pad = flat == pad                                                    # [T]
+    if not is_pad.any():
+        return None
+    lengths = np.asarray(lengths, dtype=np.int64)
+    real = (~is_pad).astype(np.int64)
+    count = np.cumsum(real)                                                 # real tokens so far, whole batch
+    before = np.repeat(np.concatenate(([0], count))[np.cumsum(lengths) - lengths], lengths)
+    return torch.from_numpy((count - before) * real + pad)
+
+
 def pack(sequences: Sequence[Sequence[int]], position_offset: int = 0,
          token_types: Sequence[Sequence[int]] | None = None,
          order: Sequence[int] | None = None) -> PackedBatch:
-    """Pack lists of token ids (special tokens already added) into a PackedBatch."""
+    """Pack lists of token ids (special tokens already added) into a PackedBatch. With a position offset
+    (RoBERTa-style), a pad id inside a sequence is numbered as transformers numbers it (roberta_positions)."""
     lengths = [len(s) for s in sequences]
     flat = np.fromiter(itertools.chain.from_iterable(sequences), dtype=np.int64, count=sum(lengths))
+    positions = roberta_positions(flat, lengths, position_offset) if position_offset > 0 else None
     tt = None
     if token_types is not None:
         tt = torch.from_numpy(np.fromiter(itertools.chain.from_iterable(token_types), dtype=np.int64,
                                           count=sum(lengths)))
     return PackedBatch(
         input_ids=torch.from_numpy(flat),
-        positions=positions_for(lengths, position_offset),
+        positions=positions if positions is not None else positions_for(lengths, position_offset),
         cu_seqlens=cu_seqlens_from_lengths(lengths),
         max_seqlen=max(lengths, default=0),
         token_type_ids=tt,

@@ -121,6 +121,20 @@ def test_hidden_states_match_transformers_across_bucket_edges(hf_folder):
     print(f"mpnet hidden states, max abs error vs transformers: {errs}")
 
 
+def test_a_pad_id_inside_a_sequence_is_numbered_as_transformers_numbers_it(hf_folder):
+    """A literal "<pad>" in a text is the pad id: transformers gives it the padding position and does not
+    count it in the positions after it (create_position_ids_from_input_ids); so does packformer."""
+    hf, folder = hf_folder
+    lengths = [9, 40, 12]
+    ids, mask, seqs = _inputs(hf, lengths)
+    pad = hf.config.pad_token_id
+    seqs[0][3] = seqs[1][5] = seqs[1][6] = pad                 # inside the texts, attended to like any token
+    ids[0, 3] = ids[1, 5] = ids[1, 6] = pad
+    with torch.no_grad():
+        ref = packed_reference(hf(input_ids=ids, attention_mask=mask).last_hidden_state, lengths)
+    check_hidden_states(folder, ref, seqs, atol=1e-4)
+
+
 def test_padded_drop_in_matches_transformers(hf_folder):
     hf, folder = hf_folder
     lengths = [3, 17, 130]
