@@ -503,8 +503,6 @@ def test_cli_encode_and_serve_take_a_task(jina, tmp_path, capsys):
     assert main(["encode", "--model", str(folder), "--task", "nope", "x"]) == 1
     err = capsys.readouterr().err
     assert "unknown task 'nope'" in err and "retrieval.passage" in err and "Traceback" not in err
-    assert main(["serve", str(folder), "--ray", "--task", "separation"]) == 1
-    assert "--task is not supported with --ray" in capsys.readouterr().err
 
     args = build_parser().parse_args(["serve", str(folder), "--task", "retrieval.passage"])
     served = load_model(args)

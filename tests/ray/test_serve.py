@@ -46,6 +46,20 @@ def test_cli_serve_ray_answers_and_stops_on_sigterm(minilm):
         assert code == 0, srv.log()[-3000:]
 
 
+def test_cli_serve_ray_gives_the_replicas_its_task(monkeypatch):
+    """`serve --ray --task T` loads every replica with T as the task of requests that name none (models
+    with task adapters), as `serve --task T` does in one process."""
+    from packformer.cli import main
+    from packformer.ray import serve as ray_serve
+
+    got = {}
+    monkeypatch.setattr(ray_serve, "serve_forever", lambda model, settings, **kw: got.update(kw) or 0)
+    assert main(["serve", "--ray", "--task", "retrieval.query", "--replicas", "2"]) == 0
+    assert got["task"] == "retrieval.query" and got["replicas"] == 2
+    with pytest.raises(ValueError, match="a model factory loads its own task"):
+        ray_serve.start(lambda: None, task="retrieval.query")
+
+
 def test_cli_haproxy_ingress_cannot_be_set_on_a_joined_cluster(capsys):
     from packformer.cli import main
 

@@ -70,8 +70,6 @@ def settings_from_args(args):
 
 def run(args) -> int:
     if args.ray:
-        if args.task is not None:
-            raise ValueError("--task is not supported with --ray: name the task in each request's \"task\" field")
         from ..ray.serve_cli import run as run_on_ray
         return run_on_ray(args, settings_from_args(args))
     import uvicorn

@@ -32,6 +32,7 @@ class ReplicaSpec:
     dtype: str | None = None
     settings: ServerSettings = field(default_factory=ServerSettings)
     threads: int = 1
+    task: str | None = None      # models with task adapters: the task of requests that name none
 
 
 @serve.ingress()
@@ -43,7 +44,8 @@ class PackformerReplica:
         limit_process_threads(spec.threads)   # replicas share the machine's cores
         self.spec = spec
         self.model = spec.model() if callable(spec.model) else packformer.load(
-            spec.model, device=spec.device, dtype=spec.dtype, max_batch_tokens=spec.settings.max_batch_tokens)
+            spec.model, device=spec.device, dtype=spec.dtype, max_batch_tokens=spec.settings.max_batch_tokens,
+            task=spec.task)
         self.server_app = None
 
     def __serve_build_asgi_app__(self):
@@ -76,21 +78,24 @@ def deployment(spec: ReplicaSpec, replicas: int, gpus_per_replica: float, cpus_p
 
 def start(model: Any = None, settings: ServerSettings | None = None, *, replicas: int = 1,
           gpus_per_replica: float = 0, cpus_per_replica: float | None = None, dtype: str | None = None,
-          host: str = "127.0.0.1", port: int = 8000, strict: bool = True) -> str:
+          host: str = "127.0.0.1", port: int = 8000, strict: bool = True, task: str | None = None) -> str:
     """Deploy on the Ray this process is connected to (call ray.init first); returns the base URL once
     every replica runs. Stop with `stop()`. Not enough CPUs/GPUs for the replicas: RuntimeError, or
-    with strict=False (a cluster that may autoscale) a warning."""
+    with strict=False (a cluster that may autoscale) a warning. `task` (models with task adapters): the
+    task of requests that name none."""
     import ray
 
     from .dataset import check_resources, replica_cpus
 
+    if callable(model) and task is not None:
+        raise ValueError("a model factory loads its own task: pass task= to packformer.load() inside it")
     if not ray.is_initialized():
         raise RuntimeError("Ray is not initialized: call ray.init() (or use `packformer serve --ray`)")
     settings = settings or ServerSettings()
     cpus = replica_cpus(replicas, cpus_per_replica)
     check_resources(replicas, cpus, gpus_per_replica, strict=strict)
     spec = ReplicaSpec(model=model, device="cuda" if gpus_per_replica > 0 else "cpu", dtype=dtype,
-                       settings=settings, threads=max(1, int(cpus)))
+                       settings=settings, threads=max(1, int(cpus)), task=task)
     serve.start(http_options={"host": host, "port": port})
     serve.run(deployment(spec, replicas, gpus_per_replica, cpus), name=APP_NAME, route_prefix="/")
     return f"http://{host}:{port}"
@@ -127,7 +132,7 @@ def wait_healthy(url: str, timeout: float = 300.0) -> None:
 
 def serve_forever(model: Any, settings: ServerSettings, *, replicas: int, gpus_per_replica: float,
                   cpus_per_replica: float | None, dtype: str | None, host: str, port: int,
-                  ray_address: str | None) -> int:
+                  ray_address: str | None, task: str | None = None) -> int:
     """`packformer serve --ray`: deploy, print where, and run until SIGINT/SIGTERM, then shut Serve down."""
     import sys
 
@@ -139,7 +144,8 @@ def serve_forever(model: Any, settings: ServerSettings, *, replicas: int, gpus_p
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda signum, frame: stop_event.set())
         url = start(model, settings, replicas=replicas, gpus_per_replica=gpus_per_replica,
-                    cpus_per_replica=cpus_per_replica, dtype=dtype, host=host, port=port, strict=not ray_address)
+                    cpus_per_replica=cpus_per_replica, dtype=dtype, host=host, port=port, strict=not ray_address,
+                    task=task)
         try:
             wait_healthy(url)
             print(f"packformer serve --ray: {replicas} replica(s) on {url}", file=sys.stderr, flush=True)

@@ -37,4 +37,4 @@ def run(args, settings) -> int:
         gpus = 1 if device.startswith("cuda") else 0
     return serve_forever(model_spec(args.model), settings, replicas=args.replicas, gpus_per_replica=gpus,
                          cpus_per_replica=args.cpus_per_replica, dtype=args.dtype, host=args.host, port=args.port,
-                         ray_address=args.ray_address)
+                         ray_address=args.ray_address, task=args.task)
