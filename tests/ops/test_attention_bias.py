@@ -151,18 +151,21 @@ def test_bf16_with_a_bias_stays_within_bf16_rounding_of_the_fp32_reference():
     assert (got.float() - want.float()).abs().max() <= 2e-2
 
 
-@pytest.mark.parametrize("kind", ["bias", "window", "both"])
-def test_a_sequence_gives_the_same_bits_alone_and_inside_a_batch(kind):
-    lens = [12, 30, 12, 7, 30, 45]       # gathered and adjacent groups; the longest sets the cached mask
-    (q, k, v), meta = _packed(lens, heads=3)
-    bias = _biases(3)[kind]
-    together = varlen_attention(q, k, v, meta, bias=bias)
+def _assert_alone_as_in_the_batch(q, k, v, lens, together, bias):
     start = 0
     for n in lens:
         alone_meta = AttentionMeta.build(torch.tensor([0, n], dtype=torch.int32), n, [n])
         alone = varlen_attention(q[start:start + n], k[start:start + n], v[start:start + n], alone_meta, bias=bias)
         assert torch.equal(together[start:start + n], alone), n
         start += n
+
+
+@pytest.mark.parametrize("kind", ["bias", "window", "both"])
+def test_a_sequence_gives_the_same_bits_alone_and_inside_a_batch(kind):
+    lens = [12, 30, 12, 7, 30, 45]       # gathered and adjacent groups; the longest sets the cached mask
+    (q, k, v), meta = _packed(lens, heads=3)
+    bias = _biases(3)[kind]
+    _assert_alone_as_in_the_batch(q, k, v, lens, varlen_attention(q, k, v, meta, bias=bias), bias)
 
 
 def test_no_bias_and_an_empty_bias_change_nothing():
@@ -219,12 +222,7 @@ def test_long_windowed_sequences_run_in_query_blocks_without_an_l_by_l_mask(kind
     assert torch.isfinite(got).all() and (got - want).abs().max() <= 1e-5 * want.abs().max()
     (_t, _v, mask), = meta.masks.values()      # only the sequences below 512 tokens read the cached mask
     assert mask.shape[-1] == 511
-    start = 0
-    for n in LONG_LENS:
-        alone = AttentionMeta.build(torch.tensor([0, n], dtype=torch.int32), n, [n])
-        one = varlen_attention(q[start:start + n], k[start:start + n], v[start:start + n], alone, bias=bias)
-        assert torch.equal(got[start:start + n], one), n
-        start += n
+    _assert_alone_as_in_the_batch(q, k, v, LONG_LENS, got, bias)
 
 
 def test_query_blocks_serve_grouped_query_attention_and_bf16():

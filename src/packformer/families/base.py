@@ -32,6 +32,16 @@ def transformers_class(name: str):
     return cls
 
 
+def port_config_kwargs(cfg: EncoderConfig) -> dict[str, Any]:
+    """The config fields that transformers' ports of remote-code families (GteConfig, NomicBertConfig,
+    JinaEmbeddingsV3Config) name alike; each adds its rope parameters."""
+    return dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+                num_attention_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size,
+                hidden_act=TO_HF_ACTIVATIONS[cfg.activation], max_position_embeddings=cfg.max_position_embeddings,
+                type_vocab_size=max(cfg.type_vocab_size, 1), layer_norm_eps=cfg.layer_norm_eps,
+                pad_token_id=cfg.pad_token_id)
+
+
 def glu_port_keymap(cfg: EncoderConfig, with_head: bool, attn_bias: bool, down_bias: bool) -> KeyMap:
     """The state-dict names of transformers' own ports of remote-code GLU encoders (GteModel,
     NomicBertModel), for bench.convert.to_hf: q/k/v/o apart under self_attn, mlp gate/up/down (packformer's

@@ -21,8 +21,8 @@ from __future__ import annotations
 from ..config import EncoderConfig
 from ..loaders.keymap import KeyMap, Rule, module_rules
 from ..ops.rotary import RotaryConfig
-from .base import (Family, TO_HF_ACTIVATIONS, classification_labels, glu_port_keymap,
-                   hf_activation, transformers_class)
+from .base import (Family, classification_labels, glu_port_keymap, hf_activation,
+                   port_config_kwargs, transformers_class)
 
 # NewConfig's defaults for keys a config.json may leave out
 DEFAULTS = dict(vocab_size=30528, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
@@ -105,12 +105,7 @@ def to_hf_config(cfg: EncoderConfig):
         rope = {"rope_type": "linear", "rope_theta": rot.base * f, "factor": f ** (2 / d)}
     else:
         rope = {"rope_type": "default", "rope_theta": rot.base}
-    return GteConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size,
-        hidden_act=TO_HF_ACTIVATIONS[cfg.activation], max_position_embeddings=cfg.max_position_embeddings,
-        type_vocab_size=max(cfg.type_vocab_size, 1), layer_norm_eps=cfg.layer_norm_eps,
-        pad_token_id=cfg.pad_token_id, rope_parameters=rope)
+    return GteConfig(**port_config_kwargs(cfg), rope_parameters=rope)
 
 
 def _preset(**kw) -> EncoderConfig:

@@ -32,7 +32,7 @@ from ..config import EncoderConfig
 from ..loaders.keymap import KeyMap, Rule
 from ..lora import LINEAR_TARGETS, LoraAdapters
 from ..ops.rotary import RotaryConfig
-from .base import Family, TO_HF_ACTIVATIONS, classification_labels, hf_activation, transformers_class
+from .base import Family, classification_labels, hf_activation, port_config_kwargs, transformers_class
 from .bert import ROBERTA_HEAD_RULES
 
 REMOTE, NATIVE = "xlm-roberta", "jina_embeddings_v3"
@@ -190,13 +190,8 @@ def to_hf_config(cfg: EncoderConfig):
     off = {k: getattr(cfg, k) for k, v in want.items() if getattr(cfg, k) != v}
     if off or cfg.rotary is None or cfg.rotary != RotaryConfig(base=cfg.rotary.base):
         raise ValueError(f"no JinaEmbeddingsV3Config states this model: {off or 'its rotary ' + repr(cfg.rotary)}")
-    return JinaEmbeddingsV3Config(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size,
-        hidden_act=TO_HF_ACTIVATIONS[cfg.activation], max_position_embeddings=cfg.max_position_embeddings,
-        type_vocab_size=max(cfg.type_vocab_size, 1), layer_norm_eps=cfg.layer_norm_eps,
-        pad_token_id=cfg.pad_token_id, rope_parameters={"rope_type": "default", "rope_theta": cfg.rotary.base},
-        num_labels=max(cfg.num_labels, 1))
+    return JinaEmbeddingsV3Config(**port_config_kwargs(cfg), num_labels=max(cfg.num_labels, 1),
+                                  rope_parameters={"rope_type": "default", "rope_theta": cfg.rotary.base})
 
 
 def embedding_pooling(d: dict) -> tuple[str, bool]:

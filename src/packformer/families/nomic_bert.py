@@ -27,7 +27,7 @@ from __future__ import annotations
 from ..config import EncoderConfig
 from ..loaders.keymap import KeyMap, Rule
 from ..ops.rotary import RotaryConfig
-from .base import Family, TO_HF_ACTIVATIONS, classification_labels, glu_port_keymap, transformers_class
+from .base import Family, classification_labels, glu_port_keymap, port_config_kwargs, transformers_class
 
 GATED = {"swiglu": "silu", "geglu": "gelu"}
 PLAIN = ("gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh")     # all run as the exact GELU by the original
@@ -133,12 +133,8 @@ def to_hf_config(cfg: EncoderConfig):
                                                  norm_first=False).items() if getattr(cfg, k) != v}
     if off or rot is None or rot != RotaryConfig(base=rot.base):
         raise ValueError(f"no NomicBertConfig states this model: {off or 'its rotary ' + repr(rot)}")
-    return NomicBertConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size,
-        hidden_act=TO_HF_ACTIVATIONS[cfg.activation], max_position_embeddings=cfg.max_position_embeddings,
-        type_vocab_size=max(cfg.type_vocab_size, 1), layer_norm_eps=cfg.layer_norm_eps,
-        pad_token_id=cfg.pad_token_id, rope_parameters={"rope_type": "default", "rope_theta": rot.base})
+    return NomicBertConfig(**port_config_kwargs(cfg),
+                           rope_parameters={"rope_type": "default", "rope_theta": rot.base})
 
 
 FAMILY = Family(
