@@ -8,7 +8,8 @@ Writes a Parquet of `--rows` WORKLOADS texts (bench.workloads.generate_texts: id
   1. single process: load the model, read the Parquet, `encode()` every text, write one Parquet of
      (id, embedding); each step timed (the model's rate is rows / encode seconds);
   2. `embed_dataset` once per config `RxG[:S]` (R replicas of G GPUs each, each working on S shards
-     at once; `1x0` on CPU), into a fresh folder, with its summary's phases: Ray start, replica start, model load, CUDA graph capture, read,
+     at once; `1x0` on CPU), into a fresh folder, with its summary's phases: Ray start, replica start,
+     model load, CUDA graph capture, read,
      encode, time waiting for the tokenizer, Arrow conversion + write, final checks.
 Every run is checked: rows in = rows out, every id once, embeddings against the single process's
 (max |diff|, min cosine). Prints a table and writes `ray-dataset-<device>.json`.

@@ -65,7 +65,8 @@ def main() -> int:
                          d["tokens_per_s"] / ref if ref else None])
     table(f"packformer serve on Ray vs one process, {result['device']} {result['dtype']}",
           ["server", "clients", "tokens/s", "requests/s", "p50 ms", "p99 ms", "x single"], rows)
-    path = write_json(result, Path(args.out) / f"bench-serve-ray-{'cuda' if args.device.startswith('cuda') else 'cpu'}.json")
+    label = "cuda" if args.device.startswith("cuda") else "cpu"
+    path = write_json(result, Path(args.out) / f"bench-serve-ray-{label}.json")
     print(f"wrote {path}", file=sys.stderr)
     return 0 if len(runs) == len(configs(args.replicas, True)) else 1
 

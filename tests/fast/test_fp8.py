@@ -170,8 +170,9 @@ assert all(l.weight.device.type == "meta" for l in gemms) and [l.weight.shape fo
 assert torch.equal(hidden(m.runner, m, batch), before)                                 # fp8 never read them
 assert m.weight_bytes() == bytes_before - half
 assert m.info()["parameters"] == sum(p.numel() for p in m.parameters())               # shapes still count
-for call, err, text in ((lambda: F8.accuracy_report(m, texts=TEXTS), RuntimeError, "released after the load-time check"),
-                        (lambda: F8.release_half_weights(m.encoder), ValueError, "needs an fp8 runner")):
+checks = ((lambda: F8.accuracy_report(m, texts=TEXTS), RuntimeError, "released after the load-time check"),
+          (lambda: F8.release_half_weights(m.encoder), ValueError, "needs an fp8 runner"))
+for call, err, text in checks:
     try:
         call()
     except err as e:

@@ -1,6 +1,7 @@
 """Position-dependent attention terms (`PositionBias`) on CPU: the fp32 reference against a padded
 HF-style computation, the grouped SDPA path against the reference, batch independence, the per-meta mask
-cache, long windowed sequences in query blocks, and the argument checks. The Triton kernel's checks are in test_flash_varlen.py."""
+cache, long windowed sequences in query blocks, and the argument checks. The Triton kernel's checks are in
+test_flash_varlen.py."""
 import math
 
 import pytest

@@ -7,10 +7,11 @@ on its own GPU when `gpus_per_replica` is set) and feeds them one shard per call
 calls at once (on a GPU, 3: while one shard's batches run on the device, others are read, tokenized
 and written; the model serializes its launches). A replica reads its shard, packs the texts under the
 token budget, embeds them with encode()'s pipeline and writes the shard's Parquet file atomically,
-returning only a few counters and where its time went. Writes are idempotent, so Ray may retry a shard freely: an
-actor that dies is restarted and its shard re-run (actor options `max_restarts`, `max_task_retries`),
-and a shard whose replica raises is run again in place (DataContext `retried_map_errors`,
-`max_map_retries`), up to `max_retries` times each; bad input (InputError) fails the job at once.
+returning only a few counters and where its time went. Writes are idempotent, so Ray may retry a shard
+freely: an actor that dies is restarted and its shards re-run (actor options `max_restarts`,
+`max_task_retries`), and a shard whose replica raises is run again in place (DataContext
+`retried_map_errors`, `max_map_retries`), up to `max_retries` times each; bad input (InputError) fails
+the job at once.
 At the end every shard's file is checked against its planned row count: nothing is lost silently.
 """
 from __future__ import annotations
@@ -24,9 +25,12 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from packformer.pipeline import RunStats
 
 RAY_MISSING = 'packformer.ray needs Ray Data and pyarrow: pip install -e ".[ray]"  (or: pip install "ray[data,serve]" pyarrow)'
 
@@ -152,7 +156,7 @@ def job_phases(results: dict[str, np.ndarray], job_start: float, launch: float, 
 
 # ---- the replica --------------------------------------------------------------------------------
 def embed_texts(model, texts: Sequence[str], normalize: bool | None, truncate: bool,
-                stats: Any = None) -> tuple[np.ndarray, int]:
+                stats: RunStats | None = None) -> tuple[np.ndarray, int]:
     """Texts -> (embeddings [N, D] fp32 in input order, real token count): Model.encode's own pipeline
     (tokenization of the next chunk overlaps the device's work on this one; results are read back
     without blocking), with its prompt and pooling. `stats`: a pipeline.RunStats to fill in."""
