@@ -46,8 +46,8 @@ class TinyModel:
     """Zero-argument factory of a small random encoder; with `fail` set, the first call of embed_batch
     across all replicas (a marker file decides which) raises ("raise") or kills its process ("die")."""
 
-    def __init__(self, fail: str | None = None, marker: str | None = None):
-        self.fail, self.marker = fail, marker
+    def __init__(self, fail: str | None = None, marker: str | None = None, prompts: dict | None = None):
+        self.fail, self.marker, self.prompts = fail, marker, prompts
 
     def __call__(self) -> packformer.Model:
         import torch
@@ -65,6 +65,8 @@ class TinyModel:
                            tokenizer=load_tokenizer(builtin_model_dir(), cfg), max_seq_length=128,
                            source="tiny", format="random")
         model = packformer.Model(parts, max_batch_tokens=2048)
+        if self.prompts:                      # as a sentence-transformers folder's prompts would
+            model.prompts = dict(self.prompts)
         if self.fail:
             inner, fail, marker = model.embed_batch, self.fail, self.marker
 
@@ -143,6 +145,24 @@ def test_one_replica_working_on_several_shards_at_once_loses_nothing(tmp_path, t
                                  rows_per_shard=60, shards_per_replica=3, progress=False)
     assert (summary.rows, summary.shards, summary.phases["replica_processes"]) == (N, 10, 1)
     assert_matches(out, ids, texts, tiny)
+
+
+def test_a_prompt_name_embeds_as_encode_does_and_a_bad_task_or_prompt_fails_at_once(tmp_path):
+    texts = make_texts(120, seed=17)
+    ids = list(range(120))
+    write_jsonl(tmp_path / "in.jsonl", ids, texts)
+    prompts = {"query": "query: ", "document": "passage: "}
+    out, _ = embed_dataset(tmp_path / "in.jsonl", tmp_path / "out", TinyModel(prompts=prompts), prompt_name="query",
+                           rows_per_shard=50, progress=False)
+    got_ids, emb, _ = read_output(out)
+    ref = TinyModel(prompts=prompts)().encode([texts[i] for i in got_ids], prompt_name="query")
+    np.testing.assert_allclose(emb, ref, atol=1e-5, rtol=0)
+    assert np.abs(emb - TinyModel()().encode([texts[i] for i in got_ids])).max() > 1e-3     # the prompt counts
+    with pytest.raises(InputError, match="has no task adapters"):
+        embed_dataset(tmp_path / "in.jsonl", tmp_path / "o2", TinyModel(), task="retrieval.query", progress=False)
+    with pytest.raises(InputError, match="nope"):
+        embed_dataset(tmp_path / "in.jsonl", tmp_path / "o3", TinyModel(prompts=prompts), prompt_name="nope",
+                      progress=False)
 
 
 def test_summary_says_where_the_time_went(tmp_path):

@@ -58,6 +58,8 @@ class Job:
     dtype: str | None = None
     batch_tokens: int | None = None
     normalize: bool | None = None
+    task: str | None = None              # models with task adapters (jina-embeddings-v3): the adapter
+    prompt_name: str | None = None       # a prompt of the model folder's (sentence-transformers prompts)
     truncate: bool = True
     threads: int = 1
 
@@ -74,7 +76,8 @@ class Job:
         model = self.model if not callable(self.model) else f"callable:{getattr(self.model, '__qualname__', type(self.model).__qualname__)}"
         return {"model": None if model is None else str(model), "input": self.input, "text_column": self.text_column,
                 "id_column": self.id_column, "dtype": self.dtype, "device_type": self.device,
-                "normalize": self.normalize, "truncate": self.truncate, "rows_per_shard": rows_per_shard}
+                "normalize": self.normalize, "truncate": self.truncate, "rows_per_shard": rows_per_shard,
+                "task": self.task, "prompt_name": self.prompt_name}
 
 
 @dataclass
@@ -156,14 +159,15 @@ def job_phases(results: dict[str, np.ndarray], job_start: float, launch: float, 
 
 # ---- the replica --------------------------------------------------------------------------------
 def embed_texts(model, texts: Sequence[str], normalize: bool | None, truncate: bool,
-                stats: RunStats | None = None) -> tuple[np.ndarray, int]:
+                stats: RunStats | None = None, task: str | None = None,
+                prompt_name: str | None = None) -> tuple[np.ndarray, int]:
     """Texts -> (embeddings [N, D] fp32 in input order, real token count): Model.encode's own pipeline
     (tokenization of the next chunk overlaps the device's work on this one; results are read back
-    without blocking), with its prompt and pooling. `stats`: a pipeline.RunStats to fill in."""
+    without blocking), with its prompt, adapter and pooling. `stats`: a pipeline.RunStats to fill in."""
     from packformer.pipeline import RunStats
 
     stats = stats if stats is not None else RunStats()
-    out = model.embed_texts(list(texts), normalize, truncate, stats=stats)         # [N, D] fp32, host
+    out = model.embed_texts(list(texts), normalize, truncate, task, prompt_name=prompt_name, stats=stats)  # [N, D]
     return out.numpy(), stats.tokens
 
 
@@ -194,6 +198,12 @@ class ShardEmbedder:
         self.model = job.load_model()
         self.in_fs, _ = resolve(job.input)
         self.out_fs, self.out_dir = resolve(job.output)
+        # a task or prompt the model does not have fails the job at once (as bad input does), not per retry
+        try:
+            self.model.text_prefix(self.model.resolve_task(job.task), None, job.prompt_name)
+            self.setup_error = ""
+        except (ValueError, KeyError) as e:
+            self.setup_error = f"{type(e).__name__}: {e}"
         self.replica = {"replica": uuid.uuid4().hex[:12], "replica_start": started, "replica_ready": time.time()}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -209,16 +219,21 @@ class ShardEmbedder:
         result = {**self.replica, "start": start, "read_s": 0.0, "encode_s": 0.0, "write_s": 0.0,
                   "tokenize_wait_s": 0.0, "capture_s": 0.0, "error": ""}
         shard = Shard.from_json(str(shard_json))
+        if self.setup_error:
+            return {**result, "name": shard.output_name, "rows": 0, "tokens": 0, "seconds": 0.0,
+                    "error": self.setup_error}
         try:
             ids, texts = read_shard(self.in_fs, shard, self.job.text_column, self.job.id_column)
         except InputError as e:
             # Returned, not raised: Ray would retry an exception (in vain) and only pass its text on.
             return {**result, "name": shard.output_name, "rows": 0, "tokens": 0, "seconds": 0.0, "error": str(e)}
         t1, stats = time.perf_counter(), RunStats()
-        emb, tokens = embed_texts(self.model, texts, self.job.normalize, self.job.truncate, stats)   # [N, D]
+        emb, tokens = embed_texts(self.model, texts, self.job.normalize, self.job.truncate, stats, self.job.task,
+                                  self.job.prompt_name)                                               # [N, D]
         t2 = time.perf_counter()
         meta = {"model": self.model.source, "source": shard.key, "rows": f"{shard.start}:{shard.stop}",
-                "normalize": self.job.normalize, "dtype": str(self.model.dtype).replace("torch.", "")}
+                "normalize": self.job.normalize, "dtype": str(self.model.dtype).replace("torch.", ""),
+                "task": self.job.task, "prompt_name": self.job.prompt_name}
         table = output_table(ids, self.job.id_column, emb, meta)
         write_atomic(self.out_fs, self.out_dir, shard.output_name, table, uuid.uuid4().hex)
         t3 = time.perf_counter()
@@ -368,6 +383,7 @@ def embed_dataset(input: str | os.PathLike, output: str | os.PathLike, model: An
                   text_column: str = "text", id_column: str = "id", format: str | None = None,
                   replicas: int = 1, gpus_per_replica: float = 0, cpus_per_replica: float | None = None,
                   batch_tokens: int | None = None, dtype: str | None = None, normalize: bool | None = None,
+                  task: str | None = None, prompt_name: str | None = None,
                   truncate: bool = True, rows_per_shard: int = 10_000, ray_address: str | None = None,
                   overwrite: bool = False, max_retries: int = 3, progress: bool = True,
                   shards_per_replica: int | None = None) -> tuple[str, EmbedSummary]:
@@ -376,7 +392,8 @@ def embed_dataset(input: str | os.PathLike, output: str | os.PathLike, model: An
     Ray actors each holding the model (`gpus_per_replica` GPUs each: 0 runs on CPU). Re-running over the
     same output resumes: shards already written are skipped unless `overwrite`. `model` is a path, a
     name, 'random:<preset>', None (the built-in all-MiniLM-L6-v2), or a zero-argument callable returning
-    a packformer Model. `shards_per_replica`: shards each replica works on at once (default: 3 with
+    a packformer Model. `task` and `prompt_name` are encode()'s: the adapter of models with tasks, a
+    prompt of the model folder's. `shards_per_replica`: shards each replica works on at once (default: 3 with
     GPUs, so that reading, tokenizing and writing overlap the device's work; 1 on CPU, where the model
     itself uses every core). Returns (output folder, EmbedSummary)."""
     require_ray()
@@ -395,7 +412,7 @@ def embed_dataset(input: str | os.PathLike, output: str | os.PathLike, model: An
     job = Job(model=model, input=input if "://" in input else os.path.abspath(input),
               output=output if "://" in output else os.path.abspath(output), text_column=text_column,
               id_column=id_column, device="cuda" if gpus_per_replica > 0 else "cpu", dtype=dtype,
-              batch_tokens=batch_tokens, normalize=normalize, truncate=truncate)
+              batch_tokens=batch_tokens, normalize=normalize, truncate=truncate, task=task, prompt_name=prompt_name)
     t0, job_start = time.perf_counter(), time.time()
     shards = plan(job, format, rows_per_shard)
     pending, done = prepare_output(job, shards, rows_per_shard, overwrite)
