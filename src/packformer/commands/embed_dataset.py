@@ -30,7 +30,8 @@ def add_parser(sub):
                    help="token budget of one packed batch (default: the model's, 8192 on CPU, 65536 on GPU)")
     p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: fp32 on CPU, fp16 on GPU)")
     p.add_argument("--task", default=None,
-                   help="models with task adapters (jina-embeddings-v3): the task to embed with (e.g. retrieval.passage)")
+                   help="models with task adapters (jina-embeddings-v3): the task to embed with "
+                        "(e.g. retrieval.passage)")
     p.add_argument("--prompt-name", default=None,
                    help="a prompt of the model folder's (config_sentence_transformers.json), e.g. document")
     p.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
@@ -62,8 +63,9 @@ def run(args) -> int:
         args.input, args.output, args.model, text_column=args.text_column, id_column=args.id_column,
         format=args.format, replicas=args.replicas, gpus_per_replica=args.gpus_per_replica,
         cpus_per_replica=args.cpus_per_replica, batch_tokens=args.batch_tokens, dtype=args.dtype,
-        normalize=args.normalize, task=args.task, prompt_name=args.prompt_name, truncate=not args.no_truncate, rows_per_shard=args.rows_per_shard,
-        ray_address=args.ray_address, overwrite=args.overwrite, max_retries=args.max_retries,
+        normalize=args.normalize, task=args.task, prompt_name=args.prompt_name, truncate=not args.no_truncate,
+        rows_per_shard=args.rows_per_shard, ray_address=args.ray_address, overwrite=args.overwrite,
+        max_retries=args.max_retries,
         progress=not args.no_progress, shards_per_replica=args.shards_per_replica)
     print(f"packformer embed-dataset: {summary}", file=sys.stderr)
     if args.summary_json:
