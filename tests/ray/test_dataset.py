@@ -171,7 +171,8 @@ def test_summary_says_where_the_time_went(tmp_path):
     _, s = embed_dataset(tmp_path / "in.jsonl", tmp_path / "out", TinyModel(), replicas=2, rows_per_shard=100,
                          progress=False)
     p = s.phases
-    assert p["replica_processes"] == 2                        # no replica was restarted
+    # no replica was restarted (Ray Data may run every shard on the replica that started first)
+    assert 1 <= p["replica_processes"] <= 2
     assert 0 < p["first_shard_s"] < s.wall_s and 0 < p["shards_s"] < s.wall_s
     assert p["first_shard_s"] + p["shards_s"] + p["finish_s"] == pytest.approx(s.wall_s, abs=0.05)
     assert p["model_load_s"] > 0 and p["replica_start_s"] >= 0 and p["ray_init_s"] >= 0
