@@ -515,6 +515,39 @@ def test_cli_encode_and_serve_take_a_task(jina, tmp_path, capsys):
                                atol=1e-5, rtol=0)
 
 
+def test_serve_warm_tasks_merges_them_before_the_server_is_ready(jina):
+    """--warm-tasks: the named tasks (or all) are merged and warmed with the default before /health says
+    ready, so their first request does not pause the worker; what the model lacks is refused at once."""
+    from packformer.cli import build_parser
+    from packformer.commands.common import load_model
+    from packformer.commands.serve import settings_from_args
+    from packformer.server import ServerSettings, create_app
+
+    folder, _, _ = jina
+    args = build_parser().parse_args(["serve", str(folder), "--task", "retrieval.passage",
+                                      "--warm-tasks", "retrieval.query, separation"])
+    served = load_model(args)
+    settings = settings_from_args(args)
+    assert settings.warm_tasks == ("retrieval.query", "separation")
+    assert served._task_runners.keys() == {"retrieval.passage"}            # only the default, at load
+    with serving(create_app(served, settings)) as c:
+        assert c.get("/health").status_code == 200
+        assert served._task_runners.keys() == {"retrieval.passage", "retrieval.query", "separation"}
+        query = c.post("/v1/embeddings", json={"input": TEXTS, "task": "retrieval.query"}).json()
+    np.testing.assert_allclose([d["embedding"] for d in query["data"]],
+                               packformer.load(folder).encode(TEXTS, task="retrieval.query"), atol=1e-5, rtol=0)
+    everything = packformer.load(folder)
+    with serving(create_app(everything, ServerSettings(warm_tasks=("all",)))) as c:
+        assert c.get("/health").status_code == 200
+    assert everything._task_runners.keys() == set(everything.adapters.tasks)
+    with pytest.raises(ValueError, match="unknown task 'nope'"):
+        create_app(packformer.load(folder), ServerSettings(warm_tasks=("nope",)))
+    with pytest.raises(ValueError, match="needs a model with task adapters"):
+        create_app(packformer.load(), ServerSettings(warm_tasks=("all",)))
+    with pytest.raises(ValueError, match="sequence of task names"):
+        ServerSettings(warm_tasks="all")
+
+
 # ---- CUDA ---------------------------------------------------------------------------------------------------------
 
 @pytest.mark.gpu

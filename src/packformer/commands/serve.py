@@ -38,6 +38,9 @@ def add_parser(sub):
     p.add_argument("--task", default=None,
                    help="models with task adapters (jina-embeddings-v3): the task of requests that name none "
                         "(a request's \"task\" field picks another; default: the base weights)")
+    p.add_argument("--warm-tasks", default=None, metavar="all|TASK,...",
+                   help="models with task adapters: tasks merged and warmed before the server is ready, so that "
+                        "their first request does not pause the worker (each costs a copy of the weights)")
     p.add_argument("--graceful-timeout", type=float, default=30.0,
                    help="seconds to let requests in flight finish on SIGTERM (default: 30)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -65,7 +68,8 @@ def settings_from_args(args):
         max_batch_tokens=args.max_batch_tokens, max_batch_requests=args.max_batch_requests,
         max_concurrent_requests=args.max_concurrent_requests, max_client_batch_size=args.max_client_batch_size,
         api_key=args.api_key or None, auto_truncate=args.auto_truncate, payload_limit=args.payload_limit,
-        model_name=args.model_name, drain_timeout_s=args.graceful_timeout)
+        model_name=args.model_name, drain_timeout_s=args.graceful_timeout,
+        warm_tasks=tuple(t.strip() for t in args.warm_tasks.split(",") if t.strip()) if args.warm_tasks else ())
 
 
 def run(args) -> int:

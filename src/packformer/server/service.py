@@ -32,6 +32,17 @@ RERANKERS = ("reranking needs a cross-encoder (a CrossEncoder folder, a *ForSequ
 INLINE_TOKENIZE_CHARS = 4096
 
 
+def warm_task_list(model: "Model", names: tuple[str, ...]) -> list[str]:
+    """ServerSettings.warm_tasks resolved against the model: 'all' is every task of its adapters; a model
+    without adapters, or a task it lacks, is a ValueError naming what it has."""
+    if not names:
+        return []
+    if model.adapters is None:
+        raise ValueError(f"warm_tasks needs a model with task adapters; {model.source} has none")
+    tasks = list(model.adapters.tasks) if "all" in names else [model.resolve_task(t) for t in names]
+    return [t for t in tasks if t != model.task]            # the default task is warmed anyway
+
+
 class InferenceService:
     def __init__(self, model: "Model", settings: ServerSettings, metrics: "Metrics | None" = None):
         if model.tokenizer is None:
@@ -46,7 +57,7 @@ class InferenceService:
         self.metrics = metrics
         self.model_name = settings.model_name or _default_name(model.source)
         self.scheduler = Scheduler(settings.max_batch_tokens, settings.max_batch_requests)
-        self.worker = Worker(model, self.scheduler, metrics)
+        self.worker = Worker(model, self.scheduler, metrics, warm_tasks=warm_task_list(model, settings.warm_tasks))
         # the tokenizer's own special tokens (model.token_ids would add a default task's instruction)
         self.prefix, self.suffix = special_wrap(model.tokenizer.encode([""], model.max_seq_length)[0])
         self.inflight = 0

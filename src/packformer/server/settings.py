@@ -25,6 +25,9 @@ class ServerSettings:
     model_name: str | None = None        # reported by /info and in OpenAI responses (default: the model source)
     health_timeout_s: float = 10.0       # /health waits this long for the model to answer a probe
     drain_timeout_s: float = 30.0        # at shutdown, the worker finishes queued work for up to this long
+    # models with task adapters: tasks merged and warmed before the server is ready ("all": every task),
+    # besides the default; another task merges on its first request, pausing the worker meanwhile
+    warm_tasks: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("max_batch_tokens", "max_concurrent_requests", "max_client_batch_size", "payload_limit"):
@@ -32,5 +35,8 @@ class ServerSettings:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.max_batch_requests is not None and self.max_batch_requests <= 0:
             raise ValueError(f"max_batch_requests must be positive, got {self.max_batch_requests}")
+        if isinstance(self.warm_tasks, str):
+            raise ValueError(f"warm_tasks must be a sequence of task names (or ('all',)), got {self.warm_tasks!r}")
+        object.__setattr__(self, "warm_tasks", tuple(self.warm_tasks))
         if self.api_key == "":
             raise ValueError("api_key must not be empty (leave it unset to serve without a key)")

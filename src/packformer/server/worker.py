@@ -67,10 +67,12 @@ def serving_shapes(max_batch_tokens: int) -> list[tuple[int, int]]:
 
 class Worker:
     def __init__(self, model: "Model", scheduler: Scheduler, metrics: "Metrics | None" = None,
-                 warmup_tokens: int | None = None):
+                 warmup_tokens: int | None = None, warm_tasks: list[str] | None = None):
         """`warmup_tokens`: size of the largest warm-up batch (default: the scheduler's token budget, so a
-        full batch is known to fit in memory before the server reports ready)."""
+        full batch is known to fit in memory before the server reports ready). `warm_tasks`: tasks whose
+        adapters are merged and warmed too (models with task adapters)."""
         self.model = model
+        self.warm_tasks = list(warm_tasks or [])
         self.scheduler = scheduler
         self.metrics = metrics
         self.warmup_tokens = warmup_tokens if warmup_tokens is not None else scheduler.max_batch_tokens
@@ -155,6 +157,11 @@ class Worker:
         long_seq = self.probe_ids[:1] + [self.probe_ids[-1]] * (n - 1)
         batches = [[self.probe_ids], [long_seq] * max(1, self.warmup_tokens // n)]
         keys = [embed_key(None)] + ([CLASSIFY_KEY] if m.head is not None else [])
+        for task in self.warm_tasks:          # merged now, not on the task's first request
+            task_warmup = getattr(m.runner_for(task), "warmup", None)
+            if callable(task_warmup):
+                task_warmup(serving_shapes(self.scheduler.max_batch_tokens))
+            keys.append(embed_key(None, task))
         for key in keys:
             for seqs in batches:
                 self.run(key, seqs)
