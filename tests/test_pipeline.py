@@ -70,13 +70,19 @@ def test_encode_uses_the_pipeline_and_keeps_its_contract():
     assert m.encode("one text").shape == (32,)
 
 
-def test_every_batch_but_the_last_is_filled_across_tokenizer_chunks():
-    m = tiny_model()
+def embed_recording_tokens(m):
+    """(fn for run_texts embedding each batch, the list of each batch's token count it fills in)."""
     seen = []
 
     def fn(b):
         seen.append(b.num_tokens)
         return m.embed_batch(b)
+    return fn, seen
+
+
+def test_every_batch_but_the_last_is_filled_across_tokenizer_chunks():
+    m = tiny_model()
+    fn, seen = embed_recording_tokens(m)
     run_texts(m, TEXTS, fn, m.dim, config=SMALL)
     longest = max(len(s) for s in m.token_ids(TEXTS))
     assert sum(seen) == sum(len(s) for s in m.token_ids(TEXTS))
@@ -85,11 +91,7 @@ def test_every_batch_but_the_last_is_filled_across_tokenizer_chunks():
 
 def test_stats_count_the_tokens_and_batches_run():
     m = tiny_model()
-    seen = []
-
-    def fn(b):
-        seen.append(b.num_tokens)
-        return m.embed_batch(b)
+    fn, seen = embed_recording_tokens(m)
     stats = RunStats()
     run_texts(m, TEXTS, fn, m.dim, config=SMALL, stats=stats)
     assert stats.tokens == sum(len(s) for s in m.token_ids(TEXTS)) == sum(seen)

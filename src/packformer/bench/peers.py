@@ -462,7 +462,8 @@ PEERS: dict[str, PeerSpec] = {p.name: p for p in [
              description="FastEmbed TextEmbedding.embed on the ONNX export, end to end (texts, CPU)"),
 ]}
 ALIASES = {"hf_eager": "hf_eager_fp32", "hf": "hf_sdpa", "int8": "packformer_int8", "fp8": "packformer_fp8",
-           "bt": "bt_nested", "ort": "onnxruntime", "st": "sentence_transformers", "onnx": "onnxruntime", "infinity": "infinity_torch"}
+           "bt": "bt_nested", "ort": "onnxruntime", "st": "sentence_transformers", "onnx": "onnxruntime",
+           "infinity": "infinity_torch"}
 DEFAULT_PEERS = {
     "cpu": ["hf_eager_fp32", "hf_sdpa", "hf_int8_dynamic", "bt_nested", "onnxruntime", "sentence_transformers"],
     "cuda": ["hf_eager_fp32", "hf_sdpa", "hf_sdpa_compiled", "bt_nested", "bt_dense", "bt_slowpath",

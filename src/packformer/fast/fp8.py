@@ -82,13 +82,15 @@ class Fp8Weight:
     scale: torch.Tensor      # [N] fp32
 
 
-def quantize_layers(encoder) -> dict[int, Fp8Weight]:
-    """id(Linear) -> its e4m3 weight, for the four Linears of every layer (quantized once, at load)."""
-    out = {}
+def gemm_linears(encoder):
+    """The Linears that run in e4m3: the four of every layer."""
     for layer in encoder.layers:
-        for lin in (layer.qkv, layer.out, layer.ffn1, layer.ffn2):
-            out[id(lin)] = Fp8Weight(*quantize_weight(lin.weight))
-    return out
+        yield from (layer.qkv, layer.out, layer.ffn1, layer.ffn2)
+
+
+def quantize_layers(encoder) -> dict[int, Fp8Weight]:
+    """id(Linear) -> its e4m3 weight, for every gemm_linears one (quantized once, at load)."""
+    return {id(lin): Fp8Weight(*quantize_weight(lin.weight)) for lin in gemm_linears(encoder)}
 
 
 class Fp8Primitives(CudaPrimitives):
@@ -151,12 +153,11 @@ def release_half_weights(runner) -> int:
     if prims is None:
         raise ValueError("release_half_weights needs an fp8 runner (dtype='float8')")
     freed = 0
-    for layer in prims.fast.encoder.layers:
-        for lin in (layer.qkv, layer.out, layer.ffn1, layer.ffn2):
-            w = lin.weight
-            if w.device.type != "meta":
-                freed += w.numel() * w.element_size()
-                lin.weight = torch.nn.Parameter(torch.empty_like(w, device="meta"), requires_grad=False)
+    for lin in gemm_linears(prims.fast.encoder):
+        w = lin.weight
+        if w.device.type != "meta":
+            freed += w.numel() * w.element_size()
+            lin.weight = torch.nn.Parameter(torch.empty_like(w, device="meta"), requires_grad=False)
     return freed
 
 

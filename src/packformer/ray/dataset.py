@@ -25,12 +25,9 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import numpy as np
-
-if TYPE_CHECKING:
-    from packformer.pipeline import RunStats
 
 RAY_MISSING = 'packformer.ray needs Ray Data and pyarrow: pip install -e ".[ray]"  (or: pip install "ray[data,serve]" pyarrow)'
 
@@ -141,8 +138,11 @@ def job_phases(results: dict[str, np.ndarray], job_start: float, launch: float, 
     replica (`replica_processes`)."""
     starts = results["start"].astype(float)
     ends = starts + results["seconds"].astype(float)
-    replicas = {str(r): (float(a), float(b)) for r, a, b in
-                zip(results["replica"], results["replica_start"], results["replica_ready"])}
+    replicas: dict[str, tuple[float, float]] = {}           # replica -> (process up, model loaded)
+    capture: dict[str, float] = {}                          # replica -> its graph capture so far (a running total)
+    for r, a, b, c in zip(results["replica"], results["replica_start"], results["replica_ready"], results["capture_s"]):
+        replicas[str(r)] = (float(a), float(b))
+        capture[str(r)] = max(capture.get(str(r), 0.0), float(c))
     return {
         "ray_init_s": ray_init_s,
         "replica_start_s": min(a for a, _ in replicas.values()) - launch,       # process start + imports
@@ -151,26 +151,12 @@ def job_phases(results: dict[str, np.ndarray], job_start: float, launch: float, 
         "first_shard_s": float(starts.min()) - job_start,
         "shards_s": float(ends.max() - starts.min()),
         **{k: float(np.sum(results[k])) for k in ("read_s", "encode_s", "write_s", "tokenize_wait_s")},
-        "capture_s": sum(max(c for r, c in zip(results["replica"], results["capture_s"]) if str(r) == rep)
-                         for rep in replicas),
+        "capture_s": sum(capture.values()),
         "finish_s": end - float(ends.max()),
     }
 
 
 # ---- the replica --------------------------------------------------------------------------------
-def embed_texts(model, texts: Sequence[str], normalize: bool | None, truncate: bool,
-                stats: RunStats | None = None, task: str | None = None,
-                prompt_name: str | None = None) -> tuple[np.ndarray, int]:
-    """Texts -> (embeddings [N, D] fp32 in input order, real token count): Model.encode's own pipeline
-    (tokenization of the next chunk overlaps the device's work on this one; results are read back
-    without blocking), with its prompt, adapter and pooling. `stats`: a pipeline.RunStats to fill in."""
-    from packformer.pipeline import RunStats
-
-    stats = stats if stats is not None else RunStats()
-    out = model.embed_texts(list(texts), normalize, truncate, task, prompt_name=prompt_name, stats=stats)  # [N, D]
-    return out.numpy(), stats.tokens
-
-
 # What a replica returns per shard: counters, and where its time went (seconds; `replica_start`,
 # `replica_ready` and `start` are wall-clock times, time.time(), so the driver can place them on its clock;
 # `capture_s` is the replica's total so far, since shards of one replica overlap).
@@ -216,20 +202,21 @@ class ShardEmbedder:
         from .shards import InputError, Shard, output_table, read_shard, write_atomic
 
         start, t0 = time.time(), time.perf_counter()
-        result = {**self.replica, "start": start, "read_s": 0.0, "encode_s": 0.0, "write_s": 0.0,
-                  "tokenize_wait_s": 0.0, "capture_s": 0.0, "error": ""}
         shard = Shard.from_json(str(shard_json))
+        result = {**self.replica, "name": shard.output_name, "rows": 0, "tokens": 0, "seconds": 0.0, "start": start,
+                  "read_s": 0.0, "encode_s": 0.0, "write_s": 0.0, "tokenize_wait_s": 0.0, "capture_s": 0.0,
+                  "error": self.setup_error}
+        # Errors are returned, not raised: Ray would retry an exception (in vain) and only pass its text on.
         if self.setup_error:
-            return {**result, "name": shard.output_name, "rows": 0, "tokens": 0, "seconds": 0.0,
-                    "error": self.setup_error}
+            return result
         try:
             ids, texts = read_shard(self.in_fs, shard, self.job.text_column, self.job.id_column)
         except InputError as e:
-            # Returned, not raised: Ray would retry an exception (in vain) and only pass its text on.
-            return {**result, "name": shard.output_name, "rows": 0, "tokens": 0, "seconds": 0.0, "error": str(e)}
+            return {**result, "error": str(e)}
+        # encode()'s own pipeline: the next chunk is tokenized while the device runs this one
         t1, stats = time.perf_counter(), RunStats()
-        emb, tokens = embed_texts(self.model, texts, self.job.normalize, self.job.truncate, stats, self.job.task,
-                                  self.job.prompt_name)                                               # [N, D]
+        emb = self.model.embed_texts(texts, self.job.normalize, self.job.truncate, self.job.task,
+                                     prompt_name=self.job.prompt_name, stats=stats).numpy()           # [N, D]
         t2 = time.perf_counter()
         meta = {"model": self.model.source, "source": shard.key, "rows": f"{shard.start}:{shard.stop}",
                 "normalize": self.job.normalize, "dtype": str(self.model.dtype).replace("torch.", ""),
@@ -237,7 +224,7 @@ class ShardEmbedder:
         table = output_table(ids, self.job.id_column, emb, meta)
         write_atomic(self.out_fs, self.out_dir, shard.output_name, table, uuid.uuid4().hex)
         t3 = time.perf_counter()
-        return {**result, "name": shard.output_name, "rows": len(texts), "tokens": tokens, "seconds": t3 - t0,
+        return {**result, "rows": len(texts), "tokens": stats.tokens, "seconds": t3 - t0,
                 "read_s": t1 - t0, "encode_s": t2 - t1, "write_s": t3 - t2,
                 "tokenize_wait_s": stats.tokenize_wait_s, "capture_s": _capture_seconds(self.model)}
 

@@ -150,24 +150,23 @@ class Worker:
 
     def _warm_up(self) -> None:
         m = self.model
-        runner_warmup = getattr(m.runner, "warmup", None)     # e.g. CUDA graphs per token bucket
-        if callable(runner_warmup):
-            runner_warmup(serving_shapes(self.scheduler.max_batch_tokens))
+        shapes = serving_shapes(self.scheduler.max_batch_tokens)
+        # the default runner, and those of the tasks to warm (their adapters merged now, not on their first
+        # request), with their shape-specialized parts ready (e.g. CUDA graphs per token bucket)
+        for runner in [m.runner] + [m.runner_for(task) for task in self.warm_tasks]:
+            if callable(getattr(runner, "warmup", None)):
+                runner.warmup(shapes)
         n = m.max_seq_length
         long_seq = self.probe_ids[:1] + [self.probe_ids[-1]] * (n - 1)
         batches = [[self.probe_ids], [long_seq] * max(1, self.warmup_tokens // n)]
         keys = [embed_key(None)] + ([CLASSIFY_KEY] if m.head is not None else [])
-        for task in self.warm_tasks:          # merged now, not on the task's first request
-            task_warmup = getattr(m.runner_for(task), "warmup", None)
-            if callable(task_warmup):
-                task_warmup(serving_shapes(self.scheduler.max_batch_tokens))
-            keys.append(embed_key(None, task))
+        keys += [embed_key(None, task) for task in self.warm_tasks]
         for key in keys:
             for seqs in batches:
                 self.run(key, seqs)
         if hasattr(m, "score_seqs"):                          # a cross-encoder: its pairs carry token types
-            if callable(runner_warmup) and m.uses_token_types:
-                runner_warmup(serving_shapes(self.scheduler.max_batch_tokens), has_token_types=True)
+            if callable(getattr(m.runner, "warmup", None)) and m.uses_token_types:
+                m.runner.warmup(shapes, has_token_types=True)
             pair = m.pair_ids([("a", "b")])[0]
             long_pair = m.pair_ids([("a", "a " * n)])[0]            # cut to the model's maximum
             for seqs in ([pair], [long_pair] * max(1, self.warmup_tokens // len(long_pair))):
