@@ -127,6 +127,36 @@ def test_embeddings_match_fp32_reference(dtype, graphs, tma_min_tokens, name, ch
 
 
 @gpu
+@pytest.mark.parametrize("graphs", [False, True])
+@pytest.mark.parametrize("name, changes", [
+    ("modernbert-base", {"num_layers": 4}),                       # global and +-64 window layers, two bases
+    ("nomic-embed-text-v1.5", {"num_layers": 2}),
+    ("gte-base-en-v1.5", {"num_layers": 2}),                      # NTK-scaled frequencies
+    ("nomic-embed-text-v1.5", {"num_layers": 2, "rotary": {"base": 1000.0, "interleaved": True}}),
+])
+def test_rotary_families_turn_q_and_k_inside_attention_as_the_separate_pass_does(graphs, name, changes,
+                                                                                monkeypatch):
+    """RoPE inside flash_varlen (CudaPrimitives.fuse_rotary) against the fp32 reference, and against the
+    rotary pass over the QKV buffer on the same weights: the same embeddings to fp16 rounding; a sequence
+    alone gets the same bits as inside the batch."""
+    parts = make_parts(name, **changes)
+    lengths = serve_lengths() + [300, 130, 65, 1]
+    monkeypatch.setattr(cuda.CudaPrimitives, "fuse_rotary", True)
+    ref, m = twin(parts, torch.float16, options=FastOptions(graphs=graphs))
+    batch = random_batch(lengths, parts.config.vocab_size, parts.config.position_offset)
+    want = ref.embed_batch(batch)
+    fused = [m.embed_batch(batch) for _ in range(3)][-1]
+    assert min_cos(fused, want) >= 0.9995
+    s, e = sum(lengths[:-4]), sum(lengths[:-3])                                   # the 300-token sequence
+    one = pack([batch.input_ids[s:e].tolist()], parts.config.position_offset)
+    assert torch.equal(m.hidden_states(one), m.hidden_states(batch)[s:e])
+    monkeypatch.setattr(cuda.CudaPrimitives, "fuse_rotary", False)
+    _, m2 = twin(parts, torch.float16, options=FastOptions(graphs=graphs))
+    two_pass = [m2.embed_batch(batch) for _ in range(3)][-1]
+    assert min_cos(fused, two_pass) >= 0.99995
+
+
+@gpu
 def test_graph_replay_equals_eager_and_batch_composition_does_not_matter():
     parts = make_parts("bert-base", num_layers=4)
     _, m = twin(parts, torch.float16)

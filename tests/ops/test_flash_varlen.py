@@ -258,3 +258,121 @@ def test_gpu_a_biased_sequence_is_unaffected_by_its_neighbours_and_replays_in_a_
     g.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, both)
+
+
+# ---- RoPE inside the kernel ---------------------------------------------------------------------------
+def _rope(lens, dim, interleaved=False, device="cpu", base=100.0):
+    """(cos, sin, cfg) for packed `lens`: positions restart at 0 per sequence."""
+    from packformer.ops.rotary import RotaryConfig, rotary_tables
+    cfg = RotaryConfig(base=base, interleaved=interleaved)
+    pos = torch.cat([torch.arange(n) for n in lens]).to(device)
+    return (*rotary_tables(pos, cfg, dim), cfg)
+
+
+def _rotated_ref(q, k, v, cu, rope, **kw):
+    """The specification: rotate q and k (rotary.apply_rotary_ref), then attend (varlen_attention_ref)."""
+    from packformer.ops.rotary import apply_rotary_ref
+    qr, kr = apply_rotary_ref(q, k, *rope)
+    return varlen_attention_ref(qr, kr, v, cu, **kw)
+
+
+def test_rotary_is_fused_for_whole_power_of_two_heads_only():
+    from packformer.ops.flash_varlen import rotary_fused
+    from packformer.ops.rotary import RotaryConfig
+    assert rotary_fused(RotaryConfig(), 64) and rotary_fused(RotaryConfig(interleaved=True), 32)
+    assert not rotary_fused(RotaryConfig(dim=32), 64)      # partial: a separate pass first
+    assert not rotary_fused(RotaryConfig(), 48)            # halves of 24 dims: no tensor-core tile
+    assert not rotary_fused(RotaryConfig(), 16)            # halves of 8 dims: below the dot's minimum
+
+
+def test_launcher_without_a_kernel_rotates_then_attends_and_leaves_q_and_k_alone():
+    (q, k, v), cu = _packed([3, 0, 9], dim=16)
+    q0, k0 = q.clone(), k.clone()
+    for interleaved in (False, True):
+        rope = _rope([3, 0, 9], 16, interleaved)
+        got = flash_varlen(q, k, v, cu, 9, 0.3, window=4, rotary=rope)
+        assert torch.allclose(got, _rotated_ref(q, k, v, cu, rope, scale=0.3, bias=PositionBias(window=4)), atol=1e-6)
+        assert torch.equal(q, q0) and torch.equal(k, k0)
+    with pytest.raises(ValueError, match="rotary must be"):
+        flash_varlen(q, k, v, cu, 9, rotary=rope[:2])
+
+
+def test_kernel_with_rotary_under_triton_interpreter(run_interpreted):
+    """The in-kernel RoPE against rotating first: both pair layouts, fp32 and fp16, plain, windowed and
+    biased, every grid mode; the fallback is made to fail, so the fused kernel is what ran."""
+    import triton
+    if tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 7):
+        pytest.skip(f"Triton {triton.__version__}'s interpreter cannot run this kernel's key loop")
+    run_interpreted("""
+        import torch
+        from packformer.ops import _triton, flash_varlen as fv
+        from packformer.ops.attention import PositionBias, varlen_attention_ref
+        from packformer.ops.rotary import RotaryConfig, apply_rotary_ref, rotary_tables
+        assert _triton.INTERPRET
+        def refuse(*a, **k):
+            raise AssertionError("the rotated-copy fallback ran")
+        fv.apply_rotary_ = fv.apply_rotary_ref = refuse
+        g = torch.Generator().manual_seed(0)
+        lens = [1, 7, 40, 0, 32, 21]                      # block-exact, ragged, one token, empty
+        cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+        pos = torch.cat([torch.arange(n) for n in lens])
+        cfg = fv.FlashConfig(16, 16, 4, 1)
+        table = torch.randn(2, 2 * 4 + 1, generator=g) * 2
+        modes = ((torch.from_numpy(fv.tile_table(lens, cfg.block_m)), False), (None, False), (None, True))
+        for interleaved in (False, True):
+            rc = RotaryConfig(base=50.0, interleaved=interleaved)
+            cos, sin = rotary_tables(pos, rc, 32)
+            for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 2e-3)):
+                q, k, v = torch.randn(sum(lens), 3, 2, 32, generator=g).to(dtype).unbind(1)   # strided views
+                q0, k0 = q.clone(), k.clone()
+                qr, kr = apply_rotary_ref(q, k, cos, sin, rc)
+                for bias in (None, PositionBias(window=5), PositionBias(table)):
+                    want = varlen_attention_ref(qr, kr, v, cu, scale=0.3, bias=bias)
+                    for tiles, dense in modes:
+                        got = fv.flash_varlen(q, k, v, cu, max(lens), scale=0.3, config=cfg, tiles=tiles,
+                                              dense=dense, window=bias.window if bias else 0,
+                                              bias_table=bias.table if bias else None, rotary=(cos, sin, rc))
+                        err = (got.float() - want.float()).abs().max().item()
+                        assert torch.isfinite(got).all() and err < tol, (interleaved, dtype, bias, err)
+                assert torch.equal(q, q0) and torch.equal(k, k0)
+        print("ok")
+    """)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dim,interleaved,window", [(64, False, 0), (64, False, 64), (64, True, 0), (128, False, 0),
+                                                     (32, False, 0)])
+def test_gpu_rotary_inside_the_kernel_matches_rotating_first(dtype, dim, interleaved, window):
+    """ModernBERT / GTE / NomicBERT / Jina-like heads on encoder-like lengths up to 1024: the fused kernel
+    against the fp32 reference, and against the separate rotary pass + the plain kernel."""
+    from packformer.ops.rotary import apply_rotary_
+    lens = _lognormal_lens(8192, 1024)
+    (q, k, v), cu = _packed(lens, heads=12, dim=dim, dtype=dtype, device="cuda")
+    rope = _rope(lens, dim, interleaved, device="cuda", base=10000.0)
+    got = flash_varlen(q, k, v, cu, max(lens), window=window, rotary=rope)
+    want = _rotated_ref(q, k, v, cu, rope, bias=PositionBias(window=window) if window else None)
+    tol = 2e-2 if dtype == torch.bfloat16 else 3e-3
+    assert torch.isfinite(got).all() and (got.float() - want.float()).abs().max() <= tol
+    qr, kr = apply_rotary_(q.clone(), k.clone(), *rope)
+    two_pass = flash_varlen(qr, kr, v, cu, max(lens), window=window)
+    assert (got.float() - two_pass.float()).abs().max() <= tol / 2
+
+
+@pytest.mark.gpu
+def test_gpu_a_rotated_sequence_is_unaffected_by_its_neighbours_and_replays_in_a_cuda_graph():
+    lens = [40, 300, 25]
+    (q, k, v), cu = _packed(lens, heads=4, dim=64, dtype=torch.float16, device="cuda")
+    cos, sin, rc = _rope(lens, 64, device="cuda")
+    both = flash_varlen(q, k, v, cu, 300, rotary=(cos, sin, rc))
+    alone = flash_varlen(q[40:340], k[40:340], v[40:340], torch.tensor([0, 300], dtype=torch.int32, device="cuda"),
+                         512, rotary=(cos[40:340].contiguous(), sin[40:340].contiguous(), rc))
+    assert torch.equal(both[40:340], alone)
+    out = torch.empty_like(q)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        flash_varlen(q, k, v, cu, 512, out=out, rotary=(cos, sin, rc))
+    out.zero_()
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, both)

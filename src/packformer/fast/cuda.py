@@ -9,10 +9,11 @@ Per post-norm layer:  x [T, H]
   h   = act(x W_1^T + b_1)            T >= 16384 on Hopper: the Triton TMA GEMM with a bias+erf-GELU epilogue;
                                       else cuBLAS, then the bias_act kernel or a cuBLASLt epilogue (ReLU, tanh)
   x   = LN(x + h W_2^T + b_2)         as for the out-projection
-Pre-norm stacks use the same kernels in the other order (dataflow.py writes the order once); rotary
-layers rotate q and k in place in the QKV buffer, relative-position biases and local windows are applied
-inside flash_varlen, DeBERTa's disentangled terms in a kernel of their own (ops/disentangled_flash.py),
-GLU feed-forwards take one elementwise pass (ops/glu.py). Decoder-style encoders (Qwen3, Gemma 3):
+Pre-norm stacks use the same kernels in the other order (dataflow.py writes the order once); RoPE is one
+in-place pass over q and k (flash_varlen can turn them itself: `fuse_rotary`, measured slower);
+relative-position biases and local windows are applied inside flash_varlen, DeBERTa's disentangled
+terms in a kernel of their own (ops/disentangled_flash.py), GLU feed-forwards take one elementwise pass
+(ops/glu.py). Decoder-style encoders (Qwen3, Gemma 3):
 RMSNorms fused with the bias, Gemma's sandwich norm and the residual add after each GEMM
 (ops/rmsnorm.py), per-head q/k norms and rotary in one in-place pass (ops/qk_norm_rotary.py), causal
 masks and grouped kv heads inside flash_varlen (kv heads read in place, never expanded), and the
@@ -41,7 +42,7 @@ from ..ops.layernorm import add_layernorm
 from ..ops.qk_norm_rotary import qk_norm_rotary_
 from ..ops.rmsnorm import add_rmsnorm
 from ..ops.flash_varlen import default_config as flash_config
-from ..ops.flash_varlen import flash_varlen, tile_table
+from ..ops.flash_varlen import flash_varlen, rotary_fused, tile_table
 from ..ops.linear_act import linear_act_tma
 
 log = logging.getLogger(__name__)
@@ -123,6 +124,13 @@ class FastEncoder:
         return table.to(self.device, non_blocking=True)
 
 
+def _rotary_in_attention(layer) -> bool:
+    """Whole-head RoPE with no per-head norm before it (Qwen3 turns q and k in its norm pass) and no
+    disentangled terms: what flash_varlen can turn itself as it reads q and k."""
+    return (layer.rotary is not None and getattr(layer, "q_norm", None) is None
+            and getattr(layer, "disentangled", None) is None and rotary_fused(layer.rotary, layer.head_dim))
+
+
 def _is_rms(norm) -> bool:
     return isinstance(norm, RMSNorm)
 
@@ -138,6 +146,13 @@ def _rms_or_none(*norms) -> bool:
 
 class CudaPrimitives(Primitives):
     """The dataflow's primitives as fused kernels; norms and linears are the modules themselves."""
+
+    # RoPE turned inside flash_varlen as it reads q and k (whole-head rotaries) instead of the in-place pass
+    # over the QKV buffer. Off: every query block re-turns the keys it reads, which costs more than the pass
+    # (H200: offline_b256 attention 237 us against 64 + 135 per layer; whole models 0-6% slower; only batches
+    # of one query block per sequence gain, 3%: benchmarks/NOTES-gpu.md). One choice per model, never per
+    # batch: the two differ by a rounding, and a sequence's result must not depend on its batch.
+    fuse_rotary = False
 
     def __init__(self, fast: FastEncoder):
         self.fast = fast
@@ -194,6 +209,7 @@ class CudaPrimitives(Primitives):
     def attention(self, layer, h: torch.Tensor, ctx: Context) -> torch.Tensor:
         qkv = self.linear(h, layer.qkv)                                                    # [T, (nh + 2 nkv) hd]
         t = qkv.shape[0]
+        rotary = None
         q, k, v = split_qkv(qkv, layer.num_heads, getattr(layer, "kv_heads", layer.num_heads),
                             layer.head_dim)                                                 # [T, nh|nkv, hd]
         if getattr(layer, "q_norm", None) is not None and layer.rotary is not None:    # in place, one pass
@@ -203,7 +219,10 @@ class CudaPrimitives(Primitives):
             q, k = _rms_norm(q, layer.q_norm), _rms_norm(k, layer.k_norm)
         elif layer.rotary is not None:
             cos, sin = ctx.rotary[layer.rotary]
-            apply_rotary_(q, k, cos, sin, layer.rotary)
+            if self.fuse_rotary and ctx.meta.key_lens is None and _rotary_in_attention(layer):
+                rotary = (cos, sin, layer.rotary)          # turned inside flash_varlen as it reads q and k
+            else:
+                apply_rotary_(q, k, cos, sin, layer.rotary)
         if getattr(layer, "disentangled", None) is not None:
             check_no_key_lens(ctx.meta)
             pq, pk = self.fast.pos_qk[layer.index]
@@ -215,7 +234,7 @@ class CudaPrimitives(Primitives):
         return flash_varlen(q, k, v, ctx.meta.cu_seqlens, ctx.meta.max_seqlen, scale=getattr(layer, "scale", None),
                             config=self.fast._flash, tiles=ctx.tiles, bias_table=None if pb is None else pb.table,
                             window=0 if pb is None else pb.window,
-                            causal=False if pb is None else pb.causal).view(t, -1)          # [T, nh hd]
+                            causal=False if pb is None else pb.causal, rotary=rotary).view(t, -1)  # [T, nh hd]
 
     def ffn_hidden(self, layer, x: torch.Tensor) -> torch.Tensor:
         w, b, act = layer.ffn1.weight, layer.ffn1.bias, layer.act

@@ -38,6 +38,10 @@ import numpy as np
 import torch
 
 from ._triton import check, kernel_ok, next_pow2, tl, triton
+from .rotary import RotaryConfig, apply_rotary_, apply_rotary_ref
+
+if triton is not None:
+    from .rotary import pair_columns
 
 
 SELF_INDEX_MAX_SEQS = 1024   # every program of the self-indexed grid reads all of cu_seqlens (about 4 KB at most)
@@ -74,6 +78,14 @@ def tile_table(seqlens: list[int] | np.ndarray, block_m: int) -> np.ndarray:
     return out
 
 
+def rotary_fused(cfg: RotaryConfig, head_dim: int) -> bool:
+    """Whether the kernel turns q and k itself: RoPE on the whole head, whose halves (the pairs' first
+    and second members) are power-of-two tiles the tensor cores take (>= 16 dims each). The scores are
+    then two dots over the halves; partial rotaries are rotated by a separate pass first."""
+    half = head_dim // 2
+    return cfg.rot_dim(head_dim) == head_dim and half >= 16 and half & (half - 1) == 0
+
+
 LOG2E = 1.4426950408889634   # the kernel's scores are in log2 units (exp2): qk * scale * log2(e)
 
 
@@ -107,20 +119,51 @@ def bias_tiles(table: torch.Tensor, block_m: int, block_n: int) -> tuple[torch.T
 
 if triton is not None:
     @triton.jit
-    def _attend_block(q, k_base, v_base, rows, seqlen, d_ok, m_i, l_i, acc, qk_scale, stride_kt, stride_vt,
-                      qpos, n0, m0, bias_head, koff, num_bt, window, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr, MASKED: tl.constexpr, BIAS: tl.constexpr, WINDOW: tl.constexpr,
-                      CAUSAL: tl.constexpr):
+    def _rotated_halves(x_row, COS, SIN, rows, cs_rows, ok, stride_t, pairs, HALF: tl.constexpr,
+                        INTERLEAVED: tl.constexpr, MASKED: tl.constexpr):
+        """Rows `rows` of one head (x_row: its row 0) turned by RoPE: the two members of every pair as
+        [R, HALF] tiles (x1 cos - x2 sin, x2 cos + x1 sin), fp32 math rounded once to x's dtype, as
+        rotary.apply_rotary_ writes them. cs_rows: the rows' packed indices into the [T, HALF] cos/sin."""
+        p1, p2 = pair_columns(pairs, HALF, INTERLEAVED)
+        base = x_row + rows[:, None] * stride_t
+        cs = cs_rows[:, None] * HALF + pairs[None, :]
+        if MASKED:
+            x1 = tl.load(base + p1[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+            x2 = tl.load(base + p2[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+            c = tl.load(COS + cs, mask=ok[:, None], other=0.0)
+            s = tl.load(SIN + cs, mask=ok[:, None], other=0.0)
+        else:
+            x1 = tl.load(base + p1[None, :]).to(tl.float32)
+            x2 = tl.load(base + p2[None, :]).to(tl.float32)
+            c = tl.load(COS + cs)
+            s = tl.load(SIN + cs)
+        dt = x_row.dtype.element_ty
+        return (x1 * c - x2 * s).to(dt), (x2 * c + x1 * s).to(dt)
+
+    @triton.jit
+    def _attend_block(q, q2, k_base, v_base, rows, seqlen, d_ok, m_i, l_i, acc, qk_scale, stride_kt, stride_vt,
+                      qpos, n0, m0, bias_head, koff, num_bt, window, k_row, COS, SIN, row0, pairs,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, BIAS: tl.constexpr,
+                      WINDOW: tl.constexpr, CAUSAL: tl.constexpr, ROTARY: tl.constexpr, HALF: tl.constexpr,
+                      INTERLEAVED: tl.constexpr):
         """One online-softmax step over the key rows `rows` = n0 + [0, BN): returns the updated (max, sum,
         acc). MASKED: the block runs past the sequence's end (only its last block does).
         BIAS: add the head's bias tile for key offset n0 - m0 (`bias_tiles`; koff: the tile of offset 0,
         num_bt: tiles per head) to the scores.
         WINDOW: only keys with |j - i| <= window count (qpos [BM]: the query positions i).
-        CAUSAL: only keys with j <= i count."""
+        CAUSAL: only keys with j <= i count.
+        ROTARY: q, q2 are the rotated pair members of the queries [BM, HALF]; the keys are turned here as
+        they are read (k_row: the head's row 0; COS/SIN rows from row0 + rows), and the scores are the
+        sum of the two halves' dots."""
         ok = rows < seqlen
         kv_mask = (ok[:, None] & d_ok[None, :]) if MASKED else d_ok[None, :]
-        k = tl.load(k_base + rows[:, None] * stride_kt, mask=kv_mask, other=0.0)                 # [BN, HD]
-        s = tl.dot(q, tl.trans(k)) * qk_scale                                                     # [BM, BN]
+        if ROTARY:
+            k1, k2 = _rotated_halves(k_row, COS, SIN, rows, row0 + rows, ok, stride_kt, pairs, HALF, INTERLEAVED,
+                                     MASKED)                                                      # [BN, HALF] x2
+            s = tl.dot(q2, tl.trans(k2), tl.dot(q, tl.trans(k1))) * qk_scale                      # [BM, BN]
+        else:
+            k = tl.load(k_base + rows[:, None] * stride_kt, mask=kv_mask, other=0.0)             # [BN, HD]
+            s = tl.dot(q, tl.trans(k)) * qk_scale                                                 # [BM, BN]
         if BIAS:   # softmax(q k^T * scale + bias); the tiles hold bias * log2(e), the scores' units
             t = tl.minimum(tl.maximum((n0 - m0) // BLOCK_N + koff, 0), num_bt - 1)
             tile = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]     # [BM, BN]
@@ -151,13 +194,14 @@ if triton is not None:
         return m_new, l_i, acc
 
     @triton.jit
-    def _flash_varlen_kernel(Q, K, V, O, CU, TILES, BIAS_TILES, qk_scale, stride_qt, stride_qh, stride_kt,
-                             stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_bh, koff, num_bt,
-                             window,
+    def _flash_varlen_kernel(Q, K, V, O, CU, TILES, BIAS_TILES, COS, SIN, qk_scale, stride_qt, stride_qh,
+                             stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_bh, koff,
+                             num_bt, window,
                              H, NUM_MB, NSEG, GROUP, D: tl.constexpr,
                              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                              USE_TILES: tl.constexpr, SELF_INDEX: tl.constexpr, SEG_POW2: tl.constexpr,
-                             BIAS: tl.constexpr, WINDOW: tl.constexpr, CAUSAL: tl.constexpr):
+                             BIAS: tl.constexpr, WINDOW: tl.constexpr, CAUSAL: tl.constexpr,
+                             ROTARY: tl.constexpr, HALF: tl.constexpr, INTERLEAVED: tl.constexpr):
         if USE_TILES:     # grid (heads, tiles): the table lists the blocks longest sequence first
             h = tl.program_id(0)
             b = tl.load(TILES + 2 * tl.program_id(1))
@@ -190,10 +234,17 @@ if triton is not None:
         offs_d = tl.arange(0, HEAD_DIM)
         d_ok = offs_d < D
         row0 = start.to(tl.int64)
-        q_ptrs = Q + (row0 + offs_m[:, None]) * stride_qt + h * stride_qh + offs_d[None, :]
-        q = tl.load(q_ptrs, mask=(offs_m[:, None] < seqlen) & d_ok[None, :], other=0.0)       # [BM, HD]
         hk = h // GROUP                                                # the kv head of query head h
-        k_base = K + row0 * stride_kt + hk * stride_kh + offs_d[None, :]
+        k_row = K + row0 * stride_kt + hk * stride_kh                  # the kv head's row 0 of this sequence
+        k_base = k_row + offs_d[None, :]
+        pairs = tl.arange(0, HALF)
+        if ROTARY:     # the queries turned once, as pair members [BM, HALF] each (no separate rotary pass)
+            q, q2 = _rotated_halves(Q + row0 * stride_qt + h * stride_qh, COS, SIN, offs_m, row0 + offs_m,
+                                    offs_m < seqlen, stride_qt, pairs, HALF, INTERLEAVED, MASKED=True)
+        else:
+            q_ptrs = Q + (row0 + offs_m[:, None]) * stride_qt + h * stride_qh + offs_d[None, :]
+            q = tl.load(q_ptrs, mask=(offs_m[:, None] < seqlen) & d_ok[None, :], other=0.0)   # [BM, HD]
+            q2 = q
         v_base = V + row0 * stride_vt + hk * stride_vh + offs_d[None, :]
         # query positions; rows past the end take the last row's, so under a window they still see a key
         qpos = tl.minimum(offs_m, seqlen - 1)
@@ -215,14 +266,17 @@ if triton is not None:
             n_hi = tl.minimum(n_hi, m0 + BLOCK_M)
             n_mid = tl.minimum(n_hi, full_end)
         for n0 in range(n_lo, n_mid, BLOCK_N):            # key blocks fully inside the sequence: no end mask
-            m_i, l_i, acc = _attend_block(q, k_base, v_base, n0 + offs_n, seqlen, d_ok, m_i, l_i, acc, qk_scale,
-                                          stride_kt, stride_vt, qpos, n0, m0, bias_head, koff, num_bt, window,
-                                          BLOCK_M, BLOCK_N, MASKED=False, BIAS=BIAS, WINDOW=WINDOW, CAUSAL=CAUSAL)
+            m_i, l_i, acc = _attend_block(q, q2, k_base, v_base, n0 + offs_n, seqlen, d_ok, m_i, l_i, acc,
+                                          qk_scale, stride_kt, stride_vt, qpos, n0, m0, bias_head, koff, num_bt,
+                                          window, k_row, COS, SIN, row0, pairs, BLOCK_M, BLOCK_N, MASKED=False,
+                                          BIAS=BIAS, WINDOW=WINDOW, CAUSAL=CAUSAL, ROTARY=ROTARY, HALF=HALF,
+                                          INTERLEAVED=INTERLEAVED)
         if full_end < n_hi:                                # the ragged last key block
-            m_i, l_i, acc = _attend_block(q, k_base, v_base, full_end + offs_n, seqlen, d_ok, m_i, l_i, acc,
+            m_i, l_i, acc = _attend_block(q, q2, k_base, v_base, full_end + offs_n, seqlen, d_ok, m_i, l_i, acc,
                                           qk_scale, stride_kt, stride_vt, qpos, full_end, m0, bias_head, koff,
-                                          num_bt, window, BLOCK_M, BLOCK_N, MASKED=True, BIAS=BIAS,
-                                          WINDOW=WINDOW, CAUSAL=CAUSAL)
+                                          num_bt, window, k_row, COS, SIN, row0, pairs, BLOCK_M, BLOCK_N,
+                                          MASKED=True, BIAS=BIAS, WINDOW=WINDOW, CAUSAL=CAUSAL, ROTARY=ROTARY,
+                                          HALF=HALF, INTERLEAVED=INTERLEAVED)
         acc = acc / l_i[:, None]
         o_ptrs = O + (row0 + offs_m[:, None]) * stride_ot + h * stride_oh + offs_d[None, :]
         tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=(offs_m[:, None] < seqlen) & d_ok[None, :])
@@ -232,7 +286,8 @@ def flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: 
                  scale: float | None = None, out: torch.Tensor | None = None,
                  config: FlashConfig | None = None, tiles: torch.Tensor | None = None,
                  dense: bool = False, bias_table: torch.Tensor | None = None, window: int = 0,
-                 causal: bool = False) -> torch.Tensor:
+                 causal: bool = False,
+                 rotary: tuple[torch.Tensor, torch.Tensor, RotaryConfig] | None = None) -> torch.Tensor:
     """q: [T, H, D], k, v: [T, Hkv, D] (rows may be strided, e.g. views of a fused QKV; Hkv divides H:
     grouped-query attention, q head h reads kv head h // (H / Hkv)) -> [T, H, D].
     cu_seqlens: [B+1] int32 on q's device; max_seqlen: an upper bound on every sequence's length.
@@ -241,7 +296,10 @@ def flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: 
     SELF_INDEX_MAX_SEQS sequences), or, with dense=True or more sequences, runs the dense grid.
     bias_table: optional [H, 2R+1] fp32 on q's device; score(i, j) = q_i k_j * scale + table[h, clamp(j - i,
     -R, R) + R] (positions inside the sequence). window > 0: query i sees key j only when |j - i| <= window.
-    causal: query i sees key j only when j <= i."""
+    causal: query i sees key j only when j <= i.
+    rotary: (cos, sin, cfg): q and k are turned by RoPE first (cos/sin: `rotary_tables`, [T, dim/2]); q and
+    k themselves are left as they are. Where `rotary_fused(cfg, D)` the kernel turns them as it reads them
+    (no separate pass, no rotated copy); otherwise rotated copies are made first."""
     check(q.dim() == 3 and k.dim() == 3 and k.shape == v.shape and k.shape[0] == q.shape[0]
           and k.shape[2] == q.shape[2] and k.shape[1] > 0 and q.shape[1] % k.shape[1] == 0,
           f"q must be [T, H, D] and k, v one [T, Hkv, D] shape with H a multiple of Hkv, got {tuple(q.shape)}, "
@@ -266,6 +324,18 @@ def flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: 
     if out is None:
         out = torch.empty(t, h, d, dtype=q.dtype, device=q.device)
     check(out.shape == q.shape and out.dtype == q.dtype and out.stride(2) == 1, f"out must be {tuple(q.shape)} {q.dtype}")
+    fuse = False
+    if rotary is not None:
+        check(isinstance(rotary, tuple) and len(rotary) == 3, "rotary must be (cos, sin, RotaryConfig)")
+        cos, sin, rcfg = rotary
+        fuse = (rotary_fused(rcfg, d) and kernel_ok(q, k, v, cu_seqlens, cos, sin) and cos.dtype == torch.float32
+                and sin.dtype == torch.float32 and cos.is_contiguous() and sin.is_contiguous()
+                and cos.shape == sin.shape == (t, d // 2))
+        if not fuse:       # rotated copies, then plain attention (the reference path, odd layouts)
+            if kernel_ok(q, k, cos, sin):
+                q, k = apply_rotary_(q.clone(), k.clone(), cos, sin, rcfg)
+            else:
+                q, k = apply_rotary_ref(q, k, cos, sin, rcfg)
     if not kernel_ok(q, k, v, cu_seqlens):
         from .attention import PositionBias, varlen_attention_ref
         bias = PositionBias(bias_table, window, causal) if bias_table is not None or window or causal else None
@@ -296,10 +366,11 @@ def flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: 
         bt, koff, num_bt = cu_seqlens, 0, 0
     _flash_varlen_kernel[grid](
         q, k, v, out, cu_seqlens, tiles if use_tiles else cu_seqlens, bt,
-        scale * LOG2E, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        cos if fuse else cu_seqlens, sin if fuse else cu_seqlens, scale * LOG2E, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1), bt.stride(0) if has_bias else 0, koff, num_bt, window, h, num_mb, b, h // k.shape[1], D=d,
         HEAD_DIM=max(16, next_pow2(d)), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, USE_TILES=use_tiles,
         SELF_INDEX=self_index, SEG_POW2=next_pow2(b) if self_index else 1, BIAS=has_bias, WINDOW=window > 0,
-        CAUSAL=causal,
+        CAUSAL=causal, ROTARY=fuse, HALF=d // 2 if fuse else 16,
+        INTERLEAVED=fuse and rotary[2].interleaved,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
