@@ -49,3 +49,33 @@ def test_profile_of_a_text_only_peer_is_skipped_with_the_reason():
     r = json.loads(buf.getvalue())
     assert rc == 0 and r["peers"]["sentence_transformers"]["status"] == "skipped"
     assert "texts" in r["peers"]["sentence_transformers"]["reason"]
+
+
+def test_profile_breakdown_prints_categories_by_peer_and_writes_them_to_json(tmp_path):
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = cli.main(["profile", "random:tiny", "--workload", "tutorial_small", "--peers", "packformer,floor",
+                       "--iterations", "1", "--top", "5", "--breakdown", "--eager", "--out", str(tmp_path)])
+    assert rc == 0
+    out = buf.getvalue()
+    table = out[out.index("ms per forward by kernel category"):out.index("wrote ")]
+    header, _, *rows = table.strip().splitlines()[1:]
+    assert header.split() == ["category", "packformer", "floor"]
+    labels = [r.split("  ")[0].strip() for r in rows]
+    assert labels[0] == "gemm" and "attention" in labels
+    assert labels[-3:] == ["total kernels", "wall (no profiler)", "× floor GEMMs"]
+    assert rows[labels.index("× floor GEMMs")].split()[-1] == "1"          # the floor against itself
+    r = json.loads((tmp_path / "profile-tutorial_small-cpu.json").read_text())
+    assert r["eager"] is True and set(r["breakdown"]) == {"packformer", "floor"}
+    assert r["breakdown"]["packformer"]["gemm"] > 0 and r["breakdown"]["floor"]["attention"] == 0
+    assert r["wall_ms"]["packformer"] > 0 and r["x_floor_gemm"]["floor"] == 1.0
+    assert r["peers"]["floor"]["notes"].startswith("GEMM floor")
+
+
+def test_profile_without_breakdown_prints_no_breakdown_table():
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = cli.main(["profile", "random:tiny", "--workload", "tutorial_small", "--peers", "floor",
+                       "--iterations", "1", "--json"])
+    r = json.loads(buf.getvalue())
+    assert rc == 0 and "breakdown" not in r and r["peers"]["floor"]["categories"]["gemm"] > 0

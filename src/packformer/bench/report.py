@@ -136,6 +136,28 @@ def print_bench(result: dict, file=None) -> None:
         print(file=file)
 
 
+def print_breakdown(result: dict, file=None) -> None:
+    """The breakdown of a `packformer profile --breakdown` result: ms per forward by kernel category (rows)
+    and peer (columns), their total, the wall time without the profiler, and each peer's GEMM time over
+    the floor's when the floor was profiled."""
+    bd = result.get("breakdown") or {}
+    if not bd:
+        return
+    peers = list(bd)
+    cats = [c for c in dict.fromkeys(c for b in bd.values() for c in b) if any(bd[p].get(c) for p in peers)]
+    rows = [[c, *(bd[p].get(c, 0.0) for p in peers)] for c in cats]
+    rows.append(["total kernels", *(round(sum(bd[p].values()), 4) for p in peers)])
+    rows.append(["wall (no profiler)", *(result.get("wall_ms", {}).get(p) for p in peers)])
+    if "x_floor_gemm" in result:
+        rows.append(["× floor GEMMs", *(result["x_floor_gemm"][p] for p in peers)])
+    w = result["workload"]
+    basis = "device kernel time" if result["device"].startswith("cuda") else "self CPU time of aten ops"
+    title = (f"{w['name']} ({w['num_seqs']} seqs, {w['real_tokens']} tokens): ms per forward by kernel category "
+             f"({basis}{', CUDA graphs off' if result.get('eager') else ''}) - {result['model']} on "
+             f"{device_label(result)}, {result['dtype']}")
+    table(title, ["category", *peers], rows, file=file)
+
+
 def bench_chart(result: dict, path: str | Path) -> Path:
     """One panel per workload: median ms per peer as horizontal bars (packformer green), each labelled with
     its time and packformer's speedup over it; the GEMM floors as red lines."""
