@@ -652,6 +652,75 @@ def section_time(args):
     return out
 
 
+def _fused_rotary(model):
+    """A view of `model` whose runner turns q and k inside flash_varlen (CudaPrimitives.fuse_rotary)."""
+    view = with_runner(model, FastOptions())
+    fast = getattr(view.runner, "forward", view.runner)
+    fast.primitives.fuse_rotary = True
+    return view
+
+
+def section_rotary(args):
+    """RoPE inside flash_varlen vs the rotary pass + the plain kernel: the op on the standard batches'
+    lengths (and 4k-token sequences, where every query block re-turns the keys it reads), then whole
+    rotary models, both variants on the same weights in interleaved rounds (the default is the pass)."""
+    from packformer.ops.flash_varlen import flash_varlen
+    from packformer.ops.rotary import RotaryConfig, apply_rotary_, rotary_tables
+    out = {"op": [], "model": []}
+    for name in ("query_b32", "serve_b32", "offline_b256", "long_4k"):
+        lens = [4096, 4096] if name == "long_4k" else lengths(name)
+        t = sum(lens)
+        cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device=DEV)
+        pos = torch.cat([torch.arange(n) for n in lens]).to(DEV)
+        for heads, hd, window, inter in ((12, 64, 0, False), (12, 64, 64, False), (16, 64, 0, False),
+                                         (12, 64, 0, True), (16, 128, 0, False)):
+            rc = RotaryConfig(base=10000.0, interleaved=inter)
+            cos, sin = rotary_tables(pos, rc, hd)
+            q, k, v = torch.randn(t, 3, heads, hd, device=DEV, dtype=torch.float16).unbind(1)
+            calls = {"pass_then_plain": lambda: flash_varlen(*apply_rotary_(q, k, cos, sin, rc), v, cu, max(lens),
+                                                             window=window),
+                     "pass_only": lambda: apply_rotary_(q, k, cos, sin, rc),
+                     "plain_only": lambda: flash_varlen(q, k, v, cu, max(lens), window=window),
+                     "fused": lambda: flash_varlen(q, k, v, cu, max(lens), window=window, rotary=(cos, sin, rc))}
+            row = {"batch": name, "heads": heads, "head_dim": hd, "window": window, "interleaved": inter}
+            for cname, fn in calls.items():
+                try:
+                    row[cname + "_us"] = _bench_ms(fn)
+                except Exception as e:  # noqa: BLE001
+                    row[cname + "_us"] = repr(e)[:200]
+            if isinstance(row["fused_us"], float) and isinstance(row["pass_then_plain_us"], float):
+                row["fused_over_two_pass"] = round(row["fused_us"] / row["pass_then_plain_us"], 3)
+            out["op"].append(row)
+            log("ROTARY_OP", row)
+    for shape in args.rotary_models.split(","):
+        if elapsed() > args.budget * 0.8:
+            out["model"].append({"shape": shape, "skipped": "time budget"})
+            continue
+        parts = perturbed(random_parts(shape))
+        two = model_of(parts, torch.float16, head=False)
+        fused = _fused_rotary(two)
+        floor = GemmFloor(parts.encoder, DEV, torch.float16)
+        for name in ("query_b32", "serve_b32", "offline_b256"):
+            ids, batch = packed_batch(parts, name)
+            batch = pinned(batch)
+            lens = [len(x) for x in ids]
+            with torch.inference_mode():
+                a, b = fused.hidden_states(batch), two.hidden_states(batch)
+                row = {"shape": shape, "batch": name, "tokens": sum(lens), "min_cos_fused_vs_two_pass": cos_min(a, b)}
+                row.update(interleaved_ms({"fused": lambda: fused.hidden_states(batch),
+                                           "two_pass": lambda: two.hidden_states(batch),
+                                           "floor": floor.runner([sum(lens)])}, rounds=args.iters))
+            if all(isinstance(row.get(k), float) for k in ("fused", "two_pass", "floor")):
+                row["fused_over_two_pass"] = round(row["fused"] / row["two_pass"], 3)
+                row["fused_x_floor"] = round(row["fused"] / row["floor"], 3)
+                row["two_pass_x_floor"] = round(row["two_pass"] / row["floor"], 3)
+            out["model"].append(row)
+            log("ROTARY_MODEL", row)
+        del fused, two, floor
+        torch.cuda.empty_cache()
+    return out
+
+
 def section_profile(args):
     """Where the time goes: GPU kernel time by category for one eager bert-base offline_b256 forward."""
     from torch.profiler import ProfilerActivity, profile
@@ -813,13 +882,15 @@ def section_e2e(args):
 
 
 SECTIONS = {"env": section_env, "ops": section_ops, "attention": section_attention, "decoder_attention": section_decoder_attention, "overlap": section_overlap, "gelu": section_gelu, "fp8_gemm": section_fp8_gemm, "correct": section_correct, "time": section_time,
-            "profile": section_profile, "host": section_host, "e2e": section_e2e}
+            "profile": section_profile, "rotary": section_rotary, "host": section_host, "e2e": section_e2e}
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--minilm", default=os.environ.get("PACKFORMER_MINILM_DIR", ".gpu_assets/minilm"))
     ap.add_argument("--sections", default="all")
+    ap.add_argument("--rotary-models", default="modernbert-base,gte-base-en-v1.5,nomic-embed-text-v1.5",
+                    help="random presets the rotary section times whole")
     ap.add_argument("--budget", type=float, default=520.0, help="seconds; later sections skip work past it")
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--texts", type=int, default=20000)

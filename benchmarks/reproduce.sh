@@ -190,9 +190,11 @@ gpu_steps() {
   local fam
   for fam in mpnet-base modernbert-base gte-base-en-v1.5 deberta-v3-base nomic-embed-text-v1.5; do
     step bench-family-$fam-fp16 "README + NOTES-gpu: other encoder families vs transformers' fastest attention" \
-      "${pf[@]}" bench random:$fam --device cuda --workloads serve_b32,offline_b256 --peers hf_best \
+      "${pf[@]}" bench random:$fam --device cuda --workloads query_b32,serve_b32,offline_b256 --peers hf_best \
       $(q "--iterations 5" "$it") --out @W@
   done
+  step rotary-in-attention "NOTES-gpu: RoPE inside flash_varlen vs the rotary pass, op and whole rotary models" \
+    "${fp[@]}" --sections env,rotary
   for fam in qwen3-embedding-0.6b embeddinggemma-300m; do
     step bench-family-$fam-bf16 "README + NOTES-gpu: decoder embedders (bf16) vs transformers SDPA" \
       "${pf[@]}" bench random:$fam --device cuda --workloads serve_b32,offline_b256 --peers hf_best \
@@ -209,6 +211,19 @@ gpu_steps() {
       "${pf[@]}" bench random:$fam --device cuda --workloads serve_b32,offline_b256 --peers packformer,packformer_fp8 \
       $(q "--iterations 5" "$it") --out @W@
   done
+  step bench-fp8-minilm-l6 "README + NOTES-gpu: fp8 GEMMs on all-MiniLM-L6-v2 (real weights) against fp16" \
+    "${pf[@]}" bench --device cuda --workloads serve_b32,offline_b256 --peers packformer,packformer_fp8 \
+    $(q "--iterations 5" "$it") --out @W@
+  local prof=("${pf[@]}" profile --device cuda --breakdown --eager --peers packformer,packformer_fp8,floor
+              --iterations 3 --top 30 --out @W@)
+  step profile-breakdown-bert-base-offline_b256 "NOTES-gpu: fp16 / fp8 / floor kernel time by category" \
+    "${prof[@]}" random:bert-base --workload offline_b256
+  step profile-breakdown-bert-base-serve_b32 "NOTES-gpu: fp16 / fp8 / floor kernel time by category" \
+    "${prof[@]}" random:bert-base --workload serve_b32
+  step profile-breakdown-xlmr-large-offline_b256 "NOTES-gpu: fp16 / fp8 / floor kernel time by category" \
+    "${prof[@]}" random:xlmr-large --workload offline_b256
+  step profile-breakdown-minilm-l6-offline_b256 "NOTES-gpu: fp16 / fp8 / floor kernel time by category, real weights" \
+    "${prof[@]}" --workload offline_b256
   step e2e-fp8-minilm-l6 "README + NOTES-gpu: encode() of 20,000 texts, fp8 against fp16, all-MiniLM-L6-v2" \
     "${pf[@]}" bench --device cuda --workloads texts_20000 --peers packformer,packformer_fp8 --warmup 1 --no-floor \
     $(q "--iterations 3" "$it") --out @W@
