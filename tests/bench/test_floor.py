@@ -89,3 +89,29 @@ def test_cpu_floor_runs_each_gemm_in_the_faster_library_and_says_which(monkeypat
     last = enc.layers[-1].ffn2
     with torch.inference_mode():
         assert torch.allclose(run(), F.linear(xi, last.weight, last.bias), atol=1e-5)
+
+
+def test_fp8_floor_runs_the_e4m3_gemms_on_inputs_quantized_once(monkeypatch):
+    """fp8=True: each GEMM is fp8_linear on the weight's e4m3 codes and per-channel scales; the inputs are
+    quantized when the runner is built, so the timed call holds the GEMMs alone."""
+    from packformer.ops import fp8 as F8
+
+    enc = Encoder(CFG)
+    f = GemmFloor(enc, "cpu", torch.float32, fp8=True)
+    wq, ws = F8.quantize_weight(enc.layers[1].ffn1.weight)
+    assert torch.equal(f.quantized[1][2][0], wq) and torch.equal(f.quantized[1][2][1], ws)
+    quantized, gemms = [], []
+    real = F8.fp8_linear
+    monkeypatch.setattr(F8, "quantize_rows", lambda *a, **k: quantized.append(1) or F8.quantize_rows_ref(*a, **k))
+    monkeypatch.setattr(F8, "fp8_linear", lambda a, w, *r, **k: gemms.append((a.q.dtype, w.dtype)) or real(a, w, *r, **k))
+    run = f.runner([7, 5])
+    assert len(quantized) == 2 * 3 and not gemms          # each pass's three inputs, when the runner is built
+    out = run()
+    assert out.shape == (5, 16) and out.dtype == torch.float16 and torch.isfinite(out).all()
+    assert len(quantized) == 2 * 3 and len(gemms) == 2 * 3 * 4 and set(gemms) == {(F8.E4M3, F8.E4M3)}
+    # the last GEMM is FFN2 of the last layer on the last pass, through the e4m3 reference
+    x = torch.randn(5, 40)
+    a = F8.quantize_rows_ref(x)
+    w2, s2, b2 = f.quantized[2][3]
+    assert torch.allclose(F8.fp8_linear(a, w2, s2, b2, out_dtype=torch.float16).float(),
+                          F8.fp8_linear_ref(a, w2, s2, b2, out_dtype=torch.float16).float())

@@ -128,3 +128,22 @@ def test_gpu_eager_breakdown_shows_each_kernel(tiny_parts):
     # reductions) and nothing else
     assert fl["categories"]["gemm"] == pytest.approx(sum(fl["categories"].values()), rel=0.05)
     assert r["x_floor_gemm"][FLOOR] == 1.0
+
+
+def test_the_fp8_floor_is_a_profiled_peer_of_its_own(tiny_parts):
+    r = run_profile(tiny_parts(), workload="tutorial_small", peers="floor,floor_fp8", iterations=1, top=10,
+                    breakdown=True, log=None)
+    fp8 = r["peers"]["floor_fp8"]
+    assert fp8["status"] == "ok" and "GEMM floor (e4m3)" in fp8["notes"]
+    assert fp8["categories"]["gemm"] + fp8["categories"]["gemm_fp8"] > 0          # the CPU runs its reference
+    assert r["x_floor_gemm"]["floor_fp8"] > 0 and r["x_floor_gemm"]["floor"] == 1.0
+
+
+@pytest.mark.gpu
+def test_gpu_fp8_floor_runs_the_e4m3_kernel(tiny_parts):
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the e4m3 TMA GEMM needs Hopper or later")
+    r = run_profile(tiny_parts(), device="cuda", workload="serve_b32", peers="floor,floor_fp8", iterations=1,
+                    breakdown=True, log=None)
+    cats = r["peers"]["floor_fp8"]["categories"]
+    assert cats["gemm_fp8"] > 0 and cats["gemm"] == 0 and cats["quantize"] == 0    # inputs quantized beforehand

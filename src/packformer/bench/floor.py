@@ -28,8 +28,11 @@ ROLES = ("qkv", "out", "ffn1", "ffn2")
 
 
 class GemmFloor:
-    def __init__(self, encoder: Encoder, device: torch.device | str, dtype: torch.dtype):
-        self.device, self.dtype = torch.device(device), dtype
+    """fp8=True: the same GEMMs in e4m3 (ops/fp8.fp8_linear: per-channel weight and per-token activation
+    scales, `dtype` out), on inputs quantized once outside the timed call: the floor of `dtype="float8"`."""
+
+    def __init__(self, encoder: Encoder, device: torch.device | str, dtype: torch.dtype, fp8: bool = False):
+        self.device, self.dtype, self.fp8 = torch.device(device), dtype, fp8
         self.hidden, self.inter = encoder.config.hidden_size, encoder.config.intermediate_size
 
         def w(lin):
@@ -40,12 +43,16 @@ class GemmFloor:
         self.attn = self.layers[0][1][0].shape[1] if self.layers else self.hidden   # heads x head size (Qwen3: 2H)
         # CPU: the same GEMMs on oneDNN's packed weights, where this torch build runs them
         self.packed = None
-        if self.device.type == "cpu":
+        if fp8:
+            from ..ops.fp8 import quantize_weight
+            self.quantized = [tuple((*quantize_weight(w), b) for w, b in layer) for layer in self.layers]
+        elif self.device.type == "cpu":
             from ..fast.cpu_linear import OneDnnLinear, onednn_available
             if onednn_available(dtype):
                 self.packed = [tuple(OneDnnLinear(lin, dtype) for lin in (l.qkv, l.out, l.ffn1, l.ffn2))
                                for l in encoder.layers]
-        self.backends: dict[str, str] = {r: "cublas" if self.device.type == "cuda" else "mkl" for r in ROLES}
+        gpu = "fp8" if fp8 else "cublas"
+        self.backends: dict[str, str] = {r: gpu if self.device.type == "cuda" else "mkl" for r in ROLES}
 
     def flops(self, tokens: int) -> int:
         """Multiply-adds x 2 of one pass over `tokens` tokens."""
@@ -93,6 +100,16 @@ class GemmFloor:
     def _calls(self, xs) -> list[tuple[Callable[[torch.Tensor], torch.Tensor], ...]]:
         """Per layer, the four GEMMs as callables: F.linear, or on a CPU with packed weights the faster of
         F.linear and oneDNN per role, timed on the median pass (`backends` records the choice)."""
+        if self.fp8:
+            from ..ops.fp8 import fp8_linear, quantize_rows
+            qx = {id(x): quantize_rows(x) for batch in xs for x in batch}       # once, outside the timed call
+
+            out = self.dtype if self.dtype in (torch.float16, torch.bfloat16) else torch.float16
+
+            def e4m3(wq, ws, b):
+                return lambda x: fp8_linear(qx[id(x)], wq, ws, b, out_dtype=out)
+            return [tuple(e4m3(*wsb) for wsb in layer) for layer in self.quantized]
+
         def aten(wb):
             return lambda x, w=wb[0], b=wb[1]: F.linear(x, w, b)
 

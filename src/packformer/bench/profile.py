@@ -146,25 +146,28 @@ def profile_calls(fn: Callable[[], Any], device: torch.device | str, iterations:
 
 
 FLOOR = "floor"     # not a peer of the bench (which times the floor itself): profiled here on request
+FLOOR_FP8 = "floor_fp8"   # the same GEMMs in e4m3 on pre-quantized inputs: the floor of dtype="float8"
+FLOORS = (FLOOR, FLOOR_FP8)
 WALL_CALLS = 5      # timed calls, without the profiler, behind each peer's wall time in a breakdown
 
 
 class FloorEngine:
     """The GEMM floor (floor.py) as a profiled peer: the four GEMMs per layer on the workload's real
-    token counts, launched eagerly so that each GEMM is a kernel of its own in the profile."""
+    token counts, launched eagerly so that each GEMM is a kernel of its own in the profile (fp8: in e4m3)."""
 
-    name = FLOOR
-
-    def __init__(self, parts, device: torch.device, dtype: torch.dtype, token_counts: Sequence[int]):
+    def __init__(self, parts, device: torch.device, dtype: torch.dtype, token_counts: Sequence[int],
+                 fp8: bool = False):
         from .floor import GemmFloor
 
-        self.floor, self.counts = GemmFloor(parts.encoder, device, dtype), list(token_counts)
+        self.name = FLOOR_FP8 if fp8 else FLOOR
+        self.floor, self.counts = GemmFloor(parts.encoder, device, dtype, fp8=fp8), list(token_counts)
         self.notes = ""
 
     def prepare(self, inputs) -> Callable[[], torch.Tensor]:
         run = self.floor.runner(self.counts, graph=False)
         backends = ", ".join(sorted(set(self.floor.backends.values())))
-        self.notes = (f"GEMM floor: {4 * len(self.floor.layers)} GEMMs ({backends}) per pass, {len(self.counts)} "
+        kind = "GEMM floor (e4m3)" if self.floor.fp8 else "GEMM floor"
+        self.notes = (f"{kind}: {4 * len(self.floor.layers)} GEMMs ({backends}) per pass, {len(self.counts)} "
                       f"pass(es) of {sum(self.counts)} real tokens, eager")
         return run
 
@@ -180,7 +183,7 @@ def _peer_names(peers: Sequence[str] | str) -> list[str]:
         peers = [n.strip() for n in peers.split(",") if n.strip()]
     out: list[str] = []
     for n in peers:
-        n = n if n == FLOOR else P.canonical_peers([n])[0]
+        n = n if n in FLOORS else P.canonical_peers([n])[0]
         if n not in out:
             out.append(n)
     return out or ["packformer"]
@@ -190,11 +193,11 @@ def _peer_names(peers: Sequence[str] | str) -> list[str]:
 def _built(name: str, ctx, floor_counts: Sequence[int]):
     from . import peers as P
 
-    if name != FLOOR:
+    if name not in FLOORS:
         with P.built(name, ctx) as eng:
             yield eng
         return
-    eng = FloorEngine(ctx.parts, ctx.device, ctx.dtype, floor_counts)
+    eng = FloorEngine(ctx.parts, ctx.device, ctx.dtype, floor_counts, fp8=name == FLOOR_FP8)
     try:
         yield eng
     finally:
@@ -226,7 +229,8 @@ def run_profile(model: str | Path | None = None, device: str = "cpu", dtype: str
                 warmup: int = 1, top: int = 25, trace: str | Path | None = None, batch_size: int = 32,
                 breakdown: bool = False, eager: bool = False, log: Callable[[str], None] | None = print) -> dict:
     """Profile one batch of `workload` through each of `peers`; print their tables; return a dict.
-    `peers` may name `floor`: the GEMM floor on the workload's real token counts, eager.
+    `peers` may name `floor`: the GEMM floor on the workload's real token counts, eager (`floor_fp8`: the
+    same GEMMs in e4m3).
     `trace`: a Chrome trace path (with several peers, the peer's name is added before the suffix).
     `breakdown`: also time each peer without the profiler and add `breakdown` (ms per forward by
     kernel category), `wall_ms` and `x_floor_gemm` (GEMM time over the floor's, when it ran) to the result.
@@ -248,7 +252,7 @@ def run_profile(model: str | Path | None = None, device: str = "cpu", dtype: str
     with tempfile.TemporaryDirectory(prefix="packformer-profile-") as tmp:
         ctx = P.PeerContext(parts=parts, device=dev, dtype=dt, workdir=Path(tmp), threads=torch.get_num_threads())
         for name in names:
-            why = None if name == FLOOR else P.unavailable(name, dev)
+            why = None if name in FLOORS else P.unavailable(name, dev)
             if why:
                 log(f"skipped {name}: {why}")
                 result["peers"][name] = {"status": "skipped", "reason": why}

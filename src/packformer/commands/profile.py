@@ -19,7 +19,8 @@ def add_parser(sub):
     p.add_argument("--workload", default="serve_b32", help=f"one of {', '.join(ID_WORKLOADS)} (default serve_b32)")
     p.add_argument("--peers", default="packformer",
                    help="comma-separated peers to profile (default packformer; e.g. packformer,packformer_ref,"
-                        "bt_nested); 'floor' is the GEMM floor on the workload's real token counts, launched eagerly")
+                        "bt_nested); 'floor' is the GEMM floor on the workload's real token counts, launched eagerly, "
+                        "'floor_fp8' the same GEMMs in e4m3")
     p.add_argument("--iterations", type=int, default=3, help="profiled calls (default 3)")
     p.add_argument("--warmup", type=int, default=1, help="unprofiled calls first (default 1)")
     p.add_argument("--top", type=int, default=25, help="operators per table (default 25)")

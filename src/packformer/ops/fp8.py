@@ -19,6 +19,7 @@ never depends on what else shares its batch:
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -255,12 +256,20 @@ if triton is not None:
             c_desc.store([off_m, off_n], acc.to(c_desc.dtype))
 
 
+@functools.lru_cache(maxsize=None)
+def _gpu(index: int) -> tuple[int, int]:
+    """(major compute capability, SM count) of CUDA device `index`, asked once: an eager fp8 forward launches
+    ~50 GEMMs, and the host's time per launch is what bounds it (benchmarks/NOTES-gpu.md)."""
+    props = torch.cuda.get_device_properties(index)
+    return props.major, props.multi_processor_count
+
+
 def _tma_ok(a: Quantized, wq: torch.Tensor) -> bool:
     """The TMA kernel's needs: Hopper or later (or the interpreter), 16-byte aligned rows."""
     n, k = wq.shape
     if k % 16 or n % 8:
         return False
-    return not a.q.is_cuda or torch.cuda.get_device_capability(a.q.device)[0] >= 9
+    return not a.q.is_cuda or _gpu(a.q.device.index)[0] >= 9       # a tensor's device always has its index
 
 
 def _scaled_mm(a: Quantized, wq, ws, bias, act, residual, out_dtype) -> torch.Tensor:
@@ -301,10 +310,11 @@ def fp8_linear(a: Quantized, wq: torch.Tensor, ws: torch.Tensor, bias: torch.Ten
         out_dtype = residual.dtype
     out_dtype = out_dtype or torch.float16
     check(out_dtype in (torch.float16, torch.bfloat16), f"fp8_linear writes fp16 or bf16, not {out_dtype}")
+    tma = None
     if backend == "auto":
         if not kernel_ok(a.q, wq):
             backend = "reference"
-        elif _tma_ok(a, wq):
+        elif tma := _tma_ok(a, wq):
             backend = "triton"
         else:
             backend = "scaled_mm" if a.q.is_cuda else "reference"
@@ -313,7 +323,7 @@ def fp8_linear(a: Quantized, wq: torch.Tensor, ws: torch.Tensor, bias: torch.Ten
         return y if residual is None else residual.copy_(y)
     if backend == "scaled_mm":
         return _scaled_mm(a, wq, ws, bias, act, residual, out_dtype)
-    check(_tma_ok(a, wq), "the Triton fp8 GEMM needs Hopper (sm90+), K % 16 == 0 and N % 8 == 0")
+    check(tma or _tma_ok(a, wq), "the Triton fp8 GEMM needs Hopper (sm90+), K % 16 == 0 and N % 8 == 0")
     return _fp8_gemm(a, wq, ws, bias, act, residual, out_dtype, config)
 
 
@@ -327,7 +337,7 @@ def _fp8_gemm(a: Quantized, wq, ws, bias, act, residual, out_dtype, config) -> t
         return y
     cfg = config or default_config(t, n, k, residual is not None)
     tiles = triton.cdiv(t, cfg.block_m) * triton.cdiv(n, cfg.block_n)
-    sms = torch.cuda.get_device_properties(a.q.device).multi_processor_count if a.q.is_cuda else tiles
+    sms = _gpu(a.q.device.index)[1] if a.q.is_cuda else tiles
     progs = min(tiles, sms)
     c_desc = TensorDescriptor.from_tensor(y, [cfg.block_m, cfg.block_n])
     _fp8_gemm_kernel[(progs,)](
