@@ -224,6 +224,14 @@ gpu_steps() {
     "${prof[@]}" random:xlmr-large --workload offline_b256
   step profile-breakdown-minilm-l6-offline_b256 "NOTES-gpu: fp16 / fp8 / floor kernel time by category, real weights" \
     "${prof[@]}" --workload offline_b256
+  local prof8=("${pf[@]}" profile --device cuda --breakdown --eager --peers packformer_fp8,floor,floor_fp8
+               --iterations 3 --top 12 --out @W@)
+  step profile-breakdown-fp8-floor-bert-base-offline_b256 "NOTES-gpu: the fp8 floor beside fp8 and the fp16 floor" \
+    "${prof8[@]}" random:bert-base --workload offline_b256
+  step profile-breakdown-fp8-floor-bert-base-serve_b32 "NOTES-gpu: the fp8 floor beside fp8 and the fp16 floor" \
+    "${prof8[@]}" random:bert-base --workload serve_b32
+  step profile-breakdown-fp8-floor-xlmr-large-offline_b256 "NOTES-gpu: the fp8 floor beside fp8 and the fp16 floor" \
+    "${prof8[@]}" random:xlmr-large --workload offline_b256
   step e2e-fp8-minilm-l6 "README + NOTES-gpu: encode() of 20,000 texts, fp8 against fp16, all-MiniLM-L6-v2" \
     "${pf[@]}" bench --device cuda --workloads texts_20000 --peers packformer,packformer_fp8 --warmup 1 --no-floor \
     $(q "--iterations 3" "$it") --out @W@
