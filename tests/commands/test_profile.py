@@ -21,14 +21,18 @@ def tiny(monkeypatch):
     torch.set_num_threads(n)
 
 
-def test_profile_prints_tables_and_writes_traces_and_json(tmp_path):
+def profile(*args: str) -> tuple[int, str]:
+    """`packformer profile random:tiny --workload tutorial_small ARGS` -> (exit code, what it printed)."""
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        rc = cli.main(["profile", "random:tiny", "--workload", "tutorial_small", "--peers", "packformer,bt_nested",
-                       "--iterations", "2", "--top", "8", "--trace", str(tmp_path / "trace.json"), "--out",
-                       str(tmp_path)])
+        rc = cli.main(["profile", "random:tiny", "--workload", "tutorial_small", *args])
+    return rc, buf.getvalue()
+
+
+def test_profile_prints_tables_and_writes_traces_and_json(tmp_path):
+    rc, out = profile("--peers", "packformer,bt_nested", "--iterations", "2", "--top", "8", "--trace",
+                      str(tmp_path / "trace.json"), "--out", str(tmp_path))
     assert rc == 0
-    out = buf.getvalue()
     assert out.count("Self CPU time total") == 2
     r = json.loads((tmp_path / "profile-tutorial_small-cpu.json").read_text())
     assert r["workload"]["name"] == "tutorial_small" and r["iterations"] == 2
@@ -42,22 +46,16 @@ def test_profile_prints_tables_and_writes_traces_and_json(tmp_path):
 
 
 def test_profile_of_a_text_only_peer_is_skipped_with_the_reason():
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        rc = cli.main(["profile", "random:tiny", "--workload", "tutorial_small", "--peers", "st,packformer",
-                       "--iterations", "1", "--json"])
-    r = json.loads(buf.getvalue())
+    rc, out = profile("--peers", "st,packformer", "--iterations", "1", "--json")
+    r = json.loads(out)
     assert rc == 0 and r["peers"]["sentence_transformers"]["status"] == "skipped"
     assert "texts" in r["peers"]["sentence_transformers"]["reason"]
 
 
 def test_profile_breakdown_prints_categories_by_peer_and_writes_them_to_json(tmp_path):
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        rc = cli.main(["profile", "random:tiny", "--workload", "tutorial_small", "--peers", "packformer,floor",
-                       "--iterations", "1", "--top", "5", "--breakdown", "--eager", "--out", str(tmp_path)])
+    rc, out = profile("--peers", "packformer,floor", "--iterations", "1", "--top", "5", "--breakdown", "--eager",
+                      "--out", str(tmp_path))
     assert rc == 0
-    out = buf.getvalue()
     table = out[out.index("ms per forward by kernel category"):out.index("wrote ")]
     header, _, *rows = table.strip().splitlines()[1:]
     assert header.split() == ["category", "packformer", "floor"]
@@ -73,9 +71,6 @@ def test_profile_breakdown_prints_categories_by_peer_and_writes_them_to_json(tmp
 
 
 def test_profile_without_breakdown_prints_no_breakdown_table():
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        rc = cli.main(["profile", "random:tiny", "--workload", "tutorial_small", "--peers", "floor",
-                       "--iterations", "1", "--json"])
-    r = json.loads(buf.getvalue())
+    rc, out = profile("--peers", "floor", "--iterations", "1", "--json")
+    r = json.loads(out)
     assert rc == 0 and "breakdown" not in r and r["peers"]["floor"]["categories"]["gemm"] > 0
