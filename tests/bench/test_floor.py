@@ -103,7 +103,8 @@ def test_fp8_floor_runs_the_e4m3_gemms_on_inputs_quantized_once(monkeypatch):
     quantized, gemms = [], []
     real = F8.fp8_linear
     monkeypatch.setattr(F8, "quantize_rows", lambda *a, **k: quantized.append(1) or F8.quantize_rows_ref(*a, **k))
-    monkeypatch.setattr(F8, "fp8_linear", lambda a, w, *r, **k: gemms.append((a.q.dtype, w.dtype)) or real(a, w, *r, **k))
+    monkeypatch.setattr(F8, "fp8_linear",
+                        lambda a, w, *r, **k: gemms.append((a.q.dtype, w.dtype)) or real(a, w, *r, **k))
     run = f.runner([7, 5])
     assert len(quantized) == 2 * 3 and not gemms          # each pass's three inputs, when the runner is built
     out = run()

@@ -15,8 +15,12 @@ sizes are chosen per problem; the GPU benchmark decides which kernel the fast pa
   tiles per head serve every block, loaded like K and V instead of gathered element by element), and a
   local window |j - i| <= w whose
   key loop visits only the blocks the query block can see; and a causal mask j <= i (CAUSAL: the key
-  loop stops at the query block's diagonal, so the blocks above it are never read). Grouped-query
-  attention: k and v may have fewer heads (head h reads kv head h // GROUP), read in place. Three ways to enumerate the query blocks:
+  loop stops at the query block's diagonal, so the blocks above it are never read). RoPE (ROTARY): q
+  and k are turned as they are read, each head as its two pair halves, and the scores are two dots
+  over the halves (every query block re-turns the keys it reads: the in-place pass in rotary.py is
+  faster on sequences of several query blocks; benchmarks/NOTES-gpu.md). Grouped-query attention: k and
+  v may have fewer heads (head h reads kv head h // GROUP), read in place. Three ways to enumerate the
+  query blocks:
   - a tile table (`tile_table`, built on the host from the lengths, once per forward): exactly the
     blocks that exist, longest sequences first (their programs run longest, so the grid's tail is
     short ones);
@@ -328,8 +332,8 @@ def flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: 
     if rotary is not None:
         check(isinstance(rotary, tuple) and len(rotary) == 3, "rotary must be (cos, sin, RotaryConfig)")
         cos, sin, rcfg = rotary
-        fuse = (rotary_fused(rcfg, d) and kernel_ok(q, k, v, cu_seqlens, cos, sin) and cos.dtype == torch.float32
-                and sin.dtype == torch.float32 and cos.is_contiguous() and sin.is_contiguous()
+        fuse = (rotary_fused(rcfg, d) and kernel_ok(q, k, v, cu_seqlens, cos, sin)
+                and cos.dtype == sin.dtype == torch.float32 and cos.is_contiguous() and sin.is_contiguous()
                 and cos.shape == sin.shape == (t, d // 2))
         if not fuse:       # rotated copies, then plain attention (the reference path, odd layouts)
             if kernel_ok(q, k, cos, sin):
@@ -366,8 +370,9 @@ def flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: 
         bt, koff, num_bt = cu_seqlens, 0, 0
     _flash_varlen_kernel[grid](
         q, k, v, out, cu_seqlens, tiles if use_tiles else cu_seqlens, bt,
-        cos if fuse else cu_seqlens, sin if fuse else cu_seqlens, scale * LOG2E, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        out.stride(0), out.stride(1), bt.stride(0) if has_bias else 0, koff, num_bt, window, h, num_mb, b, h // k.shape[1], D=d,
+        cos if fuse else cu_seqlens, sin if fuse else cu_seqlens, scale * LOG2E, q.stride(0), q.stride(1),
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        bt.stride(0) if has_bias else 0, koff, num_bt, window, h, num_mb, b, h // k.shape[1], D=d,
         HEAD_DIM=max(16, next_pow2(d)), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, USE_TILES=use_tiles,
         SELF_INDEX=self_index, SEG_POW2=next_pow2(b) if self_index else 1, BIAS=has_bias, WINDOW=window > 0,
         CAUSAL=causal, ROTARY=fuse, HALF=d // 2 if fuse else 16,
