@@ -145,6 +145,12 @@ cpu_steps() {
     "$PY" "$here/with_folder.py" bge-m3 bench @FOLDER@ --device cpu --workloads bge_m3 \
     --texts "$here/texts-150.txt" $(q "--iterations 3" "--iterations 1") --out @W@
   local fam
+  for fam in mpnet-base distilbert-base modernbert-base deberta-v3-base gte-base-en-v1.5 nomic-embed-text-v1.5 \
+             jina-embeddings-v3; do
+    step bench-family-$fam-fp32 "README: $fam serve_b32 vs transformers' fastest attention, fp32" \
+      "${pf[@]}" bench random:$fam --device cpu --workloads serve_b32 --peers hf_best \
+      $(q "--iterations 3" "--iterations 1") --out @W@
+  done
   for fam in qwen3-embedding-0.6b embeddinggemma-300m; do
     step bench-family-$fam-fp32 "README + NOTES-cpu: $fam serve_b32 vs transformers fp32; int8" \
       "${pf[@]}" bench random:$fam --device cpu --workloads serve_b32 --peers hf_best,packformer_int8 --no-floor \
@@ -188,7 +194,8 @@ gpu_steps() {
   step encode-host "NOTES-gpu: encode()'s host pipeline (threads, chunks, no-model rate, cProfile)" \
     "$PY" "$here/gpu_encode_host.py" $(q "" "--texts 2000") --out @W@
   local fam
-  for fam in mpnet-base modernbert-base gte-base-en-v1.5 deberta-v3-base nomic-embed-text-v1.5; do
+  for fam in mpnet-base distilbert-base modernbert-base gte-base-en-v1.5 deberta-v3-base nomic-embed-text-v1.5 \
+             jina-embeddings-v3; do
     step bench-family-$fam-fp16 "README + NOTES-gpu: other encoder families vs transformers' fastest attention" \
       "${pf[@]}" bench random:$fam --device cuda --workloads query_b32,serve_b32,offline_b256 --peers hf_best \
       $(q "--iterations 5" "$it") --out @W@
