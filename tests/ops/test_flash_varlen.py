@@ -293,8 +293,11 @@ def test_launcher_without_a_kernel_rotates_then_attends_and_leaves_q_and_k_alone
         got = flash_varlen(q, k, v, cu, 9, 0.3, window=4, rotary=rope)
         assert torch.allclose(got, _rotated_ref(q, k, v, cu, rope, scale=0.3, bias=PositionBias(window=4)), atol=1e-6)
         assert torch.equal(q, q0) and torch.equal(k, k0)
-    with pytest.raises(ValueError, match="rotary must be"):
-        flash_varlen(q, k, v, cu, 9, rotary=rope[:2])
+    for bad in (rope[:2], list(rope), (rope[0], rope[1], {"base": 100.0}), (None, rope[1], rope[2])):
+        with pytest.raises(ValueError, match="rotary must be"):
+            flash_varlen(q, k, v, cu, 9, rotary=bad)
+    with pytest.raises(ValueError, match="cos and sin must be"):          # tables of another batch
+        flash_varlen(q, k, v, cu, 9, rotary=(rope[0][:5], rope[1][:5], rope[2]))
 
 
 def test_kernel_with_rotary_under_triton_interpreter(run_interpreted):

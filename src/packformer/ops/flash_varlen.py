@@ -330,7 +330,9 @@ def flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: 
     check(out.shape == q.shape and out.dtype == q.dtype and out.stride(2) == 1, f"out must be {tuple(q.shape)} {q.dtype}")
     fuse = False
     if rotary is not None:
-        check(isinstance(rotary, tuple) and len(rotary) == 3, "rotary must be (cos, sin, RotaryConfig)")
+        check(isinstance(rotary, tuple) and len(rotary) == 3 and isinstance(rotary[2], RotaryConfig)
+              and all(isinstance(x, torch.Tensor) for x in rotary[:2]),
+              f"rotary must be (cos, sin, RotaryConfig), got {type(rotary).__name__}")
         cos, sin, rcfg = rotary
         fuse = (rotary_fused(rcfg, d) and kernel_ok(q, k, v, cu_seqlens, cos, sin)
                 and cos.dtype == sin.dtype == torch.float32 and cos.is_contiguous() and sin.is_contiguous()
