@@ -99,11 +99,11 @@ class GemmFloor:
 
     def _calls(self, xs) -> list[tuple[Callable[[torch.Tensor], torch.Tensor], ...]]:
         """Per layer, the four GEMMs as callables: F.linear, or on a CPU with packed weights the faster of
-        F.linear and oneDNN per role, timed on the median pass (`backends` records the choice)."""
+        F.linear and oneDNN per role, timed on the median pass (`backends` records the choice); with fp8,
+        fp8_linear on the inputs' e4m3 rows."""
         if self.fp8:
             from ..ops.fp8 import fp8_linear, quantize_rows
             qx = {id(x): quantize_rows(x) for batch in xs for x in batch}       # once, outside the timed call
-
             out = self.dtype if self.dtype in (torch.float16, torch.bfloat16) else torch.float16
 
             def e4m3(wq, ws, b):
