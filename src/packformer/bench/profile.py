@@ -246,6 +246,7 @@ def run_profile(model: str | Path | None = None, device: str = "cpu", dtype: str
     (w,) = make_workloads([workload], parts)
     inputs = _inputs(w, parts, dev, batch_size)
     names = _peer_names(peers)
+    floor_counts = _floor_counts(w, dev, batch_size)[0]         # the real tokens per GEMM pass, for `floor`
     result: dict = {"schema": "packformer.profile/1", "machine": machine_info(dev), "model": parts.source,
                     "device": str(dev), "dtype": str(dt).replace("torch.", ""), "workload": w.describe(),
                     "iterations": iterations, "eager": eager, "peers": {}}
@@ -257,7 +258,7 @@ def run_profile(model: str | Path | None = None, device: str = "cpu", dtype: str
                 log(f"skipped {name}: {why}")
                 result["peers"][name] = {"status": "skipped", "reason": why}
                 continue
-            with _built(name, ctx, _floor_counts(w, dev, batch_size)[0]) as eng:
+            with _built(name, ctx, floor_counts) as eng:
                 try:
                     fn = eng.prepare(inputs)
                 except P.NotApplicable as e:
