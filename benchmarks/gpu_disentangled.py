@@ -1,7 +1,7 @@
-"""DeBERTa's disentangled attention on the GPU, op level: the flash kernel (ops/disentangled_flash.py)
-against the grouped torch implementation (ops/disentangled.py) and the plain flash kernel without position
-terms, on the serve_b32 and offline_b256 lengths of deberta-v3-base
-(12 heads of 64, fp16, DeBERTa-v3's 256 buckets). Prints a table and writes JSON to --out.
+"""DeBERTa's disentangled attention on the GPU, op level: the flash kernel (ops/disentangled_flash.py;
+the model's tiles and a few others) against the grouped torch implementation (ops/disentangled.py), the
+plain flash kernel without position terms and the position tables' GEMMs alone, on the serve_b32 and
+offline_b256 lengths of deberta-v3-base (12 heads of 64, fp16, DeBERTa-v3's 256 buckets). Prints a table and writes JSON to --out.
 
     PYTHONPATH=src python3 benchmarks/gpu_disentangled.py --out $OUT/disentangled.json
 """
@@ -16,8 +16,8 @@ from packformer.bench.timing import measure
 from packformer.bench.workloads import lengths
 from packformer.ops.attention import AttentionMeta
 from packformer.ops.disentangled import DisentangledConfig, disentangled_attention
-from packformer.ops.disentangled_flash import disentangled_flash
-from packformer.ops.flash_varlen import default_config, flash_varlen, tile_table
+from packformer.ops.disentangled_flash import aligned_rows, disentangled_flash, position_scores
+from packformer.ops.flash_varlen import FlashConfig, default_config, flash_varlen, tile_table
 
 
 def main() -> None:
@@ -35,16 +35,23 @@ def main() -> None:
         fc = default_config(d, 512)
         tiles = torch.from_numpy(tile_table(lens, fc.block_m)).cuda()
         meta = AttentionMeta.build(cu, max(lens), lens)
+        lo, hi = aligned_rows(cfg, max(lens))
         ways = {
             "disentangled_flash": lambda: disentangled_flash(q, k, v, cu, max(lens), pq, pk, cfg, config=fc,
                                                              tiles=tiles),
             "grouped_torch": lambda: disentangled_attention(q, k, v, meta, pq, pk, cfg),
             "plain_flash (no position terms)": lambda: flash_varlen(q, k, v, cu, max(lens), config=fc, tiles=tiles),
+            "position_scores (the tables alone)": lambda: position_scores(q, k, pq, pk, cfg, lo, hi)[0],
         }
+        for bm, bn, warps, stages in ((64, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2), (128, 32, 8, 3)):
+            c = FlashConfig(bm, bn, warps, stages)
+            t_c = torch.from_numpy(tile_table(lens, bm)).cuda()
+            ways[f"disentangled_flash {bm}x{bn} w{warps} s{stages}"] = (
+                lambda c=c, t_c=t_c: disentangled_flash(q, k, v, cu, max(lens), pq, pk, cfg, config=c, tiles=t_c))
         ref = ways["grouped_torch"]().float()
         for way, fn in ways.items():
             t, out = measure(fn, "cuda", iterations=20, warmup=3)
-            diff = (out.float() - ref).abs().max().item()
+            diff = (out.float() - ref).abs().max().item() if out.shape == ref.shape else float("nan")
             rows.append({"workload": name, "tokens": sum(lens), "way": way, "median_ms": t.median_ms,
                          "max_abs_diff_vs_grouped": diff})
             print(f"{name:13s} {way:32s} {t.median_ms:8.3f} ms  max|diff| {diff:.2e}", flush=True)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from packformer.ops.disentangled import DisentangledConfig, disentangled_attention_ref
-from packformer.ops.disentangled_flash import disentangled_flash, reachable_rows
+from packformer.ops.disentangled_flash import aligned_rows, disentangled_flash, reachable_rows
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -24,6 +24,18 @@ def test_reachable_rows_cover_every_distance_of_the_longest_sequence():
         c = (r.shape[0] - 1) // 2
         used = r[pos[:, None] - pos[None, :] + c]
         assert (lo, hi) == (int(used.min()), int(used.max()))
+
+
+def test_aligned_rows_widen_the_reachable_rows_to_whole_16_byte_rows_inside_the_table():
+    for cfg in (DisentangledConfig(256, 512), DisentangledConfig(8, 32), DisentangledConfig(-1, 6),
+                DisentangledConfig(-1, 5)):
+        for n in (1, 2, 3, 5, 40, 129, 191, 300, 512):
+            lo, hi = reachable_rows(cfg, n)
+            alo, ahi = aligned_rows(cfg, n)
+            width = ahi - alo + 1
+            assert 0 <= alo <= lo and hi <= ahi < 2 * cfg.span, (cfg, n)
+            assert width % 8 == 0 or width == 2 * cfg.span, (cfg, n, width)
+            assert width < hi - lo + 1 + 8, (cfg, n, width)
 
 
 def test_launcher_rejects_mismatched_tables():

@@ -92,7 +92,7 @@ class FastEncoder:
         self.pos_qk = None if rel is None else [position_projections(rel, l.qkv.weight, l.qkv.bias, l.num_heads)
                                                 for l in encoder.layers]
         if self.cfg.disentangled is not None:   # its distance index, on the device before any graph capture
-            distance_index(self.cfg.disentangled, self.cfg.max_tokens_per_sequence, self.device)
+            distance_index(self.cfg.disentangled, self.cfg.max_tokens_per_sequence, self.device, torch.int32)
         if fp8:             # e4m3 GEMMs over weights quantized here, once (fast/fp8.py)
             from .fp8 import Fp8Primitives
 

@@ -93,17 +93,19 @@ _INDEX: dict[tuple, torch.Tensor] = {}
 _INDEX_LOCK = threading.Lock()
 
 
-def distance_index(cfg: DisentangledConfig, length: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """[2n - 1] int64 with n >= length: r for the distance i - j = -(n - 1) .. n - 1 (entry i - j + n - 1).
-    Cached per config and device, grown on demand: r for a length is the middle of a longer one's."""
-    key = (cfg, str(device))
+def distance_index(cfg: DisentangledConfig, length: int, device: torch.device | str = "cpu",
+                   dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """[2n - 1] with n >= length: r for the distance i - j = -(n - 1) .. n - 1 (entry i - j + n - 1).
+    Cached per config, device and dtype (int64 for torch's gathers, int32 for the kernel's loads), grown
+    on demand: r for a length is the middle of a longer one's."""
+    key = (cfg, str(device), dtype)
     hit = _INDEX.get(key)
     if hit is None or hit.shape[0] < 2 * length - 1:
         n = max(length, 512)
         rel = torch.arange(-(n - 1), n, dtype=torch.long)
         r = (bucketed(rel, cfg) + cfg.span).clamp_(0, 2 * cfg.span - 1)
         with _INDEX_LOCK:
-            hit = _INDEX[key] = r.to(device)
+            hit = _INDEX[key] = r.to(device=device, dtype=dtype)
     return hit
 
 

@@ -4,7 +4,8 @@
 
 The position terms are split in two steps, so nothing of size [L, L] is ever built:
 - two batched GEMMs give every token's dot products with the table rows a batch can reach:
-  c2p = q pk[lo:hi]^T and p2c = k pq[lo:hi]^T, each [nh, T, W] with W <= 2 * max_seqlen - 1 (cuBLAS);
+  c2p = q pk[lo:hi]^T and p2c = k pq[lo:hi]^T, each [nh, T, W] (cuBLAS), W those rows rounded up to a
+  multiple of 8 (`aligned_rows`) so that cuBLAS runs its aligned kernels;
 - the kernel runs the online softmax of flash attention per (head, query block) and, per key block, adds
   c2p[i, r - lo] + p2c[j, r - lo], with r read from the distance index (`distance_index`, [2n - 1]).
   Both terms index the table with the same r(i, j) = clamp(bucket(i - j) + k): the bucketing is odd in
@@ -35,6 +36,17 @@ def reachable_rows(cfg: DisentangledConfig, max_seqlen: int) -> tuple[int, int]:
     host = distance_index(cfg, max_seqlen)
     c = (host.shape[0] - 1) // 2
     return int(host[c - max_seqlen + 1]), int(host[c + max_seqlen - 1])
+
+
+def aligned_rows(cfg: DisentangledConfig, max_seqlen: int, align: int = 8) -> tuple[int, int]:
+    """`reachable_rows` widened to a multiple of `align` rows inside the table, so that the [nh, T, W]
+    tables' rows start 16-byte aligned: with an odd W, cuBLAS fell back to an unaligned sm75 kernel that
+    took 12 of deberta-v3-base's 36 ms on offline_b256 (H200, NOTES-gpu.md)."""
+    lo, hi = reachable_rows(cfg, max_seqlen)
+    rows = 2 * cfg.span
+    width = min(-(-(hi - lo + 1) // align) * align, rows)
+    lo = max(0, min(lo, rows - width))
+    return lo, lo + width - 1
 
 
 def position_scores(q: torch.Tensor, k: torch.Tensor, pos_q: torch.Tensor, pos_k: torch.Tensor,
@@ -93,9 +105,10 @@ if triton is not None:
             s = tl.dot(q, tl.trans(k))                                                          # [BM, BN] fp32
             pair_ok = ok[None, :] & (qpos[:, None] >= 0)
             r = tl.load(DIDX + (qpos[:, None] - rows[None, :] + center), mask=pair_ok, other=lo) - lo
-            if HAS_C2P:
+            if HAS_C2P:     # along a query's row of the table r runs with the key: neighbouring reads
                 s += tl.load(c2p_rows + r, mask=pair_ok, other=0.0).to(tl.float32)
-            if HAS_P2C:
+            if HAS_P2C:     # strided by a table row per key; reading it as [BN, BM] and transposing the tile
+                # in registers measured 1.7x slower on offline_b256 (H200, NOTES-gpu.md)
                 s += tl.load(p2c_base + rows[None, :] * stride_pt + r, mask=pair_ok, other=0.0).to(tl.float32)
             s = tl.where(ok[None, :], s * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -137,9 +150,9 @@ def disentangled_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seq
     if not kernel_ok(q, k, v, cu_seqlens):
         from .disentangled import disentangled_attention_ref
         return out.copy_(disentangled_attention_ref(q, k, v, cu_seqlens, pos_q, pos_k, cfg))
-    lo, hi = reachable_rows(cfg, max_seqlen)
+    lo, hi = aligned_rows(cfg, max_seqlen)
     c2p, p2c = position_scores(q, k, pos_q, pos_k, cfg, lo, hi)                                # [nh, T, W]
-    didx = distance_index(cfg, max_seqlen, q.device)                                           # [2n - 1]
+    didx = distance_index(cfg, max_seqlen, q.device, torch.int32)                              # [2n - 1]
     cfg_k = config or FlashConfig(64, 64, 4, 2)
     if tiles is not None:
         check(tiles.dim() == 2 and tiles.shape[1] == 2 and tiles.dtype == torch.int32 and tiles.device == q.device,
@@ -162,4 +175,4 @@ def disentangled_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seq
     return out
 
 
-__all__ = ["disentangled_flash", "position_scores", "reachable_rows"]
+__all__ = ["aligned_rows", "disentangled_flash", "position_scores", "reachable_rows"]
