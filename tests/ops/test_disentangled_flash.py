@@ -60,11 +60,14 @@ def test_kernel_under_triton_interpreter(run_interpreted):
         from packformer.ops.flash_varlen import FlashConfig, tile_table
         assert _triton.INTERPRET
         g = torch.Generator().manual_seed(0)
-        lens = [1, 5, 6, 17, 0, 33, 12]            # bucket edges of (8, 32): exact below 4, log beyond
+        # bucket edges of (8, 32): exact below 4, log beyond; of (64, 128): block pairs within 32 of the
+        # diagonal take r as arithmetic (the EXACT branch), the rest the index; (-1, 24): clipped at 24
+        lens = [1, 5, 6, 17, 0, 33, 12, 90]
         cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
         nh, d = 2, 16
         for cfg in (DisentangledConfig(8, 32, ("c2p", "p2c")), DisentangledConfig(-1, 8, ("c2p",)),
-                    DisentangledConfig(8, 32, ("p2c",))):
+                    DisentangledConfig(8, 32, ("p2c",)), DisentangledConfig(64, 128, ("c2p", "p2c")),
+                    DisentangledConfig(-1, 24, ("c2p", "p2c"))):
             q, k, v = (torch.randn(sum(lens), 3, nh, d, generator=g) * 1.5).unbind(1)   # strided views
             pq, pk = torch.randn(2, nh, 2 * cfg.span, d, generator=g).unbind(0)
             want = disentangled_attention_ref(q, k, v, cu, pq, pk, cfg)
@@ -101,7 +104,7 @@ def test_gpu_matches_the_reference_as_closely_as_the_reference_in_half_precision
     exact = disentangled_attention_ref(*(x.double() for x in (q, k, v)), cu, pq.double(), pk.double(), REAL)
     ref = disentangled_attention_ref(q, k, v, cu, pq, pk, REAL)
     tiles = torch.from_numpy(tile_table(lengths, 64)).cuda()
-    for fc in (FlashConfig(64, 64, 4, 2), default_config(64, 512)):      # the family runs the second
+    for fc in (FlashConfig(64, 64, 4, 2), default_config(64, 512), FlashConfig(64, 16, 4, 3)):  # the family: 64x16
         for tl_ in (tiles, None):
             got = disentangled_flash(q, k, v, cu, max(lengths), pq, pk, REAL, config=fc, tiles=tl_)
             near_exact(got, ref, exact)

@@ -63,12 +63,32 @@ def position_scores(q: torch.Tensor, k: torch.Tensor, pos_q: torch.Tensor, pos_k
 
 if triton is not None:
     @triton.jit
+    def _position_terms(c2p_rows, p2c_base, DIDX, offs_m, qpos, rows, pair_ok, center, lo, stride_pt, span_lo,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_C2P: tl.constexpr,
+                        HAS_P2C: tl.constexpr, EXACT: tl.constexpr):
+        """c2p[i, r] + p2c[j, r] for the [BM, BN] pairs (i, j), r = r(i - j) - lo, in fp32. EXACT: every
+        distance is unbucketed, r = i - j + span - lo (from offs_m itself, not the clamped qpos: the
+        compiler then sees r run with the query; rows past the end stay inside the table and are never
+        stored); otherwise r comes from the distance index."""
+        if EXACT:
+            r = offs_m[:, None] - rows[None, :] + span_lo
+        else:
+            r = tl.load(DIDX + (qpos[:, None] - rows[None, :] + center), mask=pair_ok, other=lo) - lo
+        pos = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        if HAS_C2P:     # along a query's row of the table r runs with the key: neighbouring reads
+            pos += tl.load(c2p_rows + r, mask=pair_ok, other=0.0).to(tl.float32)
+        if HAS_P2C:     # a table row per key: coalesced along the query only where r is seen as i - j + c
+            pos += tl.load(p2c_base + rows[None, :] * stride_pt + r, mask=pair_ok, other=0.0).to(tl.float32)
+        return pos
+
+    @triton.jit
     def _disentangled_kernel(Q, K, V, O, C2P, P2C, DIDX, CU, TILES, qk_scale,
                              stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                              stride_ot, stride_oh, stride_ch, stride_ct, stride_ph, stride_pt,
                              center, lo, H, NUM_MB, D: tl.constexpr, HEAD_DIM: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TILES: tl.constexpr,
-                             HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr):
+                             HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, SPAN: tl.constexpr,
+                             MID: tl.constexpr):
         if USE_TILES:       # grid (heads, tiles), longest sequences first
             h = tl.program_id(0)
             b = tl.load(TILES + 2 * tl.program_id(1))
@@ -102,14 +122,16 @@ if triton is not None:
             kv_mask = ok[:, None] & d_ok[None, :]
             k = tl.load(K + (row0 + rows[:, None]) * stride_kt + h * stride_kh + offs_d[None, :],
                         mask=kv_mask, other=0.0)                                                # [BN, HD]
-            s = tl.dot(q, tl.trans(k))                                                          # [BM, BN] fp32
             pair_ok = ok[None, :] & (qpos[:, None] >= 0)
-            r = tl.load(DIDX + (qpos[:, None] - rows[None, :] + center), mask=pair_ok, other=lo) - lo
-            if HAS_C2P:     # along a query's row of the table r runs with the key: neighbouring reads
-                s += tl.load(c2p_rows + r, mask=pair_ok, other=0.0).to(tl.float32)
-            if HAS_P2C:     # strided by a table row per key; reading it as [BN, BM] and transposing the tile
-                # in registers measured 1.7x slower on offline_b256 (H200, NOTES-gpu.md)
-                s += tl.load(p2c_base + rows[None, :] * stride_pt + r, mask=pair_ok, other=0.0).to(tl.float32)
+            # a block pair whose distances all lie where buckets are exact (|i - j| <= MID) takes r as
+            # arithmetic, so the compiler sees p2c's addresses run with the query and coalesces them
+            if (m0 + BLOCK_M - 1 - n0 <= MID) & (n0 + BLOCK_N - 1 - m0 <= MID):
+                pos = _position_terms(c2p_rows, p2c_base, DIDX, offs_m, qpos, rows, pair_ok, center, lo, stride_pt,
+                                      SPAN - lo, BLOCK_M, BLOCK_N, HAS_C2P, HAS_P2C, EXACT=True)
+            else:
+                pos = _position_terms(c2p_rows, p2c_base, DIDX, offs_m, qpos, rows, pair_ok, center, lo, stride_pt,
+                                      SPAN - lo, BLOCK_M, BLOCK_N, HAS_C2P, HAS_P2C, EXACT=False)
+            s = tl.dot(q, tl.trans(k), pos)     # one layout change for both terms, as the dot's accumulator
             s = tl.where(ok[None, :], s * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             p = tl.math.exp2(s - m_new[:, None])
@@ -153,7 +175,7 @@ def disentangled_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seq
     lo, hi = aligned_rows(cfg, max_seqlen)
     c2p, p2c = position_scores(q, k, pos_q, pos_k, cfg, lo, hi)                                # [nh, T, W]
     didx = distance_index(cfg, max_seqlen, q.device, torch.int32)                              # [2n - 1]
-    cfg_k = config or FlashConfig(64, 64, 4, 2)
+    cfg_k = config or FlashConfig(64, 16, 4, 3)
     if tiles is not None:
         check(tiles.dim() == 2 and tiles.shape[1] == 2 and tiles.dtype == torch.int32 and tiles.device == q.device,
               "tiles must be tile_table(...) as an int32 [n, 2] tensor on q's device")
@@ -170,7 +192,8 @@ def disentangled_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seq
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         c2p.stride(0), c2p.stride(1), p2c.stride(0), p2c.stride(1), (didx.shape[0] - 1) // 2, lo, nh, num_mb,
         D=d, HEAD_DIM=max(16, next_pow2(d)), BLOCK_M=cfg_k.block_m, BLOCK_N=cfg_k.block_n, USE_TILES=use_tiles,
-        HAS_C2P="c2p" in cfg.pos_att_type, HAS_P2C="p2c" in cfg.pos_att_type,
+        HAS_C2P="c2p" in cfg.pos_att_type, HAS_P2C="p2c" in cfg.pos_att_type, SPAN=cfg.span,
+        MID=cfg.position_buckets // 2 if cfg.position_buckets > 0 else cfg.span - 1,
         num_warps=cfg_k.num_warps, num_stages=cfg_k.num_stages)
     return out
 
