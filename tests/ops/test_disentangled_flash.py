@@ -38,6 +38,25 @@ def test_aligned_rows_widen_the_reachable_rows_to_whole_16_byte_rows_inside_the_
             assert width < hi - lo + 1 + 8, (cfg, n, width)
 
 
+def test_position_tables_from_one_batched_gemm_equal_the_two_gemms():
+    from packformer.ops.disentangled_flash import _pair, position_scores
+    cfg = DisentangledConfig(8, 32)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(37, 3, 4, 16, generator=g).unbind(1)          # views of one fused QKV
+    both = torch.randn(2, 4, 16, 16, generator=g)                       # (pk, pq) stacked, as fast/cuda.py keeps them
+    pk, pq = both[0], both[1]
+    assert _pair(q, k) is not None and _pair(pk, pq) is not None
+    assert _pair(k, q) is None and _pair(q, v.clone()) is None            # wrong order, another storage
+    lo, hi = aligned_rows(cfg, 20)
+    c2p, p2c = position_scores(q, k, pq, pk, cfg, lo, hi)               # one GEMM
+    want_c2p, want_p2c = position_scores(q.clone(), k.clone(), pq.clone(), pk.clone(), cfg, lo, hi)   # two
+    torch.testing.assert_close(c2p, want_c2p, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(p2c, want_p2c, rtol=1e-6, atol=1e-6)
+    assert c2p.shape == (4, 37, hi - lo + 1)
+    one = position_scores(q, k, pq, pk, DisentangledConfig(8, 32, ("p2c",)), lo, hi)
+    assert one[0] is None and torch.allclose(one[1], want_p2c, atol=1e-6)
+
+
 def test_launcher_rejects_mismatched_tables():
     cfg = DisentangledConfig(8, 32)
     q = torch.randn(5, 2, 8)

@@ -67,6 +67,14 @@ class FastOptions:
             raise ValueError(f"graph_max_tokens must be at least 1, got {self.graph_max_tokens}")
 
 
+def _stacked_projections(rel: torch.Tensor, layer) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pq, pk) as views of one [2, nh, 2k, d] buffer, pk first: the kernel's two position tables then come
+    from one batched GEMM (ops/disentangled_flash.position_scores)."""
+    pq, pk = position_projections(rel, layer.qkv.weight, layer.qkv.bias, layer.num_heads)
+    both = torch.stack((pk, pq))
+    return both[1], both[0]
+
+
 class FastEncoder:
     """Callable `(PackedBatch on device, AttentionMeta, out=None) -> [T, H]` over `encoder`'s weights:
     the one dataflow (dataflow.py) over CudaPrimitives."""
@@ -92,8 +100,7 @@ class FastEncoder:
         self.bias_table = None if table is None else table.detach()                         # [H, 2R+1] fp32
         # DeBERTa: each layer's q / k projections of the relative embeddings [nh, 2k, d] (weights only: once)
         rel = encoder.rel_table() if hasattr(encoder, "rel_table") else None
-        self.pos_qk = None if rel is None else [position_projections(rel, l.qkv.weight, l.qkv.bias, l.num_heads)
-                                                for l in encoder.layers]
+        self.pos_qk = None if rel is None else [_stacked_projections(rel, l) for l in encoder.layers]
         if self.cfg.disentangled is not None:   # its distance index, on the device before any graph capture
             distance_index(self.cfg.disentangled, self.cfg.max_tokens_per_sequence, self.device, torch.int32)
         if fp8:             # e4m3 GEMMs over weights quantized here, once (fast/fp8.py)

@@ -49,10 +49,26 @@ def aligned_rows(cfg: DisentangledConfig, max_seqlen: int, align: int = 8) -> tu
     return lo, lo + width - 1
 
 
+def _pair(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
+    """[2, *a.shape]: a and b as one strided tensor, when b lies a fixed offset after a in one storage with
+    a's strides (q and k of a fused QKV; the fast path's stacked position projections); else None."""
+    if a.shape != b.shape or a.stride() != b.stride() or a.dtype != b.dtype or a.device != b.device \
+            or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return None
+    off = b.storage_offset() - a.storage_offset()
+    return None if off <= 0 else torch.as_strided(a, (2, *a.shape), (off, *a.stride()), a.storage_offset())
+
+
 def position_scores(q: torch.Tensor, k: torch.Tensor, pos_q: torch.Tensor, pos_k: torch.Tensor,
                     cfg: DisentangledConfig, lo: int, hi: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """c2p = q . pk[lo:hi+1] and p2c = k . pq[lo:hi+1] per token and head: each [nh, T, W] in q's dtype
-    (None for a term the config does not use)."""
+    (None for a term the config does not use). With both terms, and k after q and pq after pk in memory
+    (`_pair`), one batched GEMM makes both: at serve sizes each GEMM is mostly its launch."""
+    if len(cfg.pos_att_type) == 2:
+        qk, pkq = _pair(q, k), _pair(pos_k, pos_q)
+        if qk is not None and pkq is not None:
+            both = torch.matmul(qk.transpose(1, 2), pkq[:, :, lo:hi + 1].transpose(-1, -2))   # [2, nh, T, W]
+            return both[0], both[1]
     c2p = p2c = None
     if "c2p" in cfg.pos_att_type:
         c2p = torch.matmul(q.transpose(0, 1), pos_k[:, lo:hi + 1].transpose(-1, -2))          # [nh, T, W]
