@@ -1,7 +1,8 @@
 """DeBERTa's disentangled attention on the GPU, op level: the flash kernel (ops/disentangled_flash.py;
-the model's tiles and a few others) against the grouped torch implementation (ops/disentangled.py), the
-plain flash kernel without position terms and the position tables' GEMMs alone, on the serve_b32 and
-offline_b256 lengths of deberta-v3-base (12 heads of 64, fp16, DeBERTa-v3's 256 buckets). Prints a table and writes JSON to --out.
+flash_varlen's default 64x32 tiles first, then others: the model runs 64x16 w4 s3) against the grouped
+torch implementation (ops/disentangled.py), the plain flash kernel without position terms and the
+position tables' GEMMs alone, on the serve_b32 and offline_b256 lengths of deberta-v3-base (12 heads
+of 64, fp16, DeBERTa-v3's 256 buckets). Prints a table and writes JSON to --out.
 
     PYTHONPATH=src python3 benchmarks/gpu_disentangled.py --out $OUT/disentangled.json
 """
@@ -43,7 +44,8 @@ def main() -> None:
             "plain_flash (no position terms)": lambda: flash_varlen(q, k, v, cu, max(lens), config=fc, tiles=tiles),
             "position_scores (the tables alone)": lambda: position_scores(q, k, pq, pk, cfg, lo, hi)[0],
         }
-        for bm, bn, warps, stages in ((64, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2), (128, 32, 8, 3)):
+        for bm, bn, warps, stages in ((64, 16, 4, 3), (64, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2),
+                                      (128, 32, 8, 3)):
             c = FlashConfig(bm, bn, warps, stages)
             t_c = torch.from_numpy(tile_table(lens, bm)).cuda()
             ways[f"disentangled_flash {bm}x{bn} w{warps} s{stages}"] = (

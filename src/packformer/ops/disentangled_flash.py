@@ -3,19 +3,23 @@
     score(i, j) = (q_i . k_j + c2p[i, r(i, j)] + p2c[j, r(i, j)]) * scale       (ops/disentangled.py)
 
 The position terms are split in two steps, so nothing of size [L, L] is ever built:
-- two batched GEMMs give every token's dot products with the table rows a batch can reach:
-  c2p = q pk[lo:hi]^T and p2c = k pq[lo:hi]^T, each [nh, T, W] (cuBLAS), W those rows rounded up to a
-  multiple of 8 (`aligned_rows`) so that cuBLAS runs its aligned kernels;
+- batched GEMMs (one, where q/k and pk/pq are neighbours in memory) give every token's dot products
+  with the table rows a batch can reach: c2p = q pk[lo:hi]^T and p2c = k pq[lo:hi]^T, each [nh, T, W]
+  (cuBLAS), W those rows rounded up to a multiple of 8 (`aligned_rows`) so that cuBLAS runs its aligned
+  kernels;
 - the kernel runs the online softmax of flash attention per (head, query block) and, per key block, adds
-  c2p[i, r - lo] + p2c[j, r - lo], with r read from the distance index (`distance_index`, [2n - 1]).
-  Both terms index the table with the same r(i, j) = clamp(bucket(i - j) + k): the bucketing is odd in
-  i - j, so transformers' p2c index of the transposed pair equals the c2p one.
+  c2p[i, r - lo] + p2c[j, r - lo], with r read from the distance index (`distance_index`, [2n - 1]), or
+  taken as i - j + k where every distance of the block pair is below the log buckets (so the compiler
+  sees p2c's addresses run with the query, and reads them coalesced). Both terms index the table with
+  the same r(i, j) = clamp(bucket(i - j) + k): the bucketing is odd in i - j, so transformers' p2c index
+  of the transposed pair equals the c2p one.
 
 Why a kernel of its own next to `flash_varlen`: its inputs are two per-token tables read by a per-pair
 gather, where flash_varlen's bias is a per-head table indexed by j - i; keeping them apart leaves
 flash_varlen's hot loop untouched. Computing the terms per block pair inside the kernel instead (q and k
 against the BM + BN table rows a tile's distances reach, then a register gather) needs no [nh, T, W]
-tables, but measured 1.3x (serve_b32) and 1.9x (offline_b256) slower on an H200 (tl.gather). The readable reference is `disentangled.disentangled_attention_ref`.
+tables, but measured 1.3x (serve_b32) and 1.9x (offline_b256) slower on an H200 (tl.gather). The
+readable reference is `disentangled.disentangled_attention_ref`.
 
 Query blocks come from `flash_varlen.tile_table` (host lengths known) or, under CUDA-graph capture, a
 dense (slots x heads, max_seqlen / BLOCK_M) grid whose programs past their sequence's end return at once.
