@@ -80,7 +80,8 @@ def run_bench(model: str | Path | ModelParts | None = None, workloads: Sequence[
     """Benchmark packformer against `peers` on `workloads`; returns the result as a JSON-ready dict.
 
     model: a folder, 'random:<preset>', None (built-in all-MiniLM-L6-v2) or ModelParts.
-    workloads: standard batches (tutorial_small, tutorial_big, serve_b32, offline_b256, offline_b128)
+    workloads: standard batches (tutorial_small, tutorial_big, serve_b32, offline_b256, offline_b128,
+      query_b32, query_b1)
       and/or text workloads (texts_1500, texts_20000); texts: a list or a file of one text per line.
     peers: names or aliases (see peers.PEERS); None = the device's default set. packformer always runs.
     warmup: calls before timing (default 1 on CPU, 3 on CUDA); max_seconds: stop a peer's timed calls

@@ -38,7 +38,8 @@ she said, suffering from la grippe; grippe being then a new word in
 St. Petersburg, used only by the elite."""
 TUTORIAL_BIG_BATCH = [*TUTORIAL_SMALL_BATCH, TUTORIAL_LONG_PARAGRAPH]
 
-ID_WORKLOADS = ("tutorial_small", "tutorial_big", "serve_b32", "offline_b256", "offline_b128", "query_b32")
+ID_WORKLOADS = ("tutorial_small", "tutorial_big", "serve_b32", "offline_b256", "offline_b128", "query_b32",
+                "query_b1")
 # End-to-end text workloads: `generate_texts(N)`.
 TEXT_WORKLOADS = {"texts_1500": 1500, "texts_20000": 20000}
 ID_SEED = 1          # seed of the random token ids (the lengths have their own, seed 0)
@@ -59,6 +60,8 @@ def lengths(name: str) -> list[int]:
         return [int(min(256, max(8, round(math.exp(g.normal(math.log(48), 0.9)))))) for _ in range(128)]
     if name == "query_b32":        # a batch of search queries: every sequence within one 64-row query block
         return [int(min(64, max(4, round(math.exp(g.normal(math.log(16), 0.6)))))) for _ in range(32)]
+    if name == "query_b1":         # one search query (query_b32's median length): a search request's latency
+        return [16]
     raise ValueError(f"unknown workload {name!r}; known: {', '.join(ID_WORKLOADS + tuple(TEXT_WORKLOADS))}")
 
 
