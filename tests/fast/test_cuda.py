@@ -262,31 +262,3 @@ def test_warmup_captures_ahead_so_the_first_batch_replays():
     got = m.embed_batch(batch)
     assert m.runner.stats["replay"] == 1 and m.runner.stats["eager"] == 0
     assert min_cos(got, ref.embed_batch(batch)) >= 0.9995
-
-
-@gpu
-@pytest.mark.parametrize("name, changes", [
-    ("bert-base", {"num_layers": 2}),                                   # erf GELU in the split-K epilogue
-    ("modernbert-base", {"num_layers": 3}),                             # GLU, pre-norm, no biases
-    ("nomic-embed-text-v1.5", {"num_layers": 2}),
-])
-@pytest.mark.parametrize("graphs", [False, True])
-def test_batches_of_few_tokens_take_the_split_k_gemms_and_match_the_reference(name, changes, graphs, monkeypatch):
-    """Up to 64 rows the GEMMs run split along K (ops/skinny_gemm.py; in a graph the 64-token bucket does):
-    the same embeddings as the fp32 reference and as cuBLAS to fp16 rounding, and the same bits on every
-    call."""
-    calls = []
-    real = cuda.skinny_linear
-    monkeypatch.setattr(cuda, "skinny_linear", lambda *a, **kw: calls.append(a[0].shape[0]) or real(*a, **kw))
-    parts = make_parts(name, **changes)
-    ref, m = twin(parts, torch.float16, options=FastOptions(graphs=graphs))
-    batch = random_batch([1, 7, 12], parts.config.vocab_size, parts.config.position_offset)
-    want = ref.embed_batch(batch)
-    got = [m.embed_batch(batch) for _ in range(3)]
-    assert calls and max(calls) <= 64
-    assert min_cos(got[-1], want) >= 0.9995
-    assert torch.equal(m.embed_batch(batch), got[-1])           # the same path twice: the same bits
-    monkeypatch.setattr(cuda.CudaPrimitives, "skinny_rows", 0)           # the same model through cuBLAS
-    _, m2 = twin(parts, torch.float16, options=FastOptions(graphs=graphs))
-    n = len(calls)
-    assert min_cos(m2.embed_batch(batch), got[-1]) >= 0.99995 and len(calls) == n

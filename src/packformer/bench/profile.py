@@ -23,8 +23,7 @@ from .timing import measure, synchronize
 #               onednn::qlinear_pointwise); a peer's attention batched GEMMs land here too
 #   gemm_fp8    the fp8 GEMM kernel of ops/fp8.py; a library GEMM on fp8 inputs (e4m3 / e5m2 in its name,
 #               nvjet_*_qq*: what torch._scaled_mm runs on an H200)
-#   gemm_act    a GEMM with a bias + activation epilogue: ops/linear_act.py, cuBLASLt's *gelubias* / relu;
-#               ops/skinny_gemm.py's split-K GEMM of few rows (bias, activation or residual in its epilogue)
+#   gemm_act    a GEMM with a bias + activation epilogue: ops/linear_act.py, cuBLASLt's *gelubias* / relu
 #   attention   flash / varlen / disentangled attention, SDPA, fmha, softmax
 #   norm        (add +) layer norm / RMS norm
 #   activation  bias + activation, GLU, standalone GELU / ReLU / SiLU
@@ -39,7 +38,7 @@ GEMM_CATEGORIES = ("gemm", "gemm_fp8", "gemm_act")
 
 # this repository's Triton kernels: their @triton.jit function names are the kernel names
 TRITON_KERNELS = {
-    "_fp8_gemm_kernel": "gemm_fp8", "_skinny_kernel": "gemm_act",
+    "_fp8_gemm_kernel": "gemm_fp8",
     "_linear_act_kernel": "gemm_act", "_linear_act_tma_kernel": "gemm_act",
     "_flash_varlen_kernel": "attention", "_disentangled_kernel": "attention",
     "_add_layernorm_kernel": "norm", "_add_rmsnorm_kernel": "norm",

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from ..batch import PackedBatch
 from ..dataflow import Context, Primitives, build_context, run_encoder
 from ..model import Encoder, RMSNorm
-from ..ops._triton import INTERPRET, kernel_ok
+from ..ops._triton import INTERPRET
 from ..ops.attention import AttentionMeta, check_no_key_lens, split_qkv, varlen_attention
 from ..ops.disentangled import distance_index, position_projections
 from ..ops.disentangled_flash import disentangled_flash
@@ -44,8 +44,6 @@ from ..ops.rmsnorm import add_rmsnorm
 from ..ops.flash_varlen import default_config as flash_config
 from ..ops.flash_varlen import flash_varlen, rotary_fused, tile_table
 from ..ops.linear_act import linear_act_tma
-from ..ops.skinny_gemm import MAX_ROWS as SKINNY_MAX_ROWS
-from ..ops.skinny_gemm import SkinnyWorkspace, skinny_linear
 
 log = logging.getLogger(__name__)
 
@@ -98,10 +96,6 @@ class FastEncoder:
         # DeBERTa's kernel: the same query blocks (so the same tile table), 16 keys per step (its gathers
         # per step halve: 0.78 vs 0.82-0.85 ms per layer on offline_b256, H200, NOTES-gpu.md)
         self._disentangled_flash = replace(self._flash, block_n=16)
-        # split-K partials for GEMMs of few rows, sized for the widest linear (allocated before any capture)
-        widest = max((m.weight.shape[0] for m in encoder.layers.modules() if isinstance(m, torch.nn.Linear)),
-                     default=0)
-        self.skinny_ws = SkinnyWorkspace(widest, self.device) if widest and kernel_ok(p) else None
         table = encoder.bias_table()
         self.bias_table = None if table is None else table.detach()                         # [H, 2R+1] fp32
         # DeBERTa: each layer's q / k projections of the relative embeddings [nh, 2k, d] (weights only: once)
@@ -169,28 +163,16 @@ class CudaPrimitives(Primitives):
     # of one query block per sequence gain, 3%: benchmarks/NOTES-gpu.md). One choice per model, never per
     # batch: the two differ by a rounding, and a sequence's result must not depend on its batch.
     fuse_rotary = False
-    # GEMMs of at most this many rows (single queries; the smallest graph bucket is 64 tokens) run split
-    # along K (ops/skinny_gemm.py) with their epilogue, instead of cuBLAS's few programs per layer
-    skinny_rows = SKINNY_MAX_ROWS
 
     def __init__(self, fast: FastEncoder):
         self.fast = fast
 
-    def _skinny(self, x: torch.Tensor, lin, *others: torch.Tensor) -> bool:
-        return (x.shape[0] <= self.skinny_rows and self.fast.skinny_ws is not None and x.stride(-1) == 1
-                and lin.weight.stride(-1) == 1 and all(t.stride(-1) == 1 for t in others))
-
     # the GEMMs of the dataflow (fast/fp8.py runs them in e4m3)
     def linear(self, x: torch.Tensor, lin, bias: bool = True) -> torch.Tensor:
-        b = lin.bias if bias else None
-        if self._skinny(x, lin):
-            return skinny_linear(x, lin.weight, b, workspace=self.fast.skinny_ws)            # [T, N]
-        return F.linear(x, lin.weight, b)                                                   # [T, N]
+        return F.linear(x, lin.weight, lin.bias if bias else None)                        # [T, N]
 
     def linear_add_(self, x: torch.Tensor, lin, residual: torch.Tensor) -> torch.Tensor:
         """residual += x W^T (no bias), in place, in the GEMM."""
-        if self._skinny(x, lin, residual):
-            return skinny_linear(x, lin.weight, residual=residual, out=residual, workspace=self.fast.skinny_ws)
         return residual.addmm_(x, lin.weight.t())
 
     def layernorm(self, s: torch.Tensor, norm, **kw):
@@ -267,9 +249,7 @@ class CudaPrimitives(Primitives):
     def ffn_hidden(self, layer, x: torch.Tensor) -> torch.Tensor:
         w, b, act = layer.ffn1.weight, layer.ffn1.bias, layer.act
         if layer.glu:
-            return glu(self.linear(x, layer.ffn1), act)                                     # [T, F]
-        if self._skinny(x, layer.ffn1):
-            return skinny_linear(x, w, b, act, workspace=self.fast.skinny_ws)               # [T, F]
+            return glu(F.linear(x, w, b), act)                                              # [T, F]
         if act == "relu" or act == "gelu_tanh":
             # cuBLASLt's RELU_BIAS / GELU_BIAS epilogues (its GELU is the tanh form): no extra pass
             return torch._addmm_activation(b, x, w.t(), use_gelu=act != "relu")
