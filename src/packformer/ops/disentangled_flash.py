@@ -86,10 +86,10 @@ if triton is not None:
     def _position_terms(c2p_rows, p2c_base, DIDX, offs_m, qpos, rows, pair_ok, center, lo, stride_pt, span_lo,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_C2P: tl.constexpr,
                         HAS_P2C: tl.constexpr, EXACT: tl.constexpr):
-        """c2p[i, r] + p2c[j, r] for the [BM, BN] pairs (i, j), r = r(i - j) - lo, in fp32. EXACT: every
-        distance is unbucketed, r = i - j + span - lo (from offs_m itself, not the clamped qpos: the
-        compiler then sees r run with the query; rows past the end stay inside the table and are never
-        stored); otherwise r comes from the distance index."""
+        """c2p[i, r] + p2c[j, r] for the [BM, BN] pairs (i, j), r = r(i - j) - lo, in fp32; pairs outside
+        pair_ok (a key or a query row past the sequence's end) read nothing. EXACT: every distance is
+        unbucketed, r = i - j + span - lo (from offs_m itself, not the clamped qpos, so the compiler sees
+        r run with the query); otherwise r comes from the distance index."""
         if EXACT:
             r = offs_m[:, None] - rows[None, :] + span_lo
         else:
@@ -142,7 +142,7 @@ if triton is not None:
             kv_mask = ok[:, None] & d_ok[None, :]
             k = tl.load(K + (row0 + rows[:, None]) * stride_kt + h * stride_kh + offs_d[None, :],
                         mask=kv_mask, other=0.0)                                                # [BN, HD]
-            pair_ok = ok[None, :] & (qpos[:, None] >= 0)
+            pair_ok = ok[None, :] & (offs_m[:, None] < seqlen)     # rows past the end read nothing
             # a block pair whose distances all lie where buckets are exact (|i - j| <= MID) takes r as
             # arithmetic, so the compiler sees p2c's addresses run with the query and coalesces them
             if (m0 + BLOCK_M - 1 - n0 <= MID) & (n0 + BLOCK_N - 1 - m0 <= MID):
