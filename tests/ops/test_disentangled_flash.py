@@ -88,7 +88,8 @@ def test_kernel_under_triton_interpreter(run_interpreted):
                     DisentangledConfig(8, 32, ("p2c",)), DisentangledConfig(64, 128, ("c2p", "p2c")),
                     DisentangledConfig(-1, 24, ("c2p", "p2c"))):
             q, k, v = (torch.randn(sum(lens), 3, nh, d, generator=g) * 1.5).unbind(1)   # strided views
-            pq, pk = torch.randn(2, nh, 2 * cfg.span, d, generator=g).unbind(0)
+            # pk before pq in one buffer: with both terms the tables come from one batched GEMM
+            pk, pq = torch.randn(2, nh, 2 * cfg.span, d, generator=g).unbind(0)
             want = disentangled_attention_ref(q, k, v, cu, pq, pk, cfg)
             fc = FlashConfig(16, 16, 4, 1)
             for tiles in (torch.from_numpy(tile_table(lens, fc.block_m)), None):
