@@ -130,7 +130,7 @@ if triton is not None:
         row0 = start.to(tl.int64)
         q = tl.load(Q + (row0 + offs_m[:, None]) * stride_qt + h * stride_qh + offs_d[None, :],
                     mask=(offs_m[:, None] < seqlen) & d_ok[None, :], other=0.0)              # [BM, HD]
-        qpos = tl.minimum(offs_m, seqlen - 1)        # rows past the end read the last row's terms
+        qpos = tl.minimum(offs_m, seqlen - 1)        # rows past the end point inside the tables (reads masked)
         c2p_rows = C2P + h * stride_ch + (row0 + qpos)[:, None] * stride_ct                   # [BM, 1]
         p2c_base = P2C + h * stride_ph + row0 * stride_pt
         m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
