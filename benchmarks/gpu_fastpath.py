@@ -494,6 +494,67 @@ def section_fp8_gemm(args):
     return out
 
 
+def section_fp8_roles(args):
+    """The fp8 GEMM per role of a layer, each with the epilogue the fp8 path gives it (QKV: bias; out and
+    FFN2: the residual; FFN1: bias + GELU), per tile config, against what the fp16 path runs for that role
+    (cuBLAS with its bias; `addmm_` onto the residual; cuBLAS then the bias + GELU pass), at query-, serve-,
+    graph- and offline-sized token counts. Graph-replayed up to 8,192 tokens (as the fast path runs them)."""
+    from packformer.ops.fp8 import TileConfig, fp8_linear, quantize_rows, quantize_weight
+    from packformer.ops.gelu import bias_act
+    configs = {f"{m}x{n}x{k}w{w}s{s}": TileConfig(m, n, k, 8, w, s) for m, n, k, w, s in (
+        (64, 64, 128, 4, 4), (64, 128, 128, 4, 4), (64, 128, 256, 4, 3), (64, 256, 128, 4, 4), (128, 64, 128, 4, 4),
+        (128, 128, 128, 8, 4), (128, 128, 128, 4, 4), (128, 256, 128, 8, 3), (128, 256, 128, 8, 2))}
+    widths = {m: w for m, w in {"minilm": (384, 1536), "bert-base": (768, 3072), "xlmr-large": (1024, 4096)}.items()
+              if m in args.fp8_models.split(",")}
+    out = []
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for model, (hd, ff) in widths.items():
+        roles = {"qkv": (hd, 3 * hd, "bias"), "out": (hd, hd, "res"), "ffn1": (hd, ff, "gelu"), "ffn2": (ff, hd, "res")}
+        for t in (int(x) for x in args.fp8_tokens.split(",")):
+            timer = _bench_ms if t > 8192 else _graph_us
+            tot: dict = {}
+            for role, (k, n, epi) in roles.items():
+                x = torch.randn(t, k, device=DEV, dtype=torch.float16, generator=g)
+                w = torch.randn(n, k, device=DEV, dtype=torch.float16, generator=g) * 0.05
+                b = torch.randn(n, device=DEV, dtype=torch.float16, generator=g) * 0.02
+                r = torch.zeros(t, n, device=DEV, dtype=torch.float16)
+                a, (wq, ws) = quantize_rows(x), quantize_weight(w)
+                if epi == "bias":
+                    f16 = lambda: F.linear(x, w, b)                                  # noqa: E731
+                    kw = dict(bias=b)
+                elif epi == "res":
+                    f16 = lambda: r.addmm_(x, w.t())                                 # noqa: E731
+                    kw = dict(residual=r)
+                else:
+                    h = torch.empty(t, n, device=DEV, dtype=torch.float16)
+                    f16 = lambda: bias_act(torch.mm(x, w.t(), out=h), b, "gelu", out=h)   # noqa: E731
+                    kw = dict(bias=b, act="gelu")
+                row = {"model": model, "T": t, "role": role, "K": k, "N": n, "fp16_us": timer(f16)}
+                best, best_name = float("inf"), None
+                for name, cfg in configs.items():
+                    try:
+                        us = timer(lambda cfg=cfg: fp8_linear(a, wq, ws, config=cfg, backend="triton", **kw))
+                    except Exception as e:  # noqa: BLE001  (a config over the shared memory, say)
+                        us = float("nan")
+                        log("config failed", name, role, type(e).__name__, str(e)[:100])
+                    row[name] = us
+                    if us < best:
+                        best, best_name = us, name
+                try:
+                    row["default_us"] = timer(lambda: fp8_linear(a, wq, ws, backend="triton", **kw))
+                except Exception as e:  # noqa: BLE001
+                    row["default_us"] = float("nan")
+                    log("default failed", role, type(e).__name__, str(e)[:100])
+                row["best"], row["best_us"] = best_name, best
+                for key in ("fp16_us", "default_us", "best_us"):
+                    tot[key] = tot.get(key, 0.0) + row[key]
+                log("FP8ROLE", row)
+                out.append(row)
+            log("FP8ROLE_TOTAL", model, t, {k: round(v, 1) for k, v in tot.items()})
+            out.append({"model": model, "T": t, "totals_us": tot})
+    return out
+
+
 def section_correct(args):
     """Every embedding of the fast path vs the fp32 reference on the same weights."""
     out = []
@@ -881,7 +942,7 @@ def section_e2e(args):
     return out
 
 
-SECTIONS = {"env": section_env, "ops": section_ops, "attention": section_attention, "decoder_attention": section_decoder_attention, "overlap": section_overlap, "gelu": section_gelu, "fp8_gemm": section_fp8_gemm, "correct": section_correct, "time": section_time,
+SECTIONS = {"env": section_env, "ops": section_ops, "attention": section_attention, "decoder_attention": section_decoder_attention, "overlap": section_overlap, "gelu": section_gelu, "fp8_gemm": section_fp8_gemm, "fp8_roles": section_fp8_roles, "correct": section_correct, "time": section_time,
             "profile": section_profile, "rotary": section_rotary, "host": section_host, "e2e": section_e2e}
 
 
@@ -894,6 +955,8 @@ def main():
     ap.add_argument("--budget", type=float, default=520.0, help="seconds; later sections skip work past it")
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--texts", type=int, default=20000)
+    ap.add_argument("--fp8-models", default="minilm,bert-base,xlmr-large", help="fp8_roles: the widths to time")
+    ap.add_argument("--fp8-tokens", default="521,2209,8192,35201", help="fp8_roles: the token counts to time")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile variants of the fused ops")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()

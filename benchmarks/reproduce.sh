@@ -244,6 +244,11 @@ gpu_steps() {
     $(q "--iterations 3" "$it") --out @W@
   step fp8-gemm "NOTES-gpu: fp8 GEMM backends and tiles, the quantize passes" \
     "${fp[@]}" --sections env,fp8_gemm
+  step fp8-gemm-roles "NOTES-gpu: fp8 GEMM tiles per layer role with its epilogue, against the fp16 path's" \
+    "${fp[@]}" --sections env,fp8_roles --fp8-models bert-base,xlmr-large --fp8-tokens 2209,35201
+  step e2e-fp8-bert-base "NOTES-gpu: encode() of 20,000 texts, fp8 against fp16, bert-base's shape" \
+    "${pf[@]}" bench random:bert-base --device cuda --workloads texts_20000 --peers packformer,packformer_fp8 \
+    --warmup 1 --no-floor $(q "--iterations 3" "$it") --out @W@
   step ray-dataset-minilm-l6 "README + NOTES-gpu: embed-dataset on Ray (1 replica, 1 and 3 shards at once; 2 replicas on one GPU) vs encode()" \
     "$PY" "$here/ray_dataset.py" --device cuda $(q "--rows 200000" "--rows 20000 --configs 1x1") --out @W@
   step bench-serve-ray-minilm-l6 "README + NOTES-gpu: serve --ray (proxy, haproxy; 1 and 2 replicas on one GPU) vs serve" \

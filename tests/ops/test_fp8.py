@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from packformer.ops.layernorm import add_layernorm
-from packformer.ops.fp8 import (E4M3, E4M3_MAX, Quantized, TileConfig, fp8_linear, fp8_linear_ref,
-                                quantize_rows, quantize_rows_ref, quantize_weight)
+from packformer.ops.fp8 import (E4M3, E4M3_MAX, LARGE, RES, SMALL, WIDE, Quantized, TileConfig, default_config,
+                                fp8_linear, fp8_linear_ref, quantize_rows, quantize_rows_ref, quantize_weight)
 
 needs_fp8_gpu = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
                                    reason="needs a CUDA GPU with fp8 tensor cores (sm89+)")
@@ -102,6 +102,14 @@ def test_unquantized_activations_are_refused():
         fp8_linear(Quantized(_x(6, 32), torch.ones(6)), wq, ws)
 
 
+def test_residual_gemms_take_square_tiles_unless_the_batch_is_a_few_hundred_tokens():
+    # out-projection and FFN2: 128 x 128 x 4 stages (a 128 x 256 residual tile leaves room for 2 stages only)
+    assert default_config(2209, 768, 3072, residual=True) == RES
+    assert default_config(35201, 1024, 1024, residual=True) == RES
+    assert default_config(521, 768, 768, residual=True) == SMALL        # 30 tiles: too few for 132 SMs
+    assert default_config(35201, 3072, 768) == LARGE and default_config(35201, 768, 768) == WIDE
+
+
 def test_kernels_under_triton_interpreter(run_interpreted):
     run_interpreted("""
         import torch
@@ -134,8 +142,9 @@ def test_kernels_under_triton_interpreter(run_interpreted):
         a = quantize_rows(x)
         wq, ws = quantize_weight(torch.randn(72, 96, generator=g))
         bias, res = torch.randn(72, generator=g).half(), torch.randn(37, 72, generator=g).half()
-        cfg = TileConfig(32, 32, 32, 2, 4, 2)
-        for kw in (dict(), dict(bias=bias, act="gelu"), dict(bias=bias, residual=res)):
+        for cfg, kw in [(TileConfig(32, 32, 32, 2, 4, 2), kw) for kw in (dict(), dict(bias=bias, act="gelu"),
+                                                                         dict(bias=bias, residual=res))] + [
+                (RES, dict(residual=res))]:     # the residual GEMMs' tiles: one tile past both ends
             want = fp8_linear_ref(a, wq, ws, **kw)
             r0 = kw["residual"].clone() if "residual" in kw else None
             got = fp8_linear(a, wq, ws, config=cfg, backend="triton", **kw)

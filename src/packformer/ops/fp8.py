@@ -209,22 +209,26 @@ def quantize_rows(x: torch.Tensor, bias: torch.Tensor | None = None, act: str | 
 SMALL = TileConfig(64, 128, 128, 8, 4, 4)
 LARGE = TileConfig(128, 256, 128, 8, 8, 3)
 WIDE = TileConfig(64, 256, 128, 8, 4, 4)
-# a residual in the epilogue needs a 128 x 256 tile's layout conversion in shared memory: LARGE's three
-# stages then ask for 240 KB, over the H200's 227 KB
-LARGE_RES = TileConfig(128, 256, 128, 8, 8, 2)
+# a residual in the epilogue: 128 x 128 tiles, 4 stages (a 128 x 256 tile's layout conversion for the residual
+# leaves room for 2 stages only: 240 KB for 3, over the H200's 227 KB)
+RES = TileConfig(128, 128, 128, 8, 8, 4)
 
 
 def default_config(m: int, n: int, k: int, residual: bool = False) -> TileConfig:
-    """Measured on an H200 (benchmarks/gpu_fastpath.py --sections fp8_gemm, NOTES-gpu.md): LARGE was the
-    fastest or within 5% on bert-base's and xlmr-large's Linears at 4,096 and 35,201 tokens, except
-    768 x 768 (bert-base's out-projection: 126 us against 54 for WIDE at 35,201 tokens); SMALL keeps the
-    multiprocessors busy on a few hundred tokens."""
-    tiles_large = -(-m // LARGE.block_m) * -(-n // LARGE.block_n)
-    if tiles_large < 66:
+    """Measured on an H200 (benchmarks/gpu_fastpath.py --sections fp8_gemm,fp8_roles; NOTES-gpu.md):
+    - no residual: LARGE was the fastest or within 5% on bert-base's and xlmr-large's QKV and FFN1 at 4,096
+      and 35,201 tokens (within 10% at 2,209), except 768 x 768 (126 us against 54 for WIDE at 35,201 tokens);
+    - a residual (out-projection, FFN2): RES, the fastest or within 1 us of it at 2,209 and 35,201 tokens
+      (bert-base FFN2 at 35,201: 162 us against 209 for 128 x 256 tiles in 2 stages; at 2,209: 18.2 against
+      23.9 for SMALL);
+    - SMALL keeps the multiprocessors busy on a few hundred tokens."""
+    if residual:
+        return SMALL if -(-m // RES.block_m) * -(-n // RES.block_n) < 66 else RES
+    if -(-m // LARGE.block_m) * -(-n // LARGE.block_n) < 66:
         return SMALL
     if n <= 768 and k <= 768:
         return WIDE
-    return LARGE_RES if residual else LARGE
+    return LARGE
 
 
 if triton is not None:
