@@ -11,6 +11,9 @@ import torch
 
 
 def pytest_collection_modifyitems(config, items):
+    for item in items:      # Triton's interpreter runs kernels in numpy: no oneDNN / ATen ISA is involved
+        if "run_interpreted" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.triton_interpreter)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
