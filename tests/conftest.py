@@ -13,7 +13,7 @@ import torch
 def pytest_collection_modifyitems(config, items):
     for item in items:      # Triton's interpreter runs kernels in numpy: no oneDNN / ATen ISA is involved
         if "run_interpreted" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.triton_interpreter)
+            item.add_marker(pytest.mark.isa_free)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

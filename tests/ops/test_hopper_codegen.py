@@ -18,6 +18,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from packformer.ops import disentangled_flash, flash_varlen  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
+pytestmark = pytest.mark.isa_free          # compiles only: the AVX2-capped rerun (test_isa_portability) skips it
 
 
 def ttgir(kernel, pointers: dict[str, str], constexprs: dict, hints: bool = True, unaligned: tuple = ()) -> str:
@@ -61,3 +62,48 @@ def test_disentangled_key_loop_is_pipelined_on_hopper():
 def test_without_the_alignment_hint_the_loads_are_not_pipelined():
     # why the hints above matter: the same kernel compiled blind to alignment loses its asynchronous copies
     assert "async_copy" not in ttgir(flash_varlen._flash_varlen_kernel, FLASH_POINTERS, FLASH_PLAIN, hints=False)
+
+
+H200_SHARED = 232448      # bytes of shared memory one program may use on an H100 / H200 (227 KB)
+
+
+def fp8_gemm_shared(cfg, epilogue: str) -> int:
+    """Shared memory of the fp8 GEMM kernel compiled for sm90 with tiles `cfg` and one of the epilogues the
+    fp8 path gives its GEMMs: "bias" (QKV), "gelu" (bias + GELU, FFN1), "residual" (out-projection, FFN2)."""
+    from packformer.ops import fp8
+
+    desc = lambda dt, r, c: f"tensordesc<{dt}[{r}, {c}]>"     # noqa: E731
+    const = dict(HAS_BIAS=epilogue != "residual", HAS_ACT=epilogue == "gelu", ACT=1 if epilogue == "gelu" else 0,
+                 HAS_RES=epilogue == "residual", BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                 GROUP_M=cfg.group_m)
+    ptrs = {"a_desc": desc("fp8e4nv", cfg.block_m, cfg.block_k), "w_desc": desc("fp8e4nv", cfg.block_n, cfg.block_k),
+            "c_desc": desc("fp16", cfg.block_m, cfg.block_n), "R": "*fp16", "SA": "*fp32", "SW": "*fp32",
+            "BIAS": "*fp16"}
+    k = fp8._fp8_gemm_kernel
+    names = k.arg_names
+    sig = {n: "constexpr" if n in const else ptrs.get(n, "i32") for n in names}
+    src = ASTSource(fn=k, signature=sig, constexprs={(names.index(n),): v for n, v in const.items()},
+                    attrs={(names.index(n),): [["tt.divisibility", 16]] for n in ("R", "stride_r", "SA", "SW", "BIAS")})
+    opts = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return triton.compile(src, target=HOPPER, options=opts).metadata.shared
+
+
+def test_every_fp8_gemm_tile_the_fast_path_picks_fits_in_shared_memory():
+    from packformer.ops.fp8 import default_config
+
+    # bert-base / xlmr-large roles at a query batch, a serve batch and an offline batch
+    picked = {(default_config(m, n, k, residual=epi == "residual"), epi)
+              for m in (521, 2209, 35201) for k, n, epis in ((768, 2304, ("bias",)), (768, 3072, ("gelu",)),
+                                                             (768, 768, ("residual", "bias")), (3072, 768, ("residual",)),
+                                                             (1024, 4096, ("gelu",)), (4096, 1024, ("residual",)))
+              for epi in epis}
+    for cfg, epi in sorted(picked, key=str):
+        assert fp8_gemm_shared(cfg, epi) <= H200_SHARED, (cfg, epi)
+
+
+def test_a_residual_tile_of_128_x_256_in_3_stages_would_not_fit():
+    # why residual GEMMs take RES: the residual's layout conversion needs the 128 x 256 tile in shared memory
+    from packformer.ops.fp8 import LARGE, TileConfig
+
+    assert fp8_gemm_shared(LARGE, "bias") <= H200_SHARED
+    assert fp8_gemm_shared(TileConfig(128, 256, 128, 8, 8, 3), "residual") > H200_SHARED
