@@ -142,9 +142,10 @@ def test_kernels_under_triton_interpreter(run_interpreted):
         a = quantize_rows(x)
         wq, ws = quantize_weight(torch.randn(72, 96, generator=g))
         bias, res = torch.randn(72, generator=g).half(), torch.randn(37, 72, generator=g).half()
-        for cfg, kw in [(TileConfig(32, 32, 32, 2, 4, 2), kw) for kw in (dict(), dict(bias=bias, act="gelu"),
-                                                                         dict(bias=bias, residual=res))] + [
-                (RES, dict(residual=res))]:     # the residual GEMMs' tiles: one tile past both ends
+        cases = [(TileConfig(32, 32, 32, 2, 4, 2), kw)
+                 for kw in (dict(), dict(bias=bias, act="gelu"), dict(bias=bias, residual=res))]
+        cases.append((RES, dict(residual=res)))        # the residual GEMMs' tiles: one tile past both ends
+        for cfg, kw in cases:
             want = fp8_linear_ref(a, wq, ws, **kw)
             r0 = kw["residual"].clone() if "residual" in kw else None
             got = fp8_linear(a, wq, ws, config=cfg, backend="triton", **kw)

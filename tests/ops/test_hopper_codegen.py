@@ -1,7 +1,9 @@
-"""What the attention kernels compile to for Hopper (sm90), checked on the CPU: Triton compiles for a
-target GPU without one. The K/V loads of the key loop must be software-pipelined (asynchronous copies
-into shared memory, `num_stages` deep) and the products must be wgmma: a change to a loop's shape or to
-its pointer arithmetic can silently lose either, and only a GPU benchmark would show it.
+"""What the kernels compile to for Hopper (sm90), checked on the CPU: Triton compiles for a target GPU
+without one. The K/V loads of the attention kernels' key loops must be software-pipelined (asynchronous
+copies into shared memory, `num_stages` deep) and their products wgmma: a change to a loop's shape or to
+its pointer arithmetic can silently lose either, and only a GPU benchmark would show it. And every tile
+config the fp8 GEMM is given must fit the shared memory of one H100 / H200 multiprocessor with its
+epilogue, or its launch fails on the GPU alone.
 
 The launcher marks pointers and integer arguments divisible by 16 (`tt.divisibility`) when they are;
 without that hint the compiler cannot prove 16-byte aligned rows and falls back to plain loads, so the
@@ -73,7 +75,8 @@ def fp8_gemm_shared(cfg, epilogue: str) -> int:
     from packformer.ops import fp8
 
     desc = lambda dt, r, c: f"tensordesc<{dt}[{r}, {c}]>"     # noqa: E731
-    const = dict(HAS_BIAS=epilogue != "residual", HAS_ACT=epilogue == "gelu", ACT=1 if epilogue == "gelu" else 0,
+    gelu = epilogue == "gelu"
+    const = dict(HAS_BIAS=epilogue != "residual", HAS_ACT=gelu, ACT=fp8.ACTS["gelu"] if gelu else 0,
                  HAS_RES=epilogue == "residual", BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                  GROUP_M=cfg.group_m)
     ptrs = {"a_desc": desc("fp8e4nv", cfg.block_m, cfg.block_k), "w_desc": desc("fp8e4nv", cfg.block_n, cfg.block_k),
@@ -91,12 +94,11 @@ def fp8_gemm_shared(cfg, epilogue: str) -> int:
 def test_every_fp8_gemm_tile_the_fast_path_picks_fits_in_shared_memory():
     from packformer.ops.fp8 import default_config
 
-    # bert-base / xlmr-large roles at a query batch, a serve batch and an offline batch
+    # bert-base / xlmr-large roles (K, N, epilogues) at a query batch, a serve batch and an offline batch
+    roles = ((768, 2304, ("bias",)), (768, 3072, ("gelu",)), (768, 768, ("residual", "bias")),
+             (3072, 768, ("residual",)), (1024, 4096, ("gelu",)), (4096, 1024, ("residual",)))
     picked = {(default_config(m, n, k, residual=epi == "residual"), epi)
-              for m in (521, 2209, 35201) for k, n, epis in ((768, 2304, ("bias",)), (768, 3072, ("gelu",)),
-                                                             (768, 768, ("residual", "bias")), (3072, 768, ("residual",)),
-                                                             (1024, 4096, ("gelu",)), (4096, 1024, ("residual",)))
-              for epi in epis}
+              for m in (521, 2209, 35201) for k, n, epis in roles for epi in epis}
     for cfg, epi in sorted(picked, key=str):
         assert fp8_gemm_shared(cfg, epi) <= H200_SHARED, (cfg, epi)
 
