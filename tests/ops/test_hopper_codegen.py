@@ -20,6 +20,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from packformer.ops import disentangled_flash, flash_varlen  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
+FUSION = dict(enable_fp_fusion=True)       # as the fast path's launches compile (Triton's default before 3.10)
 pytestmark = pytest.mark.isa_free          # compiles only: the AVX2-capped rerun (test_isa_portability) skips it
 
 
@@ -33,7 +34,7 @@ def ttgir(kernel, pointers: dict[str, str], constexprs: dict, hints: bool = True
     hinted = [n for n in names if hints and n not in unaligned and (sig[n].startswith("*") or n.startswith("stride"))]
     src = ASTSource(fn=kernel, signature=sig, constexprs={(names.index(n),): v for n, v in constexprs.items()},
                     attrs={(names.index(n),): [["tt.divisibility", 16]] for n in hinted})
-    return triton.compile(src, target=HOPPER, options=dict(num_warps=4, num_stages=3)).asm["ttgir"]
+    return triton.compile(src, target=HOPPER, options=dict(num_warps=4, num_stages=3, **FUSION)).asm["ttgir"]
 
 
 def assert_pipelined(ir: str) -> None:
@@ -87,7 +88,7 @@ def fp8_gemm_shared(cfg, epilogue: str) -> int:
     sig = {n: "constexpr" if n in const else ptrs.get(n, "i32") for n in names}
     src = ASTSource(fn=k, signature=sig, constexprs={(names.index(n),): v for n, v in const.items()},
                     attrs={(names.index(n),): [["tt.divisibility", 16]] for n in ("R", "stride_r", "SA", "SW", "BIAS")})
-    opts = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    opts = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, **FUSION)
     return triton.compile(src, target=HOPPER, options=opts).metadata.shared
 
 
