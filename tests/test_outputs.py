@@ -80,6 +80,11 @@ def test_unknown_prompt_name_lists_the_known_ones(prompted):
         m.encode("x", prompt_name="nope")
 
 
+def test_a_prompt_with_a_lone_surrogate_is_named_as_the_prompt(minilm):
+    with pytest.raises(ValueError, match=r"prompt holds '\\ud800' at position 2: a lone surrogate"):
+        minilm.encode("x", prompt="q:\ud800")
+
+
 def test_a_model_without_prompts_says_so(minilm):
     with pytest.raises(ValueError, match="defines no prompts"):
         minilm.encode("x", prompt_name="query")

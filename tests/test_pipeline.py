@@ -61,6 +61,13 @@ def test_batch_size_and_token_budget_do_not_change_results():
     assert torch.allclose(a, b, atol=1e-5)
 
 
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True, "8"])
+def test_a_batch_size_that_is_not_a_positive_integer_is_refused(bad):
+    m = tiny_model()
+    with pytest.raises(ValueError, match=f"batch_size must be a positive integer or None, got {bad!r}"):
+        m.encode(TEXTS, batch_size=bad)
+
+
 def test_encode_uses_the_pipeline_and_keeps_its_contract():
     m = tiny_model()
     out = m.encode(TEXTS)

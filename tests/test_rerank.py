@@ -231,6 +231,18 @@ def test_bad_pairs_are_named(folders, bad, msg):
         m.predict(bad)
 
 
+def test_a_lone_surrogate_in_a_pair_a_query_or_a_document_is_named(folders):
+    m = packformer.load(folders["bert-st6"])
+    with pytest.raises(ValueError, match=r"pairs\[1\]\[1\] holds .* at position 1: a lone surrogate"):
+        m.predict([("q", "a"), ("q", "d\ud800")])
+    with pytest.raises(ValueError, match=r"pair\[0\] holds"):
+        m.predict(("\udc00", "d"))
+    with pytest.raises(ValueError, match=r"query holds"):
+        m.rank("q\ud800", ["a"])
+    with pytest.raises(ValueError, match=r"documents\[1\] holds"):
+        m.rank("q", ["a", "\ud800"])
+
+
 def test_bad_rank_arguments_are_named(folders):
     m = packformer.load(folders["bert-st6"])
     with pytest.raises(TypeError, match="query must be a str"):

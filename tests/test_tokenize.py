@@ -5,6 +5,7 @@ transformers' XLMRobertaTokenizer built from the same sentencepiece file (traine
 """
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -55,6 +56,16 @@ def test_check_texts_accepts_a_str_or_a_list_of_str():
 def test_check_texts_names_the_bad_item(bad, msg):
     with pytest.raises(TypeError, match=msg):
         check_texts(bad)
+
+
+def test_a_lone_surrogate_is_named_with_its_text_and_position():
+    # a JSON body can carry "\ud800": a str in Python, but no character, and UTF-8 cannot encode it
+    with pytest.raises(ValueError, match=r"texts\[1\] holds '\\ud800' at position 3: a lone surrogate"):
+        check_texts(["fine", "abc\ud800"])
+    with pytest.raises(ValueError, match=r"the text holds '\\udfff' at position 0"):
+        check_texts("\udfff")
+    # JSON's escaped surrogate pair decodes to one character, which passes like any other
+    assert check_texts(json.loads('["é 北京", "\\ud83d\\ude80"]')) == ["é 北京", "🚀"]
 
 
 # ---- sentencepiece (XLM-R) --------------------------------------------------------------------

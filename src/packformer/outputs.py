@@ -25,6 +25,8 @@ from typing import Sequence
 
 import numpy as np
 
+from .tokenize import check_text
+
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("float32", "int8", "uint8", "binary", "ubinary")
@@ -80,6 +82,7 @@ def resolve_prompt(cfg: OutputConfig, prompt: str | None = None, prompt_name: st
     if prompt is not None:
         if not isinstance(prompt, str):
             raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+        check_text(prompt, "prompt")
         if prompt_name is not None:
             log.warning("Provide either a `prompt`, a `prompt_name`, or neither, but not both. "
                         "Ignoring the `prompt_name` in favor of `prompt`.")

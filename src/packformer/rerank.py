@@ -31,6 +31,7 @@ from .batch import PackedBatch, pack
 from .engine import Model
 from .loaders.parts import ModelParts
 from .runtime import plan_chunks
+from .tokenize import check_text
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +148,7 @@ def check_pairs(pairs: Any) -> tuple[list[tuple[str, str]], bool]:
     """One pair or a list of pairs -> (list of (str, str), whether a single pair was given); TypeError
     naming the bad item otherwise."""
     if _is_pair(pairs):
-        return [tuple(pairs)], True
+        return [(check_text(pairs[0], "pair[0]"), check_text(pairs[1], "pair[1]"))], True
     if isinstance(pairs, (str, bytes, dict)) or not hasattr(pairs, "__iter__"):
         raise TypeError(f"pairs must be a (str, str) pair or a list of them, got {type(pairs).__name__}")
     out = []
@@ -155,7 +156,7 @@ def check_pairs(pairs: Any) -> tuple[list[tuple[str, str]], bool]:
         if not _is_pair(p):
             what = (f"a {type(p).__name__} of {len(p)}" if isinstance(p, (tuple, list)) else type(p).__name__)
             raise TypeError(f"pairs[{i}] must be a (str, str) pair, got {what}")
-        out.append((p[0], p[1]))
+        out.append((check_text(p[0], f"pairs[{i}][0]"), check_text(p[1], f"pairs[{i}][1]")))
     return out, False
 
 
@@ -288,12 +289,12 @@ class CrossEncoderModel(Model):
                              "use predict() with pairs instead")
         if not isinstance(query, str):
             raise TypeError(f"query must be a str, got {type(query).__name__}")
+        check_text(query, "query")
         if isinstance(documents, str) or not hasattr(documents, "__iter__"):
             raise TypeError(f"documents must be a list of str, got {type(documents).__name__}")
         documents = list(documents)
         for i, d in enumerate(documents):
-            if not isinstance(d, str):
-                raise TypeError(f"documents[{i}] is {type(d).__name__}, expected str")
+            check_text(d, f"documents[{i}]")
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
             raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
         if not documents:

@@ -14,16 +14,32 @@ import numpy as np
 from .batch import PackedBatch, pack
 
 
+def check_text(t, where: str) -> str:
+    """t itself if the tokenizers can take it: a str that UTF-8 can encode. A lone surrogate (a JSON
+    body may carry "\\ud800") cannot be, and the tokenizer's own error names neither the text nor the
+    character. ASCII strings are answered from a flag, so the check costs nothing on them."""
+    if not isinstance(t, str):
+        raise TypeError(f"{where} is {type(t).__name__}, expected str")
+    if not t.isascii():
+        try:
+            t.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"{where} holds {t[e.start]!r} at position {e.start}: a lone surrogate, not a "
+                             "character (from bytes that are not UTF-8, or an unpaired \\ud800-\\udfff escape in "
+                             "JSON)") from None
+    return t
+
+
 def check_texts(texts) -> list[str]:
-    """A str or a list of str -> list[str]; anything else raises TypeError naming the bad item's index."""
+    """A str or a list of str -> list[str]; anything else raises TypeError (ValueError for a str with a
+    lone surrogate) naming the bad item's index."""
     if isinstance(texts, str):
-        return [texts]
+        return [check_text(texts, "the text")]
     if isinstance(texts, (bytes, dict)) or not hasattr(texts, "__iter__"):
         raise TypeError(f"texts must be a str or a list of str, got {type(texts).__name__}")
     texts = list(texts)
     for i, t in enumerate(texts):
-        if not isinstance(t, str):
-            raise TypeError(f"texts[{i}] is {type(t).__name__}, expected str")
+        check_text(t, f"texts[{i}]")
     return texts
 
 

@@ -144,9 +144,13 @@ def test_info_says_reranker(http):
     ("/v2/rerank", {"query": "q", "documents": ["a"], "max_tokens_per_doc": 5}, 422, "max_tokens_per_doc"),
     ("/embed", {"inputs": "a"}, 422, "is a reranker"),
     ("/v1/embeddings", {"input": "a", "model": "m"}, 422, "is a reranker"),
+    # a lone surrogate escaped in the JSON (bytes: sent as they are)
+    ("/rerank", b'{"query": "q\\ud800", "texts": ["a"]}', 422, r"`query` holds .* at position 1: a lone surrogate"),
+    ("/v2/rerank", b'{"query": "q", "documents": ["a", "\\udc00"]}', 422, r"`documents\[1\]` holds .*lone surrogate"),
 ])
 def test_bad_requests_get_clear_errors(http, route, body, status, msg):
-    r = http.post(route, json=body)
+    r = (http.post(route, content=body, headers={"content-type": "application/json"}) if isinstance(body, bytes)
+         else http.post(route, json=body))
     assert r.status_code == status, r.text
     assert r.json()["error_type"] == "validation"
     assert __import__("re").search(msg, r.json()["error"]), r.json()["error"]

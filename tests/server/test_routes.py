@@ -231,6 +231,10 @@ BAD_INPUTS = [
     ("/predict", {"inputs": []}, 422, "`inputs` is empty"),
     ("/tokenize", {"inputs": []}, 422, "`inputs` is empty"),
     ("/tokenize", {"inputs": 3}, 422, "Input should be a valid string"),
+    # JSON may escape a lone surrogate, which is no character: UTF-8 (and so the tokenizer) cannot take it
+    ("/embed", b'{"inputs": ["ok", "bad \\ud800 here"]}', 422, "`inputs[1]` holds '\\ud800' at position 4: a lone surrogate"),
+    ("/v1/embeddings", b'{"input": "x\\udfff"}', 422, "`input[0]` holds '\\udfff' at position 1"),
+    ("/tokenize", b'{"inputs": ["\\ud800"]}', 422, "`inputs[0]` holds '\\ud800' at position 0"),
 ]
 
 

@@ -15,6 +15,7 @@ import torch
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
+from ..tokenize import check_text
 from .errors import too_large, validation
 from .routes import ERRORS, json_response, service_of
 from .service import INLINE_TOKENIZE_CHARS, RERANKERS, InferenceService
@@ -95,6 +96,12 @@ async def rerank_logits(svc: InferenceService, query: str, texts: list[str], tru
     if len(texts) > limit:            # an empty document is a valid candidate (it scores low); too many are not
         raise validation(f"`{field}` has {len(texts)} documents, more than the maximum of {limit} "
                          "(--max-client-batch-size); split the request")
+    try:                                # a lone surrogate ("\ud800" in the JSON): 422, not a tokenizer crash
+        check_text(query, "`query`")
+        for i, t in enumerate(texts):
+            check_text(t, f"`{field}[{i}]`")
+    except ValueError as e:
+        raise validation(str(e)) from e
     pairs = [(query, t) for t in texts]
     with svc.admit():
         try:

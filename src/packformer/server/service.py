@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 import numpy as np
 
 from ..scheduler import Scheduler, SchedulerClosed
+from ..tokenize import check_text
 from .errors import APIError, too_large, unhealthy, validation
 from .formats import special_wrap, wrap_token_ids
 from .settings import ServerSettings
@@ -111,7 +112,8 @@ class InferenceService:
             raise unhealthy("the model is starting (warming up); retry shortly")
 
     def check_batch(self, items: Sequence, field: str) -> None:
-        """422 for an empty request, an empty input, or more inputs than --max-client-batch-size."""
+        """422 for an empty request, an empty input, a text UTF-8 cannot encode, or more inputs than
+        --max-client-batch-size."""
         if len(items) == 0:
             raise validation(f"`{field}` is empty: give at least one input")
         limit = self.settings.max_client_batch_size
@@ -121,6 +123,11 @@ class InferenceService:
         for i, x in enumerate(items):
             if len(x) == 0:
                 raise validation(f"`{field}[{i}]` is empty")
+            if isinstance(x, str):
+                try:
+                    check_text(x, f"`{field}[{i}]`")
+                except ValueError as e:         # a lone surrogate: JSON can carry "\ud800", UTF-8 cannot
+                    raise validation(str(e)) from e
 
     def truncate_default(self, truncate: bool | None) -> bool:
         return self.settings.auto_truncate if truncate is None else truncate
