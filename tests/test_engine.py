@@ -55,6 +55,13 @@ def test_input_order_is_kept_across_many_chunks(minilm_dir):
     assert np.abs(small - ref).max() <= 1e-5
 
 
+@pytest.mark.parametrize("budget", [0, -5, 255])
+def test_a_token_budget_below_one_longest_sequence_is_refused_not_replaced(minilm_dir, budget):
+    # 0 included: it is not "the default"
+    with pytest.raises(ValueError, match=rf"max_batch_tokens \({budget}\) must hold at least one sequence"):
+        packformer.load(minilm_dir, max_batch_tokens=budget)
+
+
 def test_threads_may_share_a_model_and_get_what_they_would_alone(minilm):
     """Launches are serialized inside the model, so concurrent encode() calls (embed-dataset runs several
     shards per replica) each get exactly the result of a call made alone."""

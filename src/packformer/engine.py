@@ -65,8 +65,8 @@ class Model(nn.Module):
         self.max_seq_length = parts.max_seq_length
         self.source, self.format = parts.source, parts.format
         # the default budget grows to one sequence of the model's maximum length (8,192-token ModernBERT on CPU)
-        self.max_batch_tokens = max_batch_tokens or max(DEFAULT_MAX_BATCH_TOKENS[self.device_.type],
-                                                        self.max_seq_length)
+        self.max_batch_tokens = max_batch_tokens if max_batch_tokens is not None else max(
+            DEFAULT_MAX_BATCH_TOKENS[self.device_.type], self.max_seq_length)      # 0 is refused below, not the default
         # The function that runs the encoder on a packed batch already on the device. Fast paths
         # (packformer.fast.cuda / packformer.fast.cpu) replace it; the reference `self.encoder` stays.
         self.fast = fast is not False

@@ -50,7 +50,7 @@ def test_quantized_json_lines_hold_integers(tmp_path, folder, model):
 
 @pytest.mark.parametrize("flags, fragment", [
     (["--prompt-name", "nope"], "unknown prompt_name 'nope'; the model's prompts are: 'query'"),
-    (["--truncate-dim", "0"], "truncate_dim must be between 1 and the model's embedding dimension 384, got 0"),
+    (["--truncate-dim", "385"], "truncate_dim must be between 1 and the model's embedding dimension 384, got 385"),
 ])
 def test_bad_values_are_one_line_errors(capsys, folder, flags, fragment):
     assert main(["encode", "--model", str(folder), "x", *flags]) == 1

@@ -59,8 +59,9 @@ def test_text_output_lists_rank_score_index_and_document(folder, ce):
 def test_user_errors_are_one_line_and_exit_1(folder, capsys):
     assert main(["rerank", "--model", str(folder), "--query", "q"]) == 1
     assert "no texts" in capsys.readouterr().err
-    assert main(["rerank", "--model", str(folder), "--query", "q", "a", "--top-k", "0"]) == 1
-    assert "--top-k must be at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):            # the parser's own error, before the model loads
+        main(["rerank", "--model", str(folder), "--query", "q", "a", "--top-k", "0"])
+    assert "argument --top-k: must be at least 1, got 0" in capsys.readouterr().err
     assert main(["rerank", "--query", "q", "a"]) == 1              # the built-in embedding model
     err = capsys.readouterr().err
     assert "is an embedding model; rerank needs a cross-encoder" in err and "Traceback" not in err

@@ -93,8 +93,13 @@ def test_bad_limits_are_one_clear_line(capsys):
     assert main(["serve", "--max-batch-tokens", "100"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("packformer serve: error:") and "max_batch_tokens (100)" in err
-    assert main(["serve", "--max-concurrent-requests", "0"]) == 1
-    assert "max_concurrent_requests must be positive" in capsys.readouterr().err
+    # counts and ports out of range stop at the command line, naming the option (argparse: exit 2)
+    for flag, value, msg in (("--max-concurrent-requests", "0", "must be at least 1, got 0"),
+                             ("--port", "99999", "must be between 0 and 65535, got 99999"),
+                             ("--graceful-timeout", "-1", "must be a finite number >= 0, got -1")):
+        with pytest.raises(SystemExit) as e:
+            main(["serve", flag, value])
+        assert e.value.code == 2 and f"argument {flag}: {msg}" in capsys.readouterr().err
 
 
 @pytest.mark.gpu

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from .common import add_model_options
+from .common import POSITIVE, POSITIVE_NUMBER, add_model_options
 
 
 def add_parser(sub):
@@ -21,11 +21,11 @@ def add_parser(sub):
     add_model_options(p, positional=True)
     p.add_argument("--url", default=None, help="benchmark this running server instead of starting one")
     p.add_argument("--api-key", default=os.environ.get("PACKFORMER_API_KEY"), help="API key of --url's server")
-    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64], help="client counts (default: 1 8 64)")
-    p.add_argument("--requests", type=int, default=600, help="requests per concurrency level (default: 600)")
-    p.add_argument("--duration", type=float, default=60.0, help="max seconds per concurrency level (default: 60)")
-    p.add_argument("--texts-per-request", type=int, default=1, help="texts in one request (default: 1)")
-    p.add_argument("--num-texts", type=int, default=None,
+    p.add_argument("--concurrency", type=POSITIVE, nargs="+", default=[1, 8, 64], help="client counts (default: 1 8 64)")
+    p.add_argument("--requests", type=POSITIVE, default=600, help="requests per concurrency level (default: 600)")
+    p.add_argument("--duration", type=POSITIVE_NUMBER, default=60.0, help="max seconds per concurrency level (default: 60)")
+    p.add_argument("--texts-per-request", type=POSITIVE, default=1, help="texts in one request (default: 1)")
+    p.add_argument("--num-texts", type=POSITIVE, default=None,
                    help="distinct texts, cycled by the requests (default: requests x texts-per-request)")
     p.add_argument("--seed", type=int, default=7, help="seed of the benchmark text generator (default: 7)")
     p.add_argument("--no-baseline", action="store_true", help="skip the FastAPI + SentenceTransformer server")
@@ -33,7 +33,7 @@ def add_parser(sub):
                    help="also drive this embedding server on the same model folder (repeatable): infinity = "
                         "`infinity_emb v2` (pip install -e \".[peers]\")")
     p.add_argument("--no-offline", action="store_true", help="skip offline encode() throughput")
-    p.add_argument("--rerank", type=int, default=None, metavar="N",
+    p.add_argument("--rerank", type=POSITIVE, default=None, metavar="N",
                    help="rerank mode: POST /rerank of one query x N passages to packformer serve on a cross-encoder "
                         "MODEL (default: a MiniLM-size one); latency and requests/s per concurrency")
     p.add_argument("--sparse", action="store_true",

@@ -2,7 +2,48 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+
+
+def int_in(low: int, high: int | None = None):
+    """An argparse type: an int in [low, high] (high None: no upper bound), else argparse's usage error
+    naming the option and the range. Without it, `--port 99999` would be handed to the socket layer, which
+    wraps it to port 34463 without a word."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            want = f"between {low} and {high}" if high is not None else f"at least {low}"
+            raise argparse.ArgumentTypeError(f"must be {want}, got {value}")
+        return value
+
+    parse.__name__ = f"int >= {low}" if high is None else f"int in [{low}, {high}]"
+    return parse
+
+
+def finite_number(positive: bool):
+    """An argparse type: a finite number (seconds, a share of CPUs or GPUs), > 0 (positive) or >= 0."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or value < 0 or (positive and value == 0):
+            raise argparse.ArgumentTypeError(f"must be a finite number {'> 0' if positive else '>= 0'}, got {text}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+POSITIVE = int_in(1)
+NON_NEGATIVE = int_in(0)
+PORT = int_in(0, 65535)
+POSITIVE_NUMBER = finite_number(positive=True)
+NON_NEGATIVE_NUMBER = finite_number(positive=False)
 
 
 def add_model_options(p: argparse.ArgumentParser, positional: bool = False) -> None:
@@ -17,9 +58,9 @@ def add_model_options(p: argparse.ArgumentParser, positional: bool = False) -> N
                    "Qwen3 / Gemma 3); float8: e4m3 GEMMs on fp8 GPUs (sm89+), checked against fp16 at load")
     p.add_argument("--force-fp8", action="store_true", help="with --dtype float8: run fp8 even where the load-time "
                    "check finds it below cosine 0.999")
-    p.add_argument("--max-batch-tokens", type=int, default=None, help="token budget of one packed batch")
+    p.add_argument("--max-batch-tokens", type=POSITIVE, default=None, help="token budget of one packed batch")
     p.add_argument("--spm", default=None, help="sentencepiece model for a torchtext .pt checkpoint")
-    p.add_argument("--num-heads", type=int, default=None, help="attention heads of a torchtext .pt checkpoint "
+    p.add_argument("--num-heads", type=POSITIVE, default=None, help="attention heads of a torchtext .pt checkpoint "
                    "(default: from its size: 12 for base, 16 for large)")
 
 

@@ -5,6 +5,8 @@ import argparse
 import json
 import sys
 
+from .common import NON_NEGATIVE, NON_NEGATIVE_NUMBER, POSITIVE, POSITIVE_NUMBER
+
 
 def add_parser(sub):
     p = sub.add_parser(
@@ -21,12 +23,12 @@ def add_parser(sub):
     p.add_argument("--id-column", default="id", help="column copied to the output next to each embedding (default: id)")
     p.add_argument("--format", choices=["parquet", "jsonl"], default=None,
                    help="input format (default: from the file extension)")
-    p.add_argument("--replicas", type=int, default=1, help="model replicas (Ray actors) (default: 1)")
-    p.add_argument("--gpus-per-replica", type=float, default=0,
+    p.add_argument("--replicas", type=POSITIVE, default=1, help="model replicas (Ray actors) (default: 1)")
+    p.add_argument("--gpus-per-replica", type=NON_NEGATIVE_NUMBER, default=0,
                    help="GPUs per replica: 0 runs on CPU, 1 gives each replica its own GPU (default: 0)")
-    p.add_argument("--cpus-per-replica", type=float, default=None,
+    p.add_argument("--cpus-per-replica", type=POSITIVE_NUMBER, default=None,
                    help="CPUs (and torch threads) per replica (default: an equal share of the cluster's CPUs)")
-    p.add_argument("--batch-tokens", "--max-batch-tokens", dest="batch_tokens", type=int, default=None,
+    p.add_argument("--batch-tokens", "--max-batch-tokens", dest="batch_tokens", type=POSITIVE, default=None,
                    help="token budget of one packed batch (default: the model's, 8192 on CPU, 65536 on GPU)")
     p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: fp32 on CPU, fp16 on GPU)")
     p.add_argument("--task", default=None,
@@ -37,15 +39,15 @@ def add_parser(sub):
     p.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
                    help="L2-normalize embeddings (default: as the model folder says)")
     p.add_argument("--no-truncate", action="store_true", help="fail on over-long texts instead of truncating")
-    p.add_argument("--rows-per-shard", type=int, default=10_000,
+    p.add_argument("--rows-per-shard", type=POSITIVE, default=10_000,
                    help="rows per shard, the unit of work, retry and resume (default: 10000)")
     p.add_argument("--ray-address", default=None,
                    help="join this Ray cluster ('auto' or ray://host:port); default: start a local Ray on this machine")
     p.add_argument("--overwrite", action="store_true", help="recompute everything, deleting earlier part files")
-    p.add_argument("--shards-per-replica", type=int, default=None,
+    p.add_argument("--shards-per-replica", type=POSITIVE, default=None,
                    help="shards each replica works on at once: on a GPU one runs on the device while others are "
                         "read, tokenized and written (default: 3 with GPUs, 1 on CPU)")
-    p.add_argument("--max-retries", type=int, default=3, help="retries of a failed shard (default: 3)")
+    p.add_argument("--max-retries", type=NON_NEGATIVE, default=3, help="retries of a failed shard (default: 3)")
     p.add_argument("--no-progress", action="store_true", help="hide Ray Data's progress bars")
     p.add_argument("--summary-json", default=None, help="also write the summary as JSON to this file")
     return p

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 
 from ..outputs import PRECISIONS
-from .common import add_model_options, add_text_inputs, load_model, read_texts
+from .common import POSITIVE, add_model_options, add_text_inputs, load_model, read_texts
 
 
 def add_parser(sub):
@@ -17,7 +17,7 @@ def add_parser(sub):
     p.add_argument("--output", "-o", default=None, help="out.npy or out.jsonl (default: JSON lines on stdout)")
     p.add_argument("--normalize", action=argparse_bool(), default=None,
                    help="L2-normalize embeddings (default: as the model folder says)")
-    p.add_argument("--batch-size", type=int, default=None, help="max sequences per batch (on top of the token budget)")
+    p.add_argument("--batch-size", type=POSITIVE, default=None, help="max sequences per batch (on top of the token budget)")
     shape = p.add_mutually_exclusive_group()
     shape.add_argument("--sparse", action="store_true",
                        help="sparse vectors (SPLADE models, bge-m3's lexical weights): per text its nonzero "
@@ -32,7 +32,7 @@ def add_parser(sub):
                         help="a prompt of the folder's config_sentence_transformers.json put before every text "
                              "(default: its default_prompt_name, if any)")
     prompt.add_argument("--prompt", default=None, help="a text put before every text (instead of a named prompt)")
-    p.add_argument("--truncate-dim", type=int, default=None,
+    p.add_argument("--truncate-dim", type=POSITIVE, default=None,
                    help="keep the first N dimensions (Matryoshka; default: the folder's truncate_dim, if any)")
     p.add_argument("--precision", default="float32", choices=PRECISIONS,
                    help="float32, or int8/uint8 (ranges from these texts) or binary/ubinary (bit-packed), "

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from .bench import add_bench_model_options, source_for
+from .common import NON_NEGATIVE, POSITIVE
 
 
 def add_parser(sub):
@@ -21,9 +22,9 @@ def add_parser(sub):
                    help="comma-separated peers to profile (default packformer; e.g. packformer,packformer_ref,"
                         "bt_nested); 'floor' is the GEMM floor on the workload's real token counts, launched eagerly, "
                         "'floor_fp8' the same GEMMs in e4m3")
-    p.add_argument("--iterations", type=int, default=3, help="profiled calls (default 3)")
-    p.add_argument("--warmup", type=int, default=1, help="unprofiled calls first (default 1)")
-    p.add_argument("--top", type=int, default=25, help="operators per table (default 25)")
+    p.add_argument("--iterations", type=POSITIVE, default=3, help="profiled calls (default 3)")
+    p.add_argument("--warmup", type=NON_NEGATIVE, default=1, help="unprofiled calls first (default 1)")
+    p.add_argument("--top", type=POSITIVE, default=25, help="operators per table (default 25)")
     p.add_argument("--trace", default=None, help="write a Chrome trace here (several peers: trace.<peer>.json)")
     p.add_argument("--breakdown", action="store_true",
                    help="after the tables, one table of ms per forward by kernel category per peer, with the wall "
@@ -39,8 +40,6 @@ def run(args) -> int:
     from ..bench.profile import run_profile
     from ..bench.report import print_breakdown, write_json
 
-    if args.iterations < 1:
-        raise ValueError(f"--iterations must be at least 1, got {args.iterations}")
     result = run_profile(source_for(args), device=args.device, dtype=args.dtype, workload=args.workload,
                          peers=args.peers, iterations=args.iterations, warmup=args.warmup, top=args.top,
                          trace=args.trace, breakdown=args.breakdown, eager=args.eager,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from .common import add_model_options, load_model
+from .common import POSITIVE, add_model_options, load_model
 
 
 def add_parser(sub):
@@ -15,10 +15,10 @@ def add_parser(sub):
     p.add_argument("--query", "-q", required=True, help="the query")
     p.add_argument("documents", nargs="*", help="documents to rank")
     p.add_argument("--input", "-i", default=None, help="a file with one document per line, or - for stdin")
-    p.add_argument("--top-k", type=int, default=None, help="print only the best N (default: all)")
+    p.add_argument("--top-k", type=POSITIVE, default=None, help="print only the best N (default: all)")
     p.add_argument("--raw-scores", action="store_true", help="logits instead of the model's activation (Sigmoid)")
     p.add_argument("--no-truncate", action="store_true", help="fail on over-long pairs instead of truncating")
-    p.add_argument("--batch-size", type=int, default=None, help="max pairs per batch (on top of the token budget)")
+    p.add_argument("--batch-size", type=POSITIVE, default=None, help="max pairs per batch (on top of the token budget)")
     p.add_argument("--json", action="store_true", help="print [{corpus_id, score, text}] as JSON")
     p.add_argument("--instruction", default=None, help="a decoder reranker's (Qwen3-Reranker) instruction "
                    "(default: the model card's web-search one)")
@@ -31,8 +31,6 @@ def run(args) -> int:
     from ..rerank import CrossEncoderModel
     from .common import read_texts
 
-    if args.top_k is not None and args.top_k < 1:
-        raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
     args.texts = args.documents
     documents = read_texts(args)
     model = load_model(args)

@@ -10,7 +10,7 @@ import os
 import signal
 import sys
 
-from .common import add_model_options, load_model
+from .common import NON_NEGATIVE_NUMBER, PORT, POSITIVE, POSITIVE_NUMBER, add_model_options, load_model
 
 DEFAULT_MAX_BATCH_TOKENS = 16384
 
@@ -23,13 +23,13 @@ def add_parser(sub):
     add_model_options(p, positional=True)
     p.set_defaults(max_batch_tokens=DEFAULT_MAX_BATCH_TOKENS)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=int, default=8080, help="port (default: 8080)")
-    p.add_argument("--max-batch-requests", type=int, default=None, help="max inputs in one batch (default: no cap)")
-    p.add_argument("--max-concurrent-requests", type=int, default=512,
+    p.add_argument("--port", type=PORT, default=8080, help="port (default: 8080)")
+    p.add_argument("--max-batch-requests", type=POSITIVE, default=None, help="max inputs in one batch (default: no cap)")
+    p.add_argument("--max-concurrent-requests", type=POSITIVE, default=512,
                    help="requests in flight before answering 429 (default: 512)")
-    p.add_argument("--max-client-batch-size", type=int, default=32,
+    p.add_argument("--max-client-batch-size", type=POSITIVE, default=32,
                    help="max inputs in one request, beyond it 422 (default: 32)")
-    p.add_argument("--payload-limit", type=int, default=2_000_000, help="max request body in bytes (default: 2 MB)")
+    p.add_argument("--payload-limit", type=POSITIVE, default=2_000_000, help="max request body in bytes (default: 2 MB)")
     p.add_argument("--api-key", default=os.environ.get("PACKFORMER_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $PACKFORMER_API_KEY, else no key)")
     p.add_argument("--auto-truncate", action="store_true",
@@ -41,16 +41,16 @@ def add_parser(sub):
     p.add_argument("--warm-tasks", default=None, metavar="all|TASK,...",
                    help="models with task adapters: tasks merged and warmed before the server is ready, so that "
                         "their first request does not pause the worker (each costs a copy of the weights)")
-    p.add_argument("--graceful-timeout", type=float, default=30.0,
+    p.add_argument("--graceful-timeout", type=NON_NEGATIVE_NUMBER, default=30.0,
                    help="seconds to let requests in flight finish on SIGTERM (default: 30)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--access-log", action="store_true", help="log every request (off by default: it costs CPU)")
     ray = p.add_argument_group("Ray Serve (pip install -e \".[ray]\")")
     ray.add_argument("--ray", action="store_true", help="serve as a Ray Serve application of --replicas replicas")
-    ray.add_argument("--replicas", type=int, default=1, help="with --ray: model replicas (default: 1)")
-    ray.add_argument("--gpus-per-replica", type=float, default=None,
+    ray.add_argument("--replicas", type=POSITIVE, default=1, help="with --ray: model replicas (default: 1)")
+    ray.add_argument("--gpus-per-replica", type=NON_NEGATIVE_NUMBER, default=None,
                      help="with --ray: GPUs per replica (default: 1 with a CUDA --device, else 0)")
-    ray.add_argument("--cpus-per-replica", type=float, default=None,
+    ray.add_argument("--cpus-per-replica", type=POSITIVE_NUMBER, default=None,
                      help="with --ray: CPUs (and torch threads) per replica (default: an equal share)")
     ray.add_argument("--ray-address", default=None, help="with --ray: join this Ray cluster (default: start a local Ray)")
     ray.add_argument("--ingress", choices=["proxy", "haproxy"], default="proxy",

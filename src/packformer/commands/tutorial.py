@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .common import NON_NEGATIVE, POSITIVE
+
 
 def add_parser(sub):
     p = sub.add_parser("tutorial", help="reproduce the Better Transformer tutorial, packformer beside it",
@@ -11,16 +13,16 @@ def add_parser(sub):
                                    "Better Transformer fast path with sparsity off and on, packformer padded and "
                                    "packed; on the CPU, then on --device. Profiler tables, then a summary.")
     p.add_argument("--device", default="cpu", help="cpu or cuda (the CPU always runs first; default: cpu)")
-    p.add_argument("--iterations", type=int, default=10, help="timed iterations per run (default 10, as the tutorial)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed iterations before each run (default 1)")
+    p.add_argument("--iterations", type=POSITIVE, default=10, help="timed iterations per run (default 10, as the tutorial)")
+    p.add_argument("--warmup", type=NON_NEGATIVE, default=1, help="untimed iterations before each run (default 1)")
     p.add_argument("--checkpoint", default=None, help="torchtext xlmr.large.encoder.pt (default: random weights)")
     p.add_argument("--spm", default=None, help="xlmr.sentencepiece.bpe.model (default: the built-in WordPiece)")
     p.add_argument("--shape", default="xlmr-large",
                    help="preset shape of the random weights (default xlmr-large; minilm-l6 or bert-base run faster)")
     p.add_argument("--dtype", default="float32", help="dtype on --device cuda (default float32, as the tutorial)")
-    p.add_argument("--profile-iterations", type=int, default=1,
+    p.add_argument("--profile-iterations", type=NON_NEGATIVE, default=1,
                    help="iterations under the torch profiler per run (0: no profiler tables; default 1)")
-    p.add_argument("--top", type=int, default=10, help="operators per profiler table (default 10)")
+    p.add_argument("--top", type=POSITIVE, default=10, help="operators per profiler table (default 10)")
     p.add_argument("--out", default=None, help="folder for tutorial-<device>[-<dtype>].json and .png")
     p.add_argument("--json", action="store_true", help="print the JSON result instead of tables")
     return p
