@@ -6,7 +6,7 @@ import json
 import re
 from pathlib import Path
 
-from .common import NON_NEGATIVE, POSITIVE, POSITIVE_NUMBER
+from .common import NON_NEGATIVE, NON_NEGATIVE_NUMBER, POSITIVE
 
 
 def add_bench_model_options(p) -> None:
@@ -55,12 +55,15 @@ def add_parser(sub):
                    help=f"comma-separated: {', '.join(PEERS)} (aliases: {', '.join(ALIASES)}); default: the "
                         "device's usual set. packformer always runs")
     p.add_argument("--texts", default=None, help="a file of texts, one per line: an extra end-to-end workload")
-    p.add_argument("--batch-size", type=POSITIVE, default=32, help="sequences per padded batch on text workloads (default 32)")
+    p.add_argument("--batch-size", type=POSITIVE, default=32,
+                   help="sequences per padded batch on text workloads (default 32)")
     p.add_argument("--iterations", type=POSITIVE, default=10, help="timed calls per peer and workload (default 10)")
-    p.add_argument("--warmup", type=NON_NEGATIVE, default=None, help="untimed calls first (default 1 on CPU, 3 on CUDA)")
-    p.add_argument("--max-seconds", type=POSITIVE_NUMBER, default=60.0,
+    p.add_argument("--warmup", type=NON_NEGATIVE, default=None,
+                   help="untimed calls first (default 1 on CPU, 3 on CUDA)")
+    p.add_argument("--max-seconds", type=NON_NEGATIVE_NUMBER, default=60.0,
                    help="stop a peer's timed calls early (after 3) once they took this long (default 60; 0 = never)")
-    p.add_argument("--threads", type=POSITIVE, default=None, help="CPU threads for torch and ONNX Runtime (default: torch's)")
+    p.add_argument("--threads", type=POSITIVE, default=None,
+                   help="CPU threads for torch and ONNX Runtime (default: torch's)")
     p.add_argument("--no-floor", action="store_true", help="skip the GEMM floor")
     p.add_argument("--out", default=None, help="folder for bench-<model>-<device>-<dtype>[-<tag>].json and .png")
     p.add_argument("--tag", default=None, help="added to the file names, to keep several runs of one model apart")

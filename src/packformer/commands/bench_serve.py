@@ -21,9 +21,11 @@ def add_parser(sub):
     add_model_options(p, positional=True)
     p.add_argument("--url", default=None, help="benchmark this running server instead of starting one")
     p.add_argument("--api-key", default=os.environ.get("PACKFORMER_API_KEY"), help="API key of --url's server")
-    p.add_argument("--concurrency", type=POSITIVE, nargs="+", default=[1, 8, 64], help="client counts (default: 1 8 64)")
+    p.add_argument("--concurrency", type=POSITIVE, nargs="+", default=[1, 8, 64],
+                   help="client counts (default: 1 8 64)")
     p.add_argument("--requests", type=POSITIVE, default=600, help="requests per concurrency level (default: 600)")
-    p.add_argument("--duration", type=POSITIVE_NUMBER, default=60.0, help="max seconds per concurrency level (default: 60)")
+    p.add_argument("--duration", type=POSITIVE_NUMBER, default=60.0,
+                   help="max seconds per concurrency level (default: 60)")
     p.add_argument("--texts-per-request", type=POSITIVE, default=1, help="texts in one request (default: 1)")
     p.add_argument("--num-texts", type=POSITIVE, default=None,
                    help="distinct texts, cycled by the requests (default: requests x texts-per-request)")
