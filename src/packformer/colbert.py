@@ -12,7 +12,6 @@ Packed, nothing is padded: the [MASK] rows are the query's own content.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -24,6 +23,7 @@ from torch import nn
 
 from .batch import pack
 from .engine import Model
+from .files import read_json
 from .ops.attention import AttentionMeta
 from .runtime import plan_chunks
 from .tokenize import check_texts
@@ -87,7 +87,7 @@ class ColbertConfig:
         for name in ("special_tokens_map.json", "tokenizer_config.json"):
             p = Path(folder) / name
             if p.exists():
-                tok_cfg = {**json.loads(p.read_text()), **tok_cfg}
+                tok_cfg = {**read_json(p), **tok_cfg}
 
         def special(name: str) -> str | None:
             v = tok_cfg.get(name)

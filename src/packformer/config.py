@@ -14,6 +14,13 @@ FFN_KINDS = ("mlp", "glu")
 NORM_KINDS = ("layer", "rms")
 
 
+# the integer fields of EncoderConfig, and those of them that must be positive
+SIZES = ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "max_position_embeddings",
+         "type_vocab_size", "pad_token_id", "position_offset", "local_window", "global_every", "num_labels",
+         "head_size", "num_kv_heads")
+POSITIVE_SIZES = ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size")
+
+
 @dataclass(frozen=True)
 class RelativeBuckets:
     """T5-style bidirectional relative-position buckets (MPNet): exact up to num_buckets/4 tokens apart,
@@ -91,6 +98,13 @@ class EncoderConfig:
     adapters: Any = None              # lora.LoraAdapters: per-task LoRA deltas of every Linear and embedding (Jina v3)
 
     def __post_init__(self) -> None:
+        for name in SIZES:      # a config.json value of the wrong type would otherwise fail deep inside
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ValueError(f"{name} must be an integer, got {v!r}")
+        for name in POSITIVE_SIZES:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.head_size < 0 or self.num_kv_heads < 0:
             raise ValueError(f"head_size ({self.head_size}) and num_kv_heads ({self.num_kv_heads}) must be >= 0")
         if not self.head_size and self.hidden_size % self.num_heads:

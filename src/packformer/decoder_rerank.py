@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .files import read_json
 from .heads import last_tokens
 from .rerank import SIGMOID, CrossEncoderModel, CrossEncoderParts, PairSeq, check_pairs
 
@@ -46,7 +47,7 @@ def format_pair(query: str, document: str, instruction: str | None = None) -> st
 # ---- folders -------------------------------------------------------------------------------------------
 def _config(folder: Path) -> dict:
     try:
-        return json.loads((folder / "config.json").read_text())
+        return read_json((folder / "config.json"))
     except (OSError, json.JSONDecodeError):
         return {}
 
@@ -87,7 +88,7 @@ def _lm_head_rows(folder: Path, ids: list[int]) -> torch.Tensor | None:
     files = [folder / "model.safetensors"] if (folder / "model.safetensors").exists() else []
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        wm = json.loads(index.read_text())["weight_map"]
+        wm = read_json(index)["weight_map"]
         files = [folder / wm[k] for k in ("lm_head.weight",) if k in wm]
     for f in files:
         with safe_open(str(f), framework="pt") as st:

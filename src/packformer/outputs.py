@@ -17,7 +17,6 @@ truncation and quantized embeddings.
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .files import read_json
 from .tokenize import check_text
 
 log = logging.getLogger(__name__)
@@ -60,10 +60,10 @@ def read_output_config(folder: str | Path, pooling_dir: str | Path | None = None
     st = {}
     p = folder / ST_CONFIG
     if p.exists():
-        st = json.loads(p.read_text())
+        st = read_json(p)
     include = True
     if pooling_dir is not None and (Path(pooling_dir) / "config.json").exists():
-        include = bool(json.loads((Path(pooling_dir) / "config.json").read_text()).get("include_prompt", True))
+        include = bool(read_json((Path(pooling_dir) / "config.json")).get("include_prompt", True))
     dim = st.get("truncate_dim")
     if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or dim < 1):
         raise ValueError(f"{p}: truncate_dim must be a positive integer, got {dim!r}")

@@ -29,6 +29,7 @@ from torch import nn
 
 from .batch import PackedBatch, pack
 from .engine import Model
+from .files import read_json
 from .loaders.parts import ModelParts
 from .runtime import plan_chunks
 from .tokenize import check_text
@@ -51,7 +52,7 @@ class CrossEncoderParts(ModelParts):
 
 def _json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text()) if path.exists() else {}
+        return read_json(path) if path.exists() else {}
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from e
 
@@ -61,7 +62,7 @@ def _transformer_dir(folder: Path) -> Path:
     mpath = folder / "modules.json"
     if not mpath.exists():
         return folder
-    modules = json.loads(mpath.read_text())
+    modules = read_json(mpath)
     kinds = [m.get("type", "").rsplit(".", 1)[-1] for m in modules]
     if kinds != ["Transformer"]:
         raise ValueError(f"{mpath}: packformer runs cross-encoders made of one Transformer module "

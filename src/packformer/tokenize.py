@@ -125,7 +125,11 @@ class HFTokenizer(Tokenizer):
 
         folder = Path(folder)
         if (folder / "tokenizer.json").exists():
-            return cls(RustTokenizer.from_file(str(folder / "tokenizer.json")), pad_id, position_offset)
+            try:
+                rust = RustTokenizer.from_file(str(folder / "tokenizer.json"))
+            except Exception as e:  # noqa: BLE001  (the Rust side raises a bare Exception naming no file)
+                raise ValueError(f"{folder / 'tokenizer.json'} is not a readable tokenizer: {e}") from None
+            return cls(rust, pad_id, position_offset)
         if (folder / "vocab.txt").exists():
             from tokenizers import BertWordPieceTokenizer
 

@@ -142,6 +142,35 @@ def test_unknown_or_missing_paths_say_what_was_expected(tmp_path):
         packformer.load(tmp_path)
 
 
+def _edit_config(folder, **changes):
+    cfg = json.loads((folder / "config.json").read_text())
+    for k, v in changes.items():
+        if v is None:
+            cfg.pop(k)
+        else:
+            cfg[k] = v
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("damage, msg", [
+    (lambda d: (d / "config.json").write_text("{not json"), r"config.json is not valid JSON: Expecting property"),
+    (lambda d: _edit_config(d, hidden_size=None), r"config.json lacks 'hidden_size', which a bert config needs"),
+    (lambda d: _edit_config(d, hidden_size="48"), r"config.json: hidden_size must be an integer, got '48'"),
+    (lambda d: _edit_config(d, num_hidden_layers=0), r"config.json: num_layers must be at least 1, got 0"),
+    (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:1000]),
+     r"model.safetensors is not a readable safetensors file \(truncated or corrupt\?\)"),
+    (lambda d: (d / "tokenizer.json").write_text("{}"), r"tokenizer.json is not a readable tokenizer"),
+], ids=["config-not-json", "config-lacks-a-key", "config-wrong-type", "config-no-layers", "weights-truncated",
+        "tokenizer-corrupt"])
+def test_a_damaged_folder_is_refused_naming_the_file_and_what_is_wrong(tmp_path, minilm_dir, damage, msg):
+    _hf_model("bert", classification=False).save_pretrained(tmp_path)
+    (tmp_path / "tokenizer.json").write_text((minilm_dir / "tokenizer.json").read_text())
+    damage(tmp_path)
+    with pytest.raises(ValueError, match=msg) as e:
+        packformer.load(tmp_path)
+    assert str(tmp_path) in str(e.value)
+
+
 def test_config_mapping():
     c = config_from_hf(dict(TINY, model_type="xlm-roberta", pad_token_id=1, hidden_act="gelu", type_vocab_size=1))
     assert c.position_offset == 2 and c.max_tokens_per_sequence == 78 and c.num_labels == 0

@@ -6,11 +6,11 @@ ColBERT vectors (multivector.ColbertHead).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
+from ..files import read_json
 from ..heads import Pooler
 from ..multivector import ColbertHead
 from ..sparse import LexicalHead
@@ -45,7 +45,7 @@ def special_ids(folder: Path, tokenizer) -> list[int]:
     for f in ("special_tokens_map.json", "tokenizer_config.json"):
         p = folder / f
         if p.exists():
-            d = json.loads(p.read_text())
+            d = read_json(p)
             for k in names:
                 v = d.get(k)
                 v = v.get("content") if isinstance(v, dict) else v
@@ -75,7 +75,7 @@ def load_bge_m3(folder: str | Path) -> ModelParts:
     parts.outputs = {"lexical": lexical, "colbert": colbert}
     parts.pooler = Pooler("cls", normalize=True)
     stc = folder / "sentence_bert_config.json"
-    msl = json.loads(stc.read_text()).get("max_seq_length") if stc.exists() else None
+    msl = read_json(stc).get("max_seq_length") if stc.exists() else None
     if msl:
         parts.max_seq_length = min(int(msl), cfg.max_tokens_per_sequence)
     parts.source, parts.format = str(folder), "bge-m3"

@@ -2,7 +2,6 @@
 MPNet, ...) and their *ForSequenceClassification heads: config.json's model_type picks the family."""
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import torch
 from ..config import EncoderConfig
 from ..families import family_of
 from ..families.bert import BERT_LIKE, ROBERTA_LIKE, hf_keymap
+from ..files import ModelFileError, read_json, read_safetensors
 from ..heads import Pooler
 from ..model import Encoder
 from ..tokenize import HFTokenizer, SentencePieceTokenizer
@@ -27,15 +27,13 @@ def config_from_hf(d: dict) -> EncoderConfig:
 
 def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     """model.safetensors (single or sharded), else pytorch_model.bin loaded with weights_only=True."""
-    from safetensors.torch import load_file
-
     if (folder / "model.safetensors").exists():
-        return load_file(str(folder / "model.safetensors"))
+        return read_safetensors(folder / "model.safetensors")
     index = folder / "model.safetensors.index.json"
     if index.exists():
         state: dict[str, torch.Tensor] = {}
-        for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-            state.update(load_file(str(folder / shard)))
+        for shard in sorted(set(read_json(index)["weight_map"].values())):
+            state.update(read_safetensors(folder / shard))
         return state
     if (folder / "pytorch_model.bin").exists():
         return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
@@ -48,7 +46,7 @@ def load_tokenizer(folder: Path, cfg: EncoderConfig):
         lower = True
         tc = folder / "tokenizer_config.json"
         if tc.exists():
-            lower = bool(json.loads(tc.read_text()).get("do_lower_case", True))
+            lower = bool(read_json(tc).get("do_lower_case", True))
         return HFTokenizer.from_folder(folder, pad_id=cfg.pad_token_id, position_offset=cfg.position_offset,
                                        lowercase=lower)
     if (folder / "sentencepiece.bpe.model").exists():
@@ -65,9 +63,14 @@ def load_hf(folder: str | Path, with_tokenizer: bool = True) -> ModelParts:
     cfg_path = folder / "config.json"
     if not cfg_path.exists():
         raise FileNotFoundError(f"{folder} is not a Hugging Face model folder: config.json is missing")
-    d = json.loads(cfg_path.read_text())
+    d = read_json(cfg_path)
     family = family_of(d)
-    cfg = family.config_from_hf(d)
+    try:
+        cfg = family.config_from_hf(d)
+    except KeyError as e:           # a field the family needs, absent
+        raise ModelFileError(f"{cfg_path} lacks {e.args[0]!r}, which a {family.name} config needs") from None
+    except (TypeError, ValueError) as e:
+        raise ModelFileError(f"{cfg_path}: {e}") from None
     state = rename_legacy_layernorm(read_state_dict(folder))
     state, _ = strip_prefix(state, family.anchor)
     if cfg.type_vocab_size and "embeddings.token_type_embeddings.weight" not in state and family.name == "bert":

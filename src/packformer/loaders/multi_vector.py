@@ -9,11 +9,11 @@ Transformer + pylate Dense; the mask (punctuation skiplist by default) and the N
 """
 from __future__ import annotations
 
-import json
 import string
 from pathlib import Path
 
 from ..colbert import ColbertConfig, TokenProjection
+from ..files import read_json
 from ..outputs import read_output_config
 from .hf import load_hf, read_state_dict
 from .parts import ModelParts
@@ -33,13 +33,13 @@ def is_multi_vector_folder(folder: Path, modules: list[dict]) -> bool:
     """config_sentence_transformers.json says MultiVectorEncoder (or PyLate's ColBERT), or a MultiVectorMask
     or a pylate module is listed."""
     p = folder / ST_CONFIG
-    if p.exists() and json.loads(p.read_text()).get("model_type") in ("MultiVectorEncoder", "ColBERT"):
+    if p.exists() and read_json(p).get("model_type") in ("MultiVectorEncoder", "ColBERT"):
         return True
     return any(_kind(m) == "MultiVectorMask" or m.get("type", "").startswith("pylate.") for m in modules)
 
 
 def _read_projection(path: Path) -> TokenProjection:
-    cfg = json.loads((path / "config.json").read_text())
+    cfg = read_json((path / "config.json"))
     act = cfg.get("activation_function", "torch.nn.modules.linear.Identity")
     if act not in IDENTITY:
         raise ValueError(f"{path / 'config.json'}: activation_function {act!r} is not supported on token "
@@ -71,10 +71,10 @@ def _expansion(d: dict | None, where: str) -> dict | None:
 
 def load_multi_vector(folder: str | Path) -> ModelParts:
     folder = Path(folder)
-    modules = json.loads((folder / "modules.json").read_text())
+    modules = read_json((folder / "modules.json"))
     kinds = [_kind(m) for m in modules]
     top_path = folder / ST_CONFIG
-    top = json.loads(top_path.read_text()) if top_path.exists() else {}
+    top = read_json(top_path) if top_path.exists() else {}
     pylate = top.get("model_type") == "ColBERT"
     allowed = {"Transformer", "Dense", "MultiVectorMask", "Normalize"}
     odd = [m.get("type") for m, k in zip(modules, kinds) if k not in allowed]
@@ -90,7 +90,7 @@ def load_multi_vector(folder: str | Path) -> ModelParts:
                          f"and Normalize; found {' + '.join(kinds)}")
     tpath = folder / modules[0].get("path", "")
     st_cfg_path = tpath / "sentence_bert_config.json"
-    st_cfg = json.loads(st_cfg_path.read_text()) if st_cfg_path.exists() else {}
+    st_cfg = read_json(st_cfg_path) if st_cfg_path.exists() else {}
     task = st_cfg.get("transformer_task", "feature-extraction")
     if task != "feature-extraction":
         raise ValueError(f"{st_cfg_path}: transformer_task {task!r}: packformer's multi-vector models need "
@@ -121,7 +121,7 @@ def load_multi_vector(folder: str | Path) -> ModelParts:
 
     mask_cfg: dict = {}
     if "MultiVectorMask" in kinds:
-        mask_cfg = json.loads((folder / modules[kinds.index("MultiVectorMask")]["path"] / "config.json").read_text())
+        mask_cfg = read_json((folder / modules[kinds.index("MultiVectorMask")]["path"] / "config.json"))
     skiplist = mask_cfg.get("skiplist_words")
     if "MultiVectorMask" not in kinds and pylate:       # PyLate <= 3: its punctuation skiplist, unless pinned
         skiplist = top.get("skiplist_words") if top.get("skiplist_words") is not None else list(string.punctuation)

@@ -1,9 +1,9 @@
 """sentence-transformers folders: modules.json -> Transformer (an HF folder) + Pooling [+ Dense ...] [+ Normalize]."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from ..files import read_json
 from ..heads import Dense, Pooler
 from ..outputs import read_output_config
 from .hf import load_hf
@@ -25,7 +25,7 @@ def _module_type(m: dict) -> str:
 
 
 def read_pooling(path: Path) -> str:
-    cfg = json.loads((path / "config.json").read_text())
+    cfg = read_json((path / "config.json"))
     on = [mode for key, mode in POOLING_KEYS.items() if cfg.get(key)]
     odd = [k for k in UNSUPPORTED_POOLING if cfg.get(k)]
     if odd or len(on) != 1:
@@ -39,7 +39,7 @@ def read_dense(path: Path) -> Dense:
     pytorch_model.bin (linear.weight, linear.bias)."""
     from .hf import read_state_dict
 
-    cfg = json.loads((path / "config.json").read_text())
+    cfg = read_json((path / "config.json"))
     act = cfg.get("activation_function", "torch.nn.modules.activation.Tanh")
     if act not in DENSE_ACTIVATIONS:
         raise ValueError(f"{path / 'config.json'}: unsupported Dense activation_function {act!r}; supported: "
@@ -55,7 +55,7 @@ def read_dense(path: Path) -> Dense:
 
 def load_sentence_transformers(folder: str | Path) -> ModelParts:
     folder = Path(folder)
-    modules = json.loads((folder / "modules.json").read_text())
+    modules = read_json((folder / "modules.json"))
     kinds = [_module_type(m) for m in modules]
     from .sparse_encoder import is_sparse_encoder, load_sparse_encoder
     if is_sparse_encoder(folder, modules):        # SPLADE: MLMTransformer + SpladePooling
@@ -88,7 +88,7 @@ def load_sentence_transformers(folder: str | Path) -> ModelParts:
     for name in ("sentence_bert_config.json",):
         p = tpath / name
         if p.exists():
-            msl = json.loads(p.read_text()).get("max_seq_length")
+            msl = read_json(p).get("max_seq_length")
             if msl:
                 parts.max_seq_length = min(int(msl), parts.config.max_tokens_per_sequence)
     parts.source, parts.format = str(folder), "sentence-transformers"

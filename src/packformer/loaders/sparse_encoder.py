@@ -6,12 +6,12 @@ masked-LM head (ignored by the encoder's key map) is read here from the same che
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from ..families.base import hf_activation
+from ..files import read_json
 from ..sparse import MLMHead, SpladeHead, check_max_active_dims
 from .hf import load_hf, read_state_dict
 from .keymap import CheckpointError, rename_legacy_layernorm
@@ -39,7 +39,7 @@ def _kind(m: dict) -> str:
 def is_sparse_encoder(folder: Path, modules: list[dict]) -> bool:
     """A SparseEncoder folder: config_sentence_transformers.json says so, or a module only sparse models use."""
     cfg = folder / "config_sentence_transformers.json"
-    if cfg.exists() and json.loads(cfg.read_text()).get("model_type") == "SparseEncoder":
+    if cfg.exists() and read_json(cfg).get("model_type") == "SparseEncoder":
         return True
     return any(_kind(m) in SPARSE_MODULES for m in modules)
 
@@ -47,7 +47,7 @@ def is_sparse_encoder(folder: Path, modules: list[dict]) -> bool:
 def load_mlm_head(folder: Path) -> MLMHead:
     """The masked-LM head of a BERT / RoBERTa / XLM-R / DistilBERT *ForMaskedLM folder; the decoder takes
     the word embeddings where the checkpoint ties them (no decoder weight saved)."""
-    d = json.loads((folder / "config.json").read_text())
+    d = read_json((folder / "config.json"))
     mt = d.get("model_type")
     if mt not in MLM_KEYS:
         raise ValueError(f"{folder}: SPLADE needs a masked-LM head packformer knows ({', '.join(sorted(MLM_KEYS))}); "
@@ -79,7 +79,7 @@ def load_mlm_head(folder: Path) -> MLMHead:
 
 def load_sparse_encoder(folder: str | Path) -> ModelParts:
     folder = Path(folder)
-    modules = json.loads((folder / "modules.json").read_text())
+    modules = read_json((folder / "modules.json"))
     kinds = [_kind(m) for m in modules]
     stack = " + ".join(kinds)
     if len(modules) != 2 or kinds[1] != "SpladePooling" or kinds[0] not in ("MLMTransformer", "Transformer"):
@@ -87,13 +87,13 @@ def load_sparse_encoder(folder: str | Path) -> ModelParts:
                          f"SpladePooling (SPLADE); this one holds {stack}")
     tpath = folder / modules[0].get("path", "")
     st_cfg_path = tpath / "sentence_bert_config.json"
-    st_cfg = json.loads(st_cfg_path.read_text()) if st_cfg_path.exists() else {}
+    st_cfg = read_json(st_cfg_path) if st_cfg_path.exists() else {}
     if kinds[0] == "Transformer" and st_cfg.get("transformer_task", "fill-mask") != "fill-mask":
         raise ValueError(f"{st_cfg_path}: SPLADE needs a fill-mask Transformer, found transformer_task "
                          f"{st_cfg.get('transformer_task')!r}")
-    pool_cfg = json.loads((folder / modules[1]["path"] / "config.json").read_text())
+    pool_cfg = read_json((folder / modules[1]["path"] / "config.json"))
     top = folder / "config_sentence_transformers.json"
-    max_active = json.loads(top.read_text()).get("max_active_dims") if top.exists() else None
+    max_active = read_json(top).get("max_active_dims") if top.exists() else None
     check_max_active_dims(max_active)
     parts = load_hf(tpath)
     if parts.config.num_labels:
