@@ -136,6 +136,19 @@ def test_pack_ids_checks_the_vocabulary_and_length(minilm):
         minilm.pack_ids([[101, 99999, 102]])
     with pytest.raises(ValueError, match="more than the model's maximum"):
         minilm.pack_ids([[5] * 300])
+    # ids must be integers: a float would be cut to an id without a word
+    with pytest.raises(TypeError, match=r"input 1 has token ids of type float64, expected integers: \[101.7"):
+        minilm.pack_ids([[101, 102], [101.7, 2000.0, 102]])
+    with pytest.raises(TypeError, match="of type bool"):
+        minilm.pack_ids([[True, False]])
+    # integer arrays and tensors are ids too, and an empty input packs as an empty sequence
+    b = minilm.pack_ids([np.array([101, 102], dtype=np.int32), torch.tensor([101, 2000, 102]), []])
+    assert b.input_ids.tolist() == [101, 102, 101, 2000, 102] and b.cu_seqlens.tolist() == [0, 2, 5, 5]
+
+
+def test_fast_takes_a_bool_or_none(minilm_dir):
+    with pytest.raises(TypeError, match="fast must be True, False or None"):
+        packformer.load(minilm_dir, fast="yes")
 
 
 def test_random_presets_and_info():

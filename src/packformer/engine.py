@@ -45,6 +45,8 @@ class Model(nn.Module):
                  fast: bool | None = None, quantize: str | None = None, threads: int | None = None,
                  task: str | None = None, truncate_dim: int | None = None, force_fp8: bool = False):
         super().__init__()
+        if fast not in (None, True, False):
+            raise TypeError(f"fast must be True, False or None (the device's default), got {fast!r}")
         self.device_ = resolve_device(device)
         # dtype="float8": e4m3 GEMMs on the CUDA fast path, everything else in the family's half dtype
         self.fp8 = is_fp8(dtype)
@@ -257,14 +259,19 @@ class Model(nn.Module):
         return pack(ids, self.config.position_offset, order=range(len(ids)))
 
     def pack_ids(self, ids: Sequence[Sequence[int]]) -> PackedBatch:
-        """Packed batch from pre-tokenized id lists; ids are checked against the vocabulary."""
+        """Packed batch from pre-tokenized id lists (or integer arrays / tensors); ids are checked to be
+        integers (a float would be cut to one without a word) inside the vocabulary."""
         for i, seq in enumerate(ids):
             if len(seq) > self.max_seq_length:
                 raise ValueError(f"input {i} has {len(seq)} tokens, more than the model's maximum of "
                                  f"{self.max_seq_length}")
-            bad = [t for t in seq if not 0 <= int(t) < self.config.vocab_size]
-            if bad:
-                raise ValueError(f"input {i} has token ids outside the vocabulary [0, {self.config.vocab_size}): {bad[:5]}")
+            a = np.asarray(seq.cpu() if isinstance(seq, torch.Tensor) else seq)
+            if a.size and a.dtype.kind not in "iu":
+                raise TypeError(f"input {i} has token ids of type {a.dtype}, expected integers: {a.ravel()[:5].tolist()}")
+            bad = a[(a < 0) | (a >= self.config.vocab_size)]
+            if bad.size:
+                raise ValueError(f"input {i} has token ids outside the vocabulary [0, {self.config.vocab_size}): "
+                                 f"{bad[:5].tolist()}")
         return pack(ids, self.config.position_offset, order=range(len(ids)))
 
     # ---- the packed core --------------------------------------------------------------------
