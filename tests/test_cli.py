@@ -30,6 +30,26 @@ def test_encode_to_npy_and_jsonl_from_a_file(tmp_path, minilm, capsys):
     assert len(lines) == 3 and json.loads(lines[1])["text"] == "beta gamma"
 
 
+def test_input_that_is_not_utf8_names_its_line_and_byte(tmp_path, capsys):
+    src = tmp_path / "in.txt"
+    src.write_bytes(b"ok\r\nsecond\nbad \xff here\n")
+    assert main(["encode", "--input", str(src)]) == 1
+    err = capsys.readouterr().err
+    assert f"{src}, line 3, is not UTF-8: byte 0xff (invalid start byte)" in err and "Traceback" not in err
+    r = subprocess.run([sys.executable, "-m", "packformer", "encode", "--input", "-"], input=b"x\n\xc3",
+                       capture_output=True, timeout=300)
+    assert r.returncode == 1 and b"stdin, line 2, is not UTF-8: byte 0xc3" in r.stderr
+
+
+def test_input_lines_end_as_in_a_text_file(tmp_path, minilm, capsys):
+    # \n, \r\n and \r all end a line; nothing of them stays in the text
+    src = tmp_path / "in.txt"
+    src.write_bytes(b"alpha\r\nbeta\rgamma\n")
+    assert main(["encode", "--input", str(src), "--output", str(tmp_path / "o.jsonl")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
+    assert [r["text"] for r in rows] == ["alpha", "beta", "gamma"]
+
+
 def test_info_json(capsys):
     assert main(["info", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import io
 import math
 import sys
+from pathlib import Path
 
 
 def int_in(low: int, high: int | None = None):
@@ -82,23 +84,20 @@ def add_text_inputs(p: argparse.ArgumentParser) -> None:
 
 
 def read_texts(args) -> list[str]:
+    """The texts of --input (one per line; a file, or - for stdin) or of the arguments. Input that is not
+    UTF-8 is refused naming the line and the byte (decoding it line by line would name neither)."""
     if args.input and args.texts:
         raise ValueError("give texts as arguments or with --input, not both")
     if args.input:
-        f = sys.stdin if args.input == "-" else open(args.input, encoding="utf-8")
-        with f if f is not sys.stdin else _nullctx(f):
-            return [line.rstrip("\n") for line in f]
+        name = "stdin" if args.input == "-" else args.input
+        raw = sys.stdin.buffer.read() if args.input == "-" else Path(args.input).read_bytes()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = raw.count(b"\n", 0, e.start) + 1
+            raise ValueError(f"{name}, line {line}, is not UTF-8: byte 0x{raw[e.start]:02x} ({e.reason})") from None
+        # one text per line, with the newlines a text-mode file would see (\n, \r\n and \r)
+        return [line.rstrip("\n") for line in io.StringIO(text, newline=None)]
     if not args.texts:
         raise ValueError("no texts: pass them as arguments or with --input FILE|-")
     return list(args.texts)
-
-
-class _nullctx:
-    def __init__(self, f):
-        self.f = f
-
-    def __enter__(self):
-        return self.f
-
-    def __exit__(self, *a):
-        return False
