@@ -25,7 +25,7 @@ from .batch import pack
 from .engine import Model
 from .files import read_json
 from .ops.attention import AttentionMeta
-from .runtime import plan_chunks
+from .runtime import check_batch_size, plan_chunks
 from .tokenize import check_texts
 
 if TYPE_CHECKING:
@@ -237,8 +237,7 @@ class MultiVectorModel(Model):
             raise ValueError("pool / chunk_size (multi-process encoding) are not supported: one Model encodes")
         if device is not None and torch.device(device) != self.device:
             raise ValueError(f"device={device!r}: this model lives on {self.device}; load it there instead")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        check_batch_size(batch_size, optional=False)
         truncate_dim = outputs.check_truncate_dim(self.truncate_dim if truncate_dim is None else truncate_dim,
                                                   self.dim)
         single = isinstance(inputs, str)

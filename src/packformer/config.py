@@ -14,10 +14,7 @@ FFN_KINDS = ("mlp", "glu")
 NORM_KINDS = ("layer", "rms")
 
 
-# the integer fields of EncoderConfig, and those of them that must be positive
-SIZES = ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "max_position_embeddings",
-         "type_vocab_size", "pad_token_id", "position_offset", "local_window", "global_every", "num_labels",
-         "head_size", "num_kv_heads")
+# the integer fields of EncoderConfig that must be positive (every `int` field must be an int)
 POSITIVE_SIZES = ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size")
 
 
@@ -98,10 +95,10 @@ class EncoderConfig:
     adapters: Any = None              # lora.LoraAdapters: per-task LoRA deltas of every Linear and embedding (Jina v3)
 
     def __post_init__(self) -> None:
-        for name in SIZES:      # a config.json value of the wrong type would otherwise fail deep inside
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise ValueError(f"{name} must be an integer, got {v!r}")
+        for f in dataclasses.fields(self):   # a config.json value of the wrong type would fail deep inside
+            v = getattr(self, f.name)
+            if f.type == "int" and (isinstance(v, bool) or not isinstance(v, int)):
+                raise ValueError(f"{f.name} must be an integer, got {v!r}")
         for name in POSITIVE_SIZES:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")

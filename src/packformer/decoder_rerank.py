@@ -47,7 +47,7 @@ def format_pair(query: str, document: str, instruction: str | None = None) -> st
 # ---- folders -------------------------------------------------------------------------------------------
 def _config(folder: Path) -> dict:
     try:
-        return read_json((folder / "config.json"))
+        return read_json(folder / "config.json")
     except (OSError, json.JSONDecodeError):
         return {}
 

@@ -63,7 +63,7 @@ def read_output_config(folder: str | Path, pooling_dir: str | Path | None = None
         st = read_json(p)
     include = True
     if pooling_dir is not None and (Path(pooling_dir) / "config.json").exists():
-        include = bool(read_json((Path(pooling_dir) / "config.json")).get("include_prompt", True))
+        include = bool(read_json(Path(pooling_dir) / "config.json").get("include_prompt", True))
     dim = st.get("truncate_dim")
     if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or dim < 1):
         raise ValueError(f"{p}: truncate_dim must be a positive integer, got {dim!r}")

@@ -18,8 +18,6 @@ the model's matrix work, which releases the GIL.
 """
 from __future__ import annotations
 
-import numbers
-
 import sys
 import time
 from collections import deque
@@ -31,7 +29,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from .batch import PackedBatch, pack
-from .runtime import plan_chunks
+from .runtime import check_batch_size, plan_chunks
 
 
 @dataclass
@@ -194,9 +192,7 @@ def run_texts(model, texts: list[str], fn: Callable[[PackedBatch], torch.Tensor]
     batch's own sequence order. With `sink`, outputs whose shape varies per text (token embeddings,
     sparse vectors) go to `sink(fn(batch), input indices of its sequences)` instead, and the returned
     tensor is [N, 0]. `stats`, if given, is filled in (tokens, batches, time waiting for the tokenizer)."""
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral)
-                                   or batch_size <= 0):
-        raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
+    check_batch_size(batch_size)
     with host_threads_for(model.device):
         return _run_texts(model, texts, fn, 0 if sink is not None else width, batch_size, truncate,
                           show_progress_bar, config, sink, stats if stats is not None else RunStats())

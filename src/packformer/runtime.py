@@ -1,6 +1,7 @@
 """Device and dtype choice, and length-sorted chunking under a token budget."""
 from __future__ import annotations
 
+import numbers
 from typing import Sequence
 
 import torch
@@ -54,6 +55,15 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device,
     if device.type == "cpu" and dtype == torch.float16:
         raise ValueError("float16 is not supported on CPU (no fast fp16 GEMMs); use dtype='bfloat16' or 'float32'")
     return dtype
+
+
+def check_batch_size(batch_size, optional: bool = True) -> None:
+    """A sequences-per-batch cap (plan_chunks' max_batch_size) must be a positive integer (or None where
+    `optional`): 0 or a negative number would otherwise put every sequence in a batch of its own."""
+    if batch_size is None and optional:
+        return
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size <= 0:
+        raise ValueError(f"batch_size must be a positive integer{' or None' if optional else ''}, got {batch_size!r}")
 
 
 def plan_chunks(lengths: Sequence[int], max_batch_tokens: int, max_batch_size: int | None = None) -> list[list[int]]:

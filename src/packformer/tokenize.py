@@ -12,6 +12,7 @@ from typing import Sequence
 import numpy as np
 
 from .batch import PackedBatch, pack
+from .files import ModelFileError
 
 
 def check_text(t, where: str) -> str:
@@ -128,7 +129,7 @@ class HFTokenizer(Tokenizer):
             try:
                 rust = RustTokenizer.from_file(str(folder / "tokenizer.json"))
             except Exception as e:  # noqa: BLE001  (the Rust side raises a bare Exception naming no file)
-                raise ValueError(f"{folder / 'tokenizer.json'} is not a readable tokenizer: {e}") from None
+                raise ModelFileError(f"{folder / 'tokenizer.json'} is not a readable tokenizer: {e}") from None
             return cls(rust, pad_id, position_offset)
         if (folder / "vocab.txt").exists():
             from tokenizers import BertWordPieceTokenizer

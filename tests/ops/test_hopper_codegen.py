@@ -24,17 +24,22 @@ FUSION = dict(enable_fp_fusion=True)       # as the fast path's launches compile
 pytestmark = pytest.mark.isa_free          # compiles only: the AVX2-capped rerun (test_isa_portability) skips it
 
 
-def ttgir(kernel, pointers: dict[str, str], constexprs: dict, hints: bool = True, unaligned: tuple = ()) -> str:
-    """The kernel's TritonGPU IR for sm90 (3 stages, 4 warps): `pointers` name -> type; other non-constexpr
-    args are int32 (fp32 for qk_scale); with `hints`, pointers and strides (but those named in `unaligned`)
-    carry the launcher's divisible-by-16 hint."""
+def compile_sm90(kernel, pointers: dict[str, str], constexprs: dict, hints: bool = True, unaligned: tuple = (),
+                 num_warps: int = 4, num_stages: int = 3):
+    """The kernel compiled for sm90 (`.asm["ttgir"]`, `.metadata.shared`): `pointers` name -> type (pointers,
+    tensor descriptors); other non-constexpr args are int32 (fp32 for qk_scale); with `hints`, pointers and
+    strides (but those named in `unaligned`) carry the launcher's divisible-by-16 hint."""
     names = kernel.arg_names
     sig = {n: "constexpr" if n in constexprs else pointers.get(n, "fp32" if n == "qk_scale" else "i32")
            for n in names}
     hinted = [n for n in names if hints and n not in unaligned and (sig[n].startswith("*") or n.startswith("stride"))]
     src = ASTSource(fn=kernel, signature=sig, constexprs={(names.index(n),): v for n, v in constexprs.items()},
                     attrs={(names.index(n),): [["tt.divisibility", 16]] for n in hinted})
-    return triton.compile(src, target=HOPPER, options=dict(num_warps=4, num_stages=3, **FUSION)).asm["ttgir"]
+    return triton.compile(src, target=HOPPER, options=dict(num_warps=num_warps, num_stages=num_stages, **FUSION))
+
+
+def ttgir(kernel, pointers: dict[str, str], constexprs: dict, **kw) -> str:
+    return compile_sm90(kernel, pointers, constexprs, **kw).asm["ttgir"]
 
 
 def assert_pipelined(ir: str) -> None:
@@ -83,13 +88,8 @@ def fp8_gemm_shared(cfg, epilogue: str) -> int:
     ptrs = {"a_desc": desc("fp8e4nv", cfg.block_m, cfg.block_k), "w_desc": desc("fp8e4nv", cfg.block_n, cfg.block_k),
             "c_desc": desc("fp16", cfg.block_m, cfg.block_n), "R": "*fp16", "SA": "*fp32", "SW": "*fp32",
             "BIAS": "*fp16"}
-    k = fp8._fp8_gemm_kernel
-    names = k.arg_names
-    sig = {n: "constexpr" if n in const else ptrs.get(n, "i32") for n in names}
-    src = ASTSource(fn=k, signature=sig, constexprs={(names.index(n),): v for n, v in const.items()},
-                    attrs={(names.index(n),): [["tt.divisibility", 16]] for n in ("R", "stride_r", "SA", "SW", "BIAS")})
-    opts = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, **FUSION)
-    return triton.compile(src, target=HOPPER, options=opts).metadata.shared
+    return compile_sm90(fp8._fp8_gemm_kernel, ptrs, const, num_warps=cfg.num_warps,
+                        num_stages=cfg.num_stages).metadata.shared
 
 
 def test_every_fp8_gemm_tile_the_fast_path_picks_fits_in_shared_memory():

@@ -22,7 +22,6 @@ def int_in(low: int, high: int | None = None):
             raise argparse.ArgumentTypeError(f"must be {want}, got {value}")
         return value
 
-    parse.__name__ = f"int >= {low}" if high is None else f"int in [{low}, {high}]"
     return parse
 
 
@@ -37,7 +36,6 @@ def finite_number(positive: bool):
             raise argparse.ArgumentTypeError(f"must be a finite number {'> 0' if positive else '>= 0'}, got {text}")
         return value
 
-    parse.__name__ = "number"
     return parse
 
 

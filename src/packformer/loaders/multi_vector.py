@@ -39,7 +39,7 @@ def is_multi_vector_folder(folder: Path, modules: list[dict]) -> bool:
 
 
 def _read_projection(path: Path) -> TokenProjection:
-    cfg = read_json((path / "config.json"))
+    cfg = read_json(path / "config.json")
     act = cfg.get("activation_function", "torch.nn.modules.linear.Identity")
     if act not in IDENTITY:
         raise ValueError(f"{path / 'config.json'}: activation_function {act!r} is not supported on token "
@@ -71,7 +71,7 @@ def _expansion(d: dict | None, where: str) -> dict | None:
 
 def load_multi_vector(folder: str | Path) -> ModelParts:
     folder = Path(folder)
-    modules = read_json((folder / "modules.json"))
+    modules = read_json(folder / "modules.json")
     kinds = [_kind(m) for m in modules]
     top_path = folder / ST_CONFIG
     top = read_json(top_path) if top_path.exists() else {}
@@ -121,7 +121,7 @@ def load_multi_vector(folder: str | Path) -> ModelParts:
 
     mask_cfg: dict = {}
     if "MultiVectorMask" in kinds:
-        mask_cfg = read_json((folder / modules[kinds.index("MultiVectorMask")]["path"] / "config.json"))
+        mask_cfg = read_json(folder / modules[kinds.index("MultiVectorMask")]["path"] / "config.json")
     skiplist = mask_cfg.get("skiplist_words")
     if "MultiVectorMask" not in kinds and pylate:       # PyLate <= 3: its punctuation skiplist, unless pinned
         skiplist = top.get("skiplist_words") if top.get("skiplist_words") is not None else list(string.punctuation)

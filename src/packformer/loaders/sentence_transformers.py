@@ -25,7 +25,7 @@ def _module_type(m: dict) -> str:
 
 
 def read_pooling(path: Path) -> str:
-    cfg = read_json((path / "config.json"))
+    cfg = read_json(path / "config.json")
     on = [mode for key, mode in POOLING_KEYS.items() if cfg.get(key)]
     odd = [k for k in UNSUPPORTED_POOLING if cfg.get(k)]
     if odd or len(on) != 1:
@@ -39,7 +39,7 @@ def read_dense(path: Path) -> Dense:
     pytorch_model.bin (linear.weight, linear.bias)."""
     from .hf import read_state_dict
 
-    cfg = read_json((path / "config.json"))
+    cfg = read_json(path / "config.json")
     act = cfg.get("activation_function", "torch.nn.modules.activation.Tanh")
     if act not in DENSE_ACTIVATIONS:
         raise ValueError(f"{path / 'config.json'}: unsupported Dense activation_function {act!r}; supported: "
@@ -55,7 +55,7 @@ def read_dense(path: Path) -> Dense:
 
 def load_sentence_transformers(folder: str | Path) -> ModelParts:
     folder = Path(folder)
-    modules = read_json((folder / "modules.json"))
+    modules = read_json(folder / "modules.json")
     kinds = [_module_type(m) for m in modules]
     from .sparse_encoder import is_sparse_encoder, load_sparse_encoder
     if is_sparse_encoder(folder, modules):        # SPLADE: MLMTransformer + SpladePooling

@@ -47,7 +47,7 @@ def is_sparse_encoder(folder: Path, modules: list[dict]) -> bool:
 def load_mlm_head(folder: Path) -> MLMHead:
     """The masked-LM head of a BERT / RoBERTa / XLM-R / DistilBERT *ForMaskedLM folder; the decoder takes
     the word embeddings where the checkpoint ties them (no decoder weight saved)."""
-    d = read_json((folder / "config.json"))
+    d = read_json(folder / "config.json")
     mt = d.get("model_type")
     if mt not in MLM_KEYS:
         raise ValueError(f"{folder}: SPLADE needs a masked-LM head packformer knows ({', '.join(sorted(MLM_KEYS))}); "
@@ -79,7 +79,7 @@ def load_mlm_head(folder: Path) -> MLMHead:
 
 def load_sparse_encoder(folder: str | Path) -> ModelParts:
     folder = Path(folder)
-    modules = read_json((folder / "modules.json"))
+    modules = read_json(folder / "modules.json")
     kinds = [_kind(m) for m in modules]
     stack = " + ".join(kinds)
     if len(modules) != 2 or kinds[1] != "SpladePooling" or kinds[0] not in ("MLMTransformer", "Transformer"):
@@ -91,7 +91,7 @@ def load_sparse_encoder(folder: str | Path) -> ModelParts:
     if kinds[0] == "Transformer" and st_cfg.get("transformer_task", "fill-mask") != "fill-mask":
         raise ValueError(f"{st_cfg_path}: SPLADE needs a fill-mask Transformer, found transformer_task "
                          f"{st_cfg.get('transformer_task')!r}")
-    pool_cfg = read_json((folder / modules[1]["path"] / "config.json"))
+    pool_cfg = read_json(folder / modules[1]["path"] / "config.json")
     top = folder / "config_sentence_transformers.json"
     max_active = read_json(top).get("max_active_dims") if top.exists() else None
     check_max_active_dims(max_active)
